@@ -1,0 +1,143 @@
+"""Shared benchmark plumbing: timing, peak memory, the machine's ceilings, JSON and the table.
+
+Every benchmark in bench/ measures the ceilings it compares against (copy bandwidth, matmul rate)
+in the same process, so a ratio compares like with like on whatever card runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+GiB = 1024**3
+
+
+def environment() -> dict:
+    """What every result row is labelled with: device, torch, triton, python."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - triton is a dependency on Linux
+        triton_version = "absent"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    return {"device": device, "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version()}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3) -> float:
+    """Median time of ``fn`` in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). CPU: wall clock
+    around a few calls, for smoke runs only.
+    """
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(min_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak device memory allocated while ``fn`` runs, above what was allocated before (0 on CPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    sync()
+    del out
+    return max(torch.cuda.max_memory_allocated() - base, 0)
+
+
+def copy_bandwidth_gbs(n_bytes: int = 2 * GiB) -> float:
+    """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def matmul_ms(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Median time of one [m, k] @ [k, n] product on random data (never zeros)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    return bench_ms(lambda: a @ b)
+
+
+@dataclass
+class Row:
+    """One measured implementation. Times in ms, memory in GiB; ratio is to the floor (>= 1 is slower)."""
+
+    name: str
+    ms: float
+    extra_gib: float | None = None
+    gbs: float | None = None
+    ratio: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def print_table(title: str, rows: list[Row], env: dict) -> None:
+    print(f"\n{title}  [{env['device']}, torch {env['torch']}, triton {env['triton']}]")
+    header = f"{'implementation':<44} {'time':>11} {'x floor':>8} {'GB/s':>8} {'extra mem':>10}  note"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ms = f"{r.ms:9.3f}ms" if r.ms == r.ms else "    failed"
+        ratio = f"{r.ratio:7.2f}x" if r.ratio is not None else ""
+        gbs = f"{r.gbs:8.0f}" if r.gbs is not None else ""
+        mem = f"{r.extra_gib:7.2f}GiB" if r.extra_gib is not None else ""
+        print(f"{r.name:<44} {ms:>11} {ratio:>8} {gbs:>8} {mem:>10}  {r.note}")
+
+
+def write_json(out_dir: str | os.PathLike | None, name: str, payload: dict) -> Path | None:
+    if not out_dir:
+        return None
+    path = Path(out_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: ([asdict(r) for r in v] if k == "rows" else v) for k, v in payload.items()}
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=None, help="folder for the JSON results")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (the default without CUDA)")
+    return p
+
+
+def run_guarded(name: str, fn: Callable[[], Row]) -> Row:
+    """Run one peer; a peer that fails (missing package, OOM) becomes a row that says why."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a benchmark row must report, not crash the table
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return Row(name, float("nan"), note=f"failed: {type(exc).__name__}: {str(exc)[:80]}")

@@ -1,0 +1,27 @@
+"""Test set-up. The Triton interpreter must be switched on before anything imports triton."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # On CPU the Triton kernels themselves run through the interpreter; on a GPU they compile.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def gen():
+    """A fresh, seeded generator per test: new random inputs each test, reproducible on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
