@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build the project (extension included), run the GPU-marked tests
+# and every bench/bench_*.py beside its peers, write JSON + logs under OUT_DIR, print a table last.
+#
+#   bench/gpu_check.sh OUT_DIR            # everything
+#   ONLY="grpo_loss listener" bench/gpu_check.sh OUT_DIR   # a subset of the benchmarks
+#
+# Peers (liger-kernel, cut-cross-entropy) are installed from .whl/ when that folder holds wheels
+# (machines without network), else whatever the environment already has is used.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=$(mkdir -p "${1:-bench_results}" && cd "${1:-bench_results}" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+say() { echo "== $* ($(date +%H:%M:%S))" | tee -a "$LOG"; }
+
+say "environment"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee -a "$LOG"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  say "installing peer wheels from .whl/"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/lgrpo-peers .whl/*.whl >> "$LOG" 2>&1
+  export PYTHONPATH="/tmp/lgrpo-peers${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+say "building lgrpo (extension for ${TORCH_CUDA_ARCH_LIST:=9.0})"
+export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}
+if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; then
+  tail -40 "$LOG"; echo "BUILD FAILED"; exit 1
+fi
+
+say "GPU tests"
+$PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+cat "$OUT/gpu_tests.log" >> "$LOG"
+
+for bench in bench/bench_*.py; do
+  name=$(basename "$bench" .py)
+  if [ -n "${ONLY:-}" ] && ! grep -qw "${name#bench_}" <<< "$ONLY"; then continue; fi
+  say "$name"
+  timeout "${BENCH_TIMEOUT:-300}" $PY "$bench" --out "$OUT" 2>&1 | tee -a "$LOG"
+done
+
+say "summary"
+$PY bench/summary.py "$OUT" | tee "$OUT/summary.txt"
