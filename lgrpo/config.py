@@ -1,0 +1,689 @@
+"""The training configuration: nested dataclasses, presets, CLI overrides, and the resolved file.
+
+Every field has a docstring under it; ``python -m lgrpo.train --help`` prints them. Overrides are
+``--section.field value`` (or ``--section.field=value``), applied on top of a preset
+(``--preset qwen2.5-vl-3b``) or on top of a saved resolved config (``--config runs/x/config.json``).
+Validation lives in each section's ``__post_init__`` and names the offending ``--section.field``, so
+a typo or an impossible combination fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the ``--section.field``."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"--{name}: {msg}")
+
+
+def _one_of(value: Any, choices: tuple, name: str) -> None:
+    _check(value in choices, name, f"must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    policy: str | None = None
+    """Local Hugging Face folder of the policy (the reasoner). None: the tiny built-in Qwen2.5-VL."""
+
+    reference: str | None = None
+    """Folder of the frozen KL reference. None: the policy's initial weights (frozen copy)."""
+
+    listener: str | None = None
+    """Folder of the frozen listener. None: the policy's initial weights (frozen copy), as in the paper."""
+
+    dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16 (bf16 for real models on GPUs)."""
+
+    attn_implementation: str = "sdpa"
+    """Attention backend passed to from_pretrained: sdpa, eager or flash_attention_2."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (saves memory on long completions)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        _one_of(self.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation")
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic"
+    """Training prompts: a manifest path (see lgrpo.data), or "synthetic" (the built-in colour/shape task)."""
+
+    eval: str = "synthetic"
+    """Held-out prompts for the before/after evaluation: a manifest path, "synthetic", or "none"."""
+
+    synthetic_train_size: int = 512
+    """Number of synthetic training pairs (only with data.train = synthetic)."""
+
+    synthetic_eval_size: int = 64
+    """Number of synthetic held-out pairs (only with data.eval = synthetic)."""
+
+    eval_size: int | None = None
+    """Evaluate on at most this many held-out pairs (None: all)."""
+
+    swap_augment: bool = True
+    """Randomly swap the two images (and the label) of each training pair: counters position bias."""
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.train) and self.train != "none", "data.train", "needs a manifest path or 'synthetic'"
+        )
+        _check(
+            self.synthetic_train_size >= 1,
+            "data.synthetic_train_size",
+            f"must be >= 1, got {self.synthetic_train_size}",
+        )
+        _check(
+            self.synthetic_eval_size >= 1,
+            "data.synthetic_eval_size",
+            f"must be >= 1, got {self.synthetic_eval_size}",
+        )
+        _check(
+            self.eval_size is None or self.eval_size >= 1,
+            "data.eval_size",
+            f"must be >= 1, got {self.eval_size}",
+        )
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G: completions sampled per prompt; advantages are normalised within each group."""
+
+    temperature: float = 1.0
+    """Sampling temperature; the loss uses the same temperature so old/new log-probs match the sampler."""
+
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0: sample from the full distribution, as GRPO's ratio assumes)."""
+
+    max_new_tokens: int = 512
+    """Maximum completion length; generation also stops at the stop string or EOS."""
+
+    stop: str = "</answer>"
+    """Generation stops once a completion contains this string (kept in the completion)."""
+
+    batch_size: int | None = None
+    """Completions per generate() call on each rank (None: all of the rank's G x prompts at once)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.group_size >= 2,
+            "rollout.group_size",
+            f"must be >= 2 (advantages are relative within a group), got {self.group_size}",
+        )
+        _check(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(
+            self.batch_size is None or self.batch_size >= 1,
+            "rollout.batch_size",
+            f"must be >= 1, got {self.batch_size}",
+        )
+
+
+@dataclass
+class RewardConfig:
+    w_format: float = 1.0
+    """Weight of r_fmt (exactly one think block and one answer block holding 1 or 2)."""
+
+    w_accuracy: float = 0.5
+    """Weight of r_acc (the answer equals the human-preferred image)."""
+
+    w_listener: float = 0.5
+    """Weight of r_list (the frozen listener's confidence in the correct image). 0 disables the listener."""
+
+    listener_batch_size: int = 16
+    """Completions the listener scores per forward pass."""
+
+    def __post_init__(self) -> None:
+        for name in ("w_format", "w_accuracy", "w_listener"):
+            _check(getattr(self, name) >= 0, f"reward.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(
+            self.listener_batch_size >= 1,
+            "reward.listener_batch_size",
+            f"must be >= 1, got {self.listener_batch_size}",
+        )
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+@dataclass
+class LossConfig:
+    eps_low: float = 0.2
+    """Lower clip range: the ratio is clipped to [1 - eps_low, 1 + eps_high]."""
+
+    eps_high: float = 0.2
+    """Upper clip range (DAPO's clip-higher uses a larger value, e.g. 0.28)."""
+
+    delta: float | None = None
+    """Two-sided clipping: cap the unclipped ratio at delta (>= 1); None disables it."""
+
+    beta: float = 0.04
+    """KL (k3) coefficient to the frozen reference; 0 skips the reference forward entirely."""
+
+    loss_type: str = "dapo"
+    """Aggregation: grpo (per-sequence mean), bnpo/dapo (per-token over the global batch), dr_grpo."""
+
+    importance_level: str = "token"
+    """Importance ratio per token (GRPO) or per sequence (GSPO)."""
+
+    advantage_scale: str = "group"
+    """Advantage normalisation: group std, batch std, or none (mean-centred only)."""
+
+    epochs: int = 1
+    """mu: passes over each batch of rollouts. > 1 captures the behaviour log-probs first."""
+
+    minibatches: int = 1
+    """Optimizer steps per pass: the rollout batch is split into this many minibatches."""
+
+    micro_batch_size: int = 8
+    """Completions per forward/backward on each rank (gradient accumulation below a minibatch)."""
+
+    fused: bool = True
+    """linear_grpo_loss on the final hidden states (never the full logits); False: grpo_loss on logits."""
+
+    chunk_size: int | None = None
+    """Row chunk of linear_grpo_loss (None: the kernel's default)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.eps_low >= 0 and self.eps_low < 1, "loss.eps_low", f"must be in [0, 1), got {self.eps_low}"
+        )
+        _check(self.eps_high >= 0, "loss.eps_high", f"must be >= 0, got {self.eps_high}")
+        _check(self.delta is None or self.delta >= 1, "loss.delta", f"must be >= 1 or none, got {self.delta}")
+        _check(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
+        _one_of(self.loss_type, LOSS_TYPES, "loss.loss_type")
+        _one_of(self.importance_level, ("token", "sequence"), "loss.importance_level")
+        _one_of(self.advantage_scale, ("group", "batch", "none"), "loss.advantage_scale")
+        _check(self.epochs >= 1, "loss.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.minibatches >= 1, "loss.minibatches", f"must be >= 1, got {self.minibatches}")
+        _check(
+            self.micro_batch_size >= 1, "loss.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}"
+        )
+        _check(
+            self.chunk_size is None or self.chunk_size >= 1,
+            "loss.chunk_size",
+            f"must be >= 1, got {self.chunk_size}",
+        )
+
+    @property
+    def off_policy(self) -> bool:
+        """True when some minibatch is updated after the weights have already moved this step."""
+        return self.epochs > 1 or self.minibatches > 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate of AdamW."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to biases and norm weights)."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.999
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping; the norm is still logged)."""
+
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine (to min_lr_ratio x lr) or constant."""
+
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _one_of(self.schedule, ("cosine", "constant"), "optim.schedule")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(
+            0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 0
+    """Supervised warm-up steps on templated reasoning before GRPO (so the output format exists). 0: none."""
+
+    batch_size: int = 16
+    """Examples per supervised step (global, split over ranks)."""
+
+    lr: float = 1e-3
+    """Learning rate of the warm-up (constant, AdamW)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "sft.steps", f"must be >= 0, got {self.steps}")
+        _check(self.batch_size >= 1, "sft.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "sft.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """GRPO steps (one rollout batch each)."""
+
+    prompts_per_step: int = 16
+    """Prompts per step over all ranks; the global batch is prompts_per_step x group_size completions.
+    Must divide by the number of ranks; the global batch never depends on it."""
+
+    seed: int = 0
+    """Seed of the data order, the model initialisation of the tiny model and the sampler."""
+
+    on_nonfinite: str = "stop"
+    """A non-finite loss or gradient norm: stop (raise, naming the step) or skip (drop the update, go on)."""
+
+    max_skips: int = 3
+    """With on_nonfinite = skip: stop after this many consecutive skipped steps."""
+
+    eval_every: int = 0
+    """Held-out evaluation every this many steps (0: only before and after training)."""
+
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, or cuda."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "train.steps", f"must be >= 0, got {self.steps}")
+        _check(
+            self.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}"
+        )
+        _one_of(self.on_nonfinite, ("stop", "skip"), "train.on_nonfinite")
+        _check(self.max_skips >= 1, "train.max_skips", f"must be >= 1, got {self.max_skips}")
+        _check(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "train.device")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 50
+    """Save a checkpoint every this many GRPO steps (and always after the last step). 0: only at the end."""
+
+    keep: int = 2
+    """Keep the latest k complete checkpoints; older ones are deleted."""
+
+    resume: str = "auto"
+    """auto (latest complete checkpoint of this run folder, if any), none, or a step folder to load."""
+
+    export: bool = True
+    """After training, export the policy as a safetensors folder (from_pretrained loads it) under final/."""
+
+    def __post_init__(self) -> None:
+        _check(self.interval >= 0, "checkpoint.interval", f"must be >= 0, got {self.interval}")
+        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+        _check(bool(self.resume), "checkpoint.resume", "must be auto, none or a path")
+
+
+@dataclass
+class ParallelConfig:
+    fsdp: str = "auto"
+    """Shard the policy with FSDP2 fully_shard: auto (when launched with torchrun), on, off."""
+
+    reference: str = "replicate"
+    """The frozen reference on each rank: replicate (a full copy) or shard (FSDP2, saves memory)."""
+
+    listener: str = "replicate"
+    """The frozen listener on each rank: replicate or shard."""
+
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.fsdp, ("auto", "on", "off"), "parallel.fsdp")
+        _one_of(self.reference, ("replicate", "shard"), "parallel.reference")
+        _one_of(self.listener, ("replicate", "shard"), "parallel.listener")
+        _one_of(self.backend, ("auto", "nccl", "gloo"), "parallel.backend")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"
+    """Parent folder of the runs."""
+
+    name: str | None = None
+    """Run folder under run.dir (None: a timestamp). Re-using a name resumes it (checkpoint.resume auto)."""
+
+    tensorboard: str = "auto"
+    """TensorBoard event files: auto (when tensorboard is installed), on, or off."""
+
+    progress: bool = True
+    """A tqdm progress bar on rank 0."""
+
+    log_every: int = 1
+    """Print a one-line summary every this many steps (JSONL gets every step regardless)."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.tensorboard, ("auto", "on", "off"), "run.tensorboard")
+        _check(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
+        _check(
+            self.name is None or ("/" not in self.name and self.name not in ("", ".", "..")),
+            "run.name",
+            f"must be a plain folder name, got {self.name!r}",
+        )
+
+
+@dataclass
+class JobConfig:
+    preset: str = "tiny"
+    """Preset of the defaults: tiny (built-in model, synthetic task), qwen2.5-vl-3b or qwen2.5-vl-7b."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.preset, tuple(PRESETS), "preset")
+        # Cross-section checks: each names the fields involved.
+        if self.preset != "tiny":
+            _check(
+                self.model.policy is not None,
+                "model.policy",
+                f"preset {self.preset} needs the local folder of the pretrained weights "
+                f"(e.g. --model.policy /models/Qwen2.5-VL-{self.preset[-2:].upper()}-Instruct)",
+            )
+        _check(
+            self.data.train != "synthetic" or self.data.synthetic_train_size >= self.train.prompts_per_step,
+            "data.synthetic_train_size",
+            f"({self.data.synthetic_train_size}) must be >= train.prompts_per_step "
+            f"({self.train.prompts_per_step})",
+        )
+
+    def validate_world(self, world_size: int) -> None:
+        """Checks that need the number of ranks (known only after the process group is up)."""
+        _check(
+            self.train.prompts_per_step % world_size == 0,
+            "train.prompts_per_step",
+            f"({self.train.prompts_per_step}) must divide by the number of ranks ({world_size}) so the "
+            f"global batch stays the same on any number of ranks",
+        )
+        per_rank = self.train.prompts_per_step // world_size * self.rollout.group_size
+        _check(
+            per_rank % self.loss.minibatches == 0,
+            "loss.minibatches",
+            f"({self.loss.minibatches}) must divide each rank's completions per step ({per_rank} = "
+            f"prompts_per_step / ranks x group_size)",
+        )
+        _check(
+            self.sft.steps == 0 or self.sft.batch_size % world_size == 0,
+            "sft.batch_size",
+            f"({self.sft.batch_size}) must divide by the number of ranks ({world_size})",
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- presets -----------------------------------------------------------------------------------------
+
+
+def _tiny() -> dict:
+    """The default run: tiny built-in model, synthetic task, SFT warm-up then GRPO; minutes on 2 CPU cores."""
+    return {
+        "model": {"dtype": "float32"},
+        "rollout": {"group_size": 8, "temperature": 1.0, "max_new_tokens": 48},
+        "loss": {"beta": 0.04, "micro_batch_size": 32},
+        "optim": {"lr": 3e-4, "warmup_steps": 2, "schedule": "constant"},
+        "sft": {"steps": 120, "batch_size": 16, "lr": 1e-3},
+        "train": {"steps": 30, "prompts_per_step": 8},
+        "checkpoint": {"interval": 10, "keep": 2},
+    }
+
+
+def _qwen(size: str) -> dict:
+    """SPEC §1 defaults for the real models: G = 8, lr 1e-6, beta 0.04, eps 0.2, T = 1.0, 512 tokens."""
+    return {
+        "model": {"dtype": "bfloat16", "gradient_checkpointing": size == "7b"},
+        "data": {"train": "synthetic", "eval": "synthetic"},
+        "rollout": {"group_size": 8, "temperature": 1.0, "max_new_tokens": 512, "batch_size": 64},
+        "reward": {"listener_batch_size": 16},
+        "loss": {"eps_low": 0.2, "eps_high": 0.2, "beta": 0.04, "micro_batch_size": 8 if size == "3b" else 4},
+        "optim": {"lr": 1e-6, "warmup_steps": 10, "schedule": "cosine", "weight_decay": 0.0},
+        "sft": {"steps": 0},
+        "train": {"steps": 500, "prompts_per_step": 16},
+        "checkpoint": {"interval": 50, "keep": 2},
+        "parallel": {"reference": "shard", "listener": "shard"},
+    }
+
+
+PRESETS = {"tiny": _tiny, "qwen2.5-vl-3b": lambda: _qwen("3b"), "qwen2.5-vl-7b": lambda: _qwen("7b")}
+
+
+# --- building from dictionaries and the command line ---------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_value(text: str, tp: Any, name: str) -> Any:
+    """Turn a CLI string into a value of the field's annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(text, args[0], name)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}: expected true/false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            # Accept 1e3 for an int field only when it is integral.
+            if tp is int:
+                try:
+                    as_float = float(text)
+                except ValueError:
+                    as_float = None
+                if as_float is not None and as_float.is_integer():
+                    return int(as_float)
+            raise ConfigError(f"--{name}: expected {tp.__name__}, got {text!r}") from None
+    return text
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check/convert a value from a JSON file or a preset against the field's type."""
+    if isinstance(value, str):
+        return _parse_value(value, tp, name) if tp is not str else value
+    origin = typing.get_origin(tp)
+    allowed = typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"--{name}: may not be none")
+    for a in allowed:
+        if a is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if a is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if a is bool and isinstance(value, bool):
+            return value
+    raise ConfigError(f"--{name}: expected {tp}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(
+            f"unknown option(s) {sorted(prefix + u for u in unknown)} in {where}; "
+            f"known: {sorted(prefix + n for n in names)}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            sub = values[f.name]
+            if not isinstance(sub, dict):
+                raise ConfigError(
+                    f"--{prefix}{f.name}: is a section; set its fields as --{prefix}{f.name}.FIELD"
+                )
+            kwargs[f.name] = _build(tp, sub, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(values[f.name], tp, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_path(tree: dict, dotted: str, value: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def build_config(preset: str = "tiny", overrides: dict | None = None) -> JobConfig:
+    """A JobConfig from a preset plus (nested) overrides; raises ConfigError naming a bad field."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: must be one of {tuple(PRESETS)}, got {preset!r}")
+    values = _merge(PRESETS[preset](), overrides or {})
+    values["preset"] = preset
+    return _build(JobConfig, values)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    """A saved resolved config (config.json of a run), with optional overrides on top."""
+    values = json.loads(Path(path).read_text())
+    return _build(JobConfig, _merge(values, overrides or {}))
+
+
+def save_config(cfg: JobConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+# --- help text from the field docstrings ----------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (read from its source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text(cfg: JobConfig | None = None, prog: str = "python -m lgrpo.train") -> str:
+    cfg = cfg or build_config()
+    lines = [
+        f"usage: {prog} [--preset NAME | --config FILE] [--section.field VALUE ...]",
+        "",
+        f"presets: {', '.join(PRESETS)} (default tiny: the built-in model on the synthetic task)",
+        "--config FILE: start from a saved resolved config (a run's config.json)",
+        "",
+    ]
+    for f in dataclasses.fields(JobConfig):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        lines.append(f"[{f.name}]")
+        docs = field_docs(type(value))
+        for sub in dataclasses.fields(value):
+            lines.append(f"  --{f.name}.{sub.name} (default {getattr(value, sub.name)!r})")
+            if sub.name in docs:
+                lines.extend("      " + line for line in textwrap.wrap(docs[sub.name], 90))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "python -m lgrpo.train") -> JobConfig:
+    """``[--preset NAME | --config FILE] --section.field value ...`` → a validated JobConfig."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(prog=prog))
+        raise SystemExit(0)
+    preset, config_file, overrides = None, None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options are --section.field VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{key}: missing value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "preset":
+            preset = value
+        elif key == "config":
+            config_file = value
+        else:
+            _set_path(overrides, key, value)
+    if preset is not None and config_file is not None:
+        raise ConfigError("--preset and --config are exclusive: a saved config already holds its preset")
+    if config_file is not None:
+        return load_config(config_file, overrides)
+    return build_config(preset or "tiny", overrides)

@@ -1,0 +1,166 @@
+"""Process group, devices, collectives and FSDP2 sharding: the same code for 1 CPU process and N GPUs.
+
+``python -m lgrpo.train`` runs without a process group (world size 1). Under ``torchrun`` (RANK and
+WORLD_SIZE in the environment) a group is started: nccl on GPUs, gloo on CPU. Multi-node is
+torchrun's job; nothing here knows about nodes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank, world size, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> Dist:
+    """Start the process group when launched by torchrun; pick this rank's device.
+
+    ``device``: auto (cuda when available), cpu or cuda. ``backend``: auto (nccl with cuda, gloo on
+    cpu), nccl or gloo.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--train.device cuda was asked for, but torch sees no CUDA device")
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if launched_by_torchrun() and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, returned); identity without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s Python object on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's object, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- FSDP2 ----------------------------------------------------------------------------------------
+
+
+def use_fsdp(mode: str) -> bool:
+    """parallel.fsdp: auto shards when a process group is up (torchrun), on forces it, off never."""
+    up = dist.is_available() and dist.is_initialized()
+    if mode == "on" and not up:
+        raise RuntimeError("--parallel.fsdp on needs a process group: launch with torchrun")
+    return up if mode == "auto" else mode == "on"
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks to shard one by one: every nn.ModuleList's children.
+
+    For Qwen2.5-VL that is the language model's decoder layers and the vision tower's blocks; for a
+    causal LM the decoder layers. Sharding per block lets FSDP2 gather one block's weights at a time
+    (and prefetch the next), so peak memory holds one full block rather than the whole model.
+    """
+    blocks: list[nn.Module] = []
+    inside: list[str] = []  # names of the blocks taken: a ModuleList nested in one is left to it
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(b + ".") for b in inside):
+            continue
+        for i, block in enumerate(module):
+            if next(block.parameters(), None) is not None:  # blocks without weights need no group
+                blocks.append(block)
+                inside.append(f"{name}.{i}" if name else str(i))
+    return blocks
+
+
+def shard(
+    model: nn.Module,
+    *,
+    mixed_precision: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    root: nn.Module | None = None,
+) -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` per transformer block, then to ``root`` (default ``model``).
+
+    ``root`` lets the caller shard a wrapper (e.g. the module that computes the loss from the policy's
+    hidden states and the lm_head weight) as the root, so the embedding/lm_head/norm weights that the
+    root group owns are gathered for the wrapper's whole forward.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if mixed_precision is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    for block in repeated_blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(root if root is not None else model, reshard_after_forward=reshard_after_forward, **kwargs)
+    return root if root is not None else model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (gathered), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

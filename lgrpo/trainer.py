@@ -1,0 +1,626 @@
+"""The GRPO trainer. ``Trainer.step`` reads top to bottom as the method:
+
+    rollouts (G samples per prompt) → rewards (format, accuracy, listener) → group advantages
+    → policy update with the fused loss (μ passes over minibatches, KL to the frozen reference)
+    → metrics
+
+Everything model- or data-specific comes through a :class:`Task` (prompts, rewards, the supervised
+warm-up's targets), so the same trainer runs the tiny built-in model, Qwen2.5-VL, and the test stand-ins.
+
+Batch layout. A step takes ``train.prompts_per_step`` prompts over all ranks; rank r takes its
+contiguous share and completes each prompt G times, so each group of G lives on one rank and
+advantages need no communication. Minibatch m of a pass holds the samples ``g`` with
+``g % minibatches == m`` of every prompt: the same global minibatch on any number of ranks. Every
+loss is normalised by global counts (all-reduced tokens or sequences), so the gradient does not
+depend on the number of ranks or micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as D
+from .checkpoint import Checkpointer, latest_checkpoint
+from .config import JobConfig
+from .kernels import group_advantages, grpo_loss, linear_grpo_loss, token_logprobs
+from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory
+from .optim import build_optimizer, build_scheduler
+from .rollout import MODEL_KEYS, Rollout, generate, repeat_rows, select_rows, to_device
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm; raised before the optimizer touched the weights."""
+
+
+class Task(Protocol):
+    """What the trainer needs from the data / model / reward pipeline."""
+
+    tokenizer: object
+
+    def num_prompts(self, split: str) -> int:
+        """Number of prompts of a split ("train", "eval")."""
+
+    def prompts(self, split: str, indices: list[int], swap: list[bool] | None = None) -> dict:
+        """Collated prompts (input_ids/attention_mask left padded, images), plus bookkeeping lists."""
+
+    def rewards(self, prompts: dict, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Per completion [N]: "total" and its components ("format", "accuracy", "listener"), and
+        optionally "contradiction" (listener's argmax != answer) and "answer" (1, 2, 0 = none)."""
+
+    def sft_targets(self, prompts: dict) -> list[str]:
+        """The templated reasoning + answer for each prompt (supervised warm-up)."""
+
+
+# --- data order -----------------------------------------------------------------------------------
+
+
+class PromptOrder:
+    """Global prompt order: a seeded permutation per epoch, consumed ``per_step`` prompts at a time.
+
+    The order depends only on (seed, epoch), never on the number of ranks; the state is two ints.
+    ``swap`` flags (image-position augmentation) are a seeded function of (seed, epoch, index).
+    """
+
+    def __init__(self, n: int, per_step: int, seed: int):
+        if n < 1:
+            raise ValueError("the training split holds no prompts")
+        self.n, self.per_step, self.seed = n, per_step, seed
+        self.epoch, self.offset = 0, 0
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def next(self) -> tuple[list[int], list[bool]]:
+        idx, swaps = [], []
+        while len(idx) < self.per_step:
+            perm = self._perm(self.epoch)
+            take = min(self.per_step - len(idx), self.n - self.offset)
+            chunk = perm[self.offset : self.offset + take].tolist()
+            g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch + 1)
+            flips = torch.rand(self.n, generator=g) < 0.5
+            idx += chunk
+            swaps += [bool(flips[i]) for i in chunk]
+            self.offset += take
+            if self.offset == self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return idx, swaps
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n", self.n) != self.n:
+            raise ValueError(
+                f"the checkpoint's data order was over {state['n']} prompts, the data now holds "
+                f"{self.n}: resume with the same data"
+            )
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+# --- scoring completions: the policy's (and the reference's) forward pass ------------------------------
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as HF generate assigns them to a left-padded batch (pads get 1, ignored)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+class CompletionScorer(nn.Module):
+    """Wraps a Hugging Face (V)LM; ``forward`` scores completions given their prompts.
+
+    Returns per-token log-probs ``[n, C]`` (``loss=None``), or runs the GRPO loss on the final hidden
+    states (``loss`` holds its keyword arguments). Under FSDP2 this wrapper is the root module, so the
+    weights the root group owns (embeddings, lm_head, final norm) are gathered for the whole call,
+    including the loss on ``lm_head.weight`` outside the HF model's own forward.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        fused: bool = True,
+        chunk_rows: int = 2048,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.fused = fused
+        self.chunk_rows = chunk_rows
+        self.autocast_dtype = autocast_dtype
+        head = model.get_output_embeddings()
+        if fused and getattr(head, "bias", None) is not None:
+            self.fused = False  # linear_grpo_loss has no bias term
+
+    def _hidden(
+        self, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+    ) -> torch.Tensor:
+        ids = torch.cat([prompt["input_ids"], completion_ids], dim=1)
+        attn = torch.cat(
+            [prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], dim=1
+        )
+        extra = {
+            k: v for k, v in prompt.items() if k in MODEL_KEYS and k not in ("input_ids", "attention_mask")
+        }
+        if "pixel_values" not in extra and "pixel_values_videos" not in extra:
+            # Text-only: positions as generate assigned them. VLMs compute their (3-D) positions from
+            # the attention mask themselves.
+            extra["position_ids"] = _position_ids(attn)
+        out = self.model.base_model(input_ids=ids, attention_mask=attn, use_cache=False, **extra)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        p, c = prompt["input_ids"].shape[1], completion_ids.shape[1]
+        return hidden[:, p - 1 : p - 1 + c]  # row t predicts completion token t
+
+    def forward(
+        self,
+        prompt: dict,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        temperature: float = 1.0,
+        loss: dict | None = None,
+    ):
+        ctx = (
+            torch.autocast(completion_ids.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
+        with ctx:
+            hidden = self._hidden(prompt, completion_ids, completion_mask)
+        weight = self.model.get_output_embeddings().weight
+        if loss is None:
+            return self._logprobs(hidden, weight, completion_ids, temperature)
+        kwargs = dict(loss, temperature=temperature)
+        if self.fused:
+            out = linear_grpo_loss(hidden, weight, completion_ids, mask=completion_mask, **kwargs)
+        else:
+            logits = F.linear(hidden, weight.to(hidden.dtype))
+            out = grpo_loss(logits, completion_ids, mask=completion_mask, **kwargs)
+        # A tuple of tensors (not the dataclass): FSDP2 registers its backward hooks on outputs it can see.
+        return out.loss, out.logp, out.entropy, out.kl, out.clipped
+
+    def _logprobs(
+        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """Per-token log-probs, a chunk of rows at a time (never the full [n, C, V] logits)."""
+        n, c, h = hidden.shape
+        flat, tgt = hidden.reshape(-1, h), targets.reshape(-1)
+        parts = [
+            token_logprobs(
+                F.linear(flat[i : i + self.chunk_rows], weight.to(flat.dtype)),
+                tgt[i : i + self.chunk_rows],
+                temperature,
+            )
+            for i in range(0, flat.shape[0], self.chunk_rows)
+        ]
+        return torch.cat(parts).view(n, c)
+
+
+@contextmanager
+def gathered(module: nn.Module):
+    """Hold every FSDP2 group of ``module`` unsharded (e.g. for ``generate``); a no-op without FSDP.
+
+    ``generate`` runs the HF model's forward once per token. Left sharded, every decode step would
+    all-gather every layer; and the root group's weights (embeddings, lm_head) are only gathered by
+    the root's own forward, which generate never calls. So: gather everything once, keep it for the
+    whole rollout, reshard after. This holds a full (compute-dtype) copy of the policy on every rank
+    during rollouts: fine up to ~7B on 80 GB cards; larger policies want a dedicated inference engine.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not groups:
+        yield
+        return
+    for m in groups:
+        if hasattr(m, "set_reshard_after_forward"):
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            if hasattr(m, "set_reshard_after_forward"):
+                m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def trim(prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor):
+    """Drop the left-pad columns every row shares and the right-pad columns after the longest completion."""
+    attn = prompt["attention_mask"]
+    first = int((attn != 0).float().argmax(-1).min()) if attn.numel() else 0
+    width = max(int(completion_mask.sum(-1).max()), 1)
+    prompt = dict(prompt, input_ids=prompt["input_ids"][:, first:], attention_mask=attn[:, first:])
+    return prompt, completion_ids[:, :width], completion_mask[:, :width]
+
+
+# --- the trainer -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """The pieces ``build`` hands the trainer: the trainable policy and the frozen reference (if any)."""
+
+    policy: nn.Module
+    reference: nn.Module | None
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, dist: D.Dist, task: Task, models: Models, run_dir: str | Path):
+        self.cfg, self.dist, self.task = cfg, dist, task
+        self.run_dir = Path(run_dir)
+        self.device = dist.device
+        self.G = cfg.rollout.group_size
+        cfg.validate_world(dist.world_size)
+
+        compute = torch.bfloat16 if cfg.model.dtype == "bfloat16" else None
+        self.fsdp = D.use_fsdp(cfg.parallel.fsdp)
+        self.policy = models.policy
+        # Mixed precision: under FSDP2 the params are gathered in the compute dtype; without it,
+        # autocast. Either way the trainable (master) weights keep their own dtype.
+        params_fp32 = next(self.policy.parameters()).dtype == torch.float32
+        self.scorer = CompletionScorer(
+            self.policy,
+            fused=cfg.loss.fused,
+            autocast_dtype=compute if (compute and params_fp32 and not self.fsdp) else None,
+        )
+        if self.fsdp:
+            D.shard(self.policy, root=self.scorer, mixed_precision=compute if params_fp32 else None)
+        self.ref_scorer = None
+        if models.reference is not None and cfg.loss.beta > 0:
+            models.reference.requires_grad_(False).eval()
+            ref_fp32 = next(models.reference.parameters()).dtype == torch.float32
+            self.ref_scorer = CompletionScorer(
+                models.reference,
+                fused=cfg.loss.fused,
+                autocast_dtype=compute if (compute and ref_fp32) else None,
+            )
+            if self.fsdp and cfg.parallel.reference == "shard":
+                D.shard(models.reference, root=self.ref_scorer, mixed_precision=None)
+
+        self.updates_per_step = cfg.loss.epochs * cfg.loss.minibatches
+        self.optimizer = build_optimizer(self.policy, cfg.optim)
+        self.scheduler = build_scheduler(
+            self.optimizer, max(cfg.train.steps * self.updates_per_step, 1), cfg.optim
+        )
+        self.order = PromptOrder(task.num_prompts("train"), cfg.train.prompts_per_step, cfg.train.seed)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist)
+        self.step = 0  # completed GRPO steps
+        self.skipped_in_a_row = 0
+        self.logger: MetricsLogger | None = None
+
+    # -- the method, top to bottom --------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        """One GRPO step; returns the step's metrics (reduced over ranks)."""
+        cfg = self.cfg
+        timer = Timer(self.device)
+        reset_peak_memory(self.device)
+
+        prompts, prompt_ids = self.next_prompts()
+        with timer.phase("rollout"):
+            rollout = self.rollouts(prompts, prompt_ids)
+        with timer.phase("reward"):
+            rewards = self.task.rewards(rollout.prompt, rollout)
+        advantages = group_advantages(
+            rewards["total"].float().to(self.device), self.G, cfg.loss.advantage_scale
+        )
+        update = self.policy_update(rollout, advantages, timer)
+        return self.step_metrics(rollout, rewards, advantages, update, timer)
+
+    def next_prompts(self) -> tuple[dict, torch.Tensor]:
+        """This rank's share of the step's global prompts, and their global positions in the step."""
+        indices, swaps = self.order.next()
+        per_rank = len(indices) // self.dist.world_size
+        lo = self.dist.rank * per_rank
+        mine = slice(lo, lo + per_rank)
+        batch = self.task.prompts("train", indices[mine], swaps[mine])
+        return to_device(batch, self.device), torch.arange(lo, lo + per_rank)
+
+    @torch.no_grad()
+    def rollouts(self, prompts: dict, prompt_ids: torch.Tensor) -> Rollout:
+        """G completions of every prompt, sampled by the seeded sampler (see lgrpo.rollout)."""
+        r = self.cfg.rollout
+        batch = repeat_rows(prompts, self.G)
+        row_ids = prompt_ids.repeat_interleave(self.G) * self.G + torch.arange(self.G).repeat(len(prompt_ids))
+        with gathered(self.scorer):
+            return generate(
+                self.policy,
+                self.task.tokenizer,
+                batch,
+                max_new_tokens=r.max_new_tokens,
+                stop=r.stop,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                seed=self.cfg.train.seed,
+                step=self.step,
+                row_ids=row_ids,
+                batch_size=r.batch_size,
+            )
+
+    def policy_update(self, rollout: Rollout, advantages: torch.Tensor, timer: Timer) -> dict:
+        """μ passes over the minibatches; each minibatch is one optimizer step."""
+        cfg = self.cfg.loss
+        with timer.phase("reference"):
+            ref_logp = self.logprobs(self.ref_scorer, rollout) if self.ref_scorer is not None else None
+            # Off-policy minibatches (μ > 1 or several minibatches) need the behaviour policy's log-probs,
+            # captured before the first update; on-policy, the loss uses logp.detach() (ratio 1).
+            old_logp = self.logprobs(self.scorer, rollout) if cfg.off_policy else None
+        sample = torch.arange(len(rollout)) % self.G
+        totals: dict[str, float] = {}
+        with timer.phase("update"):
+            for _ in range(cfg.epochs):
+                for m in range(cfg.minibatches):
+                    rows = torch.nonzero(sample % cfg.minibatches == m).squeeze(-1)
+                    stats = self.optimizer_step(rollout, rows, advantages, old_logp, ref_logp)
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + v
+        passes = cfg.epochs * cfg.minibatches
+        out = {
+            k: v / passes for k, v in totals.items() if k not in ("tok_sum", "clip_sum", "ent_sum", "kl_sum")
+        }
+        tokens = max(totals.get("tok_sum", 0.0), 1.0)
+        out.update(
+            clip_frac=totals.get("clip_sum", 0.0) / tokens,
+            entropy=totals.get("ent_sum", 0.0) / tokens,
+            kl=totals.get("kl_sum", 0.0) / tokens,
+            update_tokens=totals.get("tok_sum", 0.0),
+        )
+        return out
+
+    @torch.no_grad()
+    def logprobs(self, scorer: CompletionScorer, rollout: Rollout) -> torch.Tensor:
+        """Per-token log-probs [N, C] of the completions under ``scorer``'s model (no grad)."""
+        out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=self.device)
+        mb = self.cfg.loss.micro_batch_size
+        for lo in range(0, len(rollout), mb):
+            rows = torch.arange(lo, min(lo + mb, len(rollout)))
+            prompt, ids, mask = trim(
+                select_rows(rollout.prompt, rows), rollout.completion_ids[rows], rollout.completion_mask[rows]
+            )
+            out[rows, : ids.shape[1]] = scorer(
+                prompt, ids, mask, temperature=self.cfg.rollout.temperature
+            ).float()
+        return out
+
+    def optimizer_step(
+        self,
+        rollout: Rollout,
+        rows: torch.Tensor,
+        advantages: torch.Tensor,
+        old_logp: torch.Tensor | None,
+        ref_logp: torch.Tensor | None,
+    ) -> dict:
+        """Forward/backward over micro-batches of ``rows``, then one AdamW step (unless non-finite)."""
+        cfg, world = self.cfg.loss, self.dist.world_size
+        counts = torch.tensor(
+            [float(rollout.completion_mask[rows].sum()), float(len(rows))], device=self.device
+        )
+        global_tokens, global_seqs = D.all_reduce_sum(counts).tolist()
+        loss_kwargs = dict(
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            delta=cfg.delta,
+            beta=cfg.beta,
+            importance_level=cfg.importance_level,
+        )
+        if cfg.loss_type in ("dapo", "bnpo"):
+            # bnpo's "per token over the batch" is dapo with the global token count as num_items.
+            loss_kwargs.update(loss_type="dapo", num_items=global_tokens)
+        elif cfg.loss_type == "dr_grpo":
+            loss_kwargs.update(loss_type="dr_grpo", max_len=self.cfg.rollout.max_new_tokens)
+        else:
+            loss_kwargs.update(loss_type="grpo")
+
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, tokens, clipped, entropy, kl
+        for lo in range(0, len(rows), cfg.micro_batch_size):
+            sub = rows[lo : lo + cfg.micro_batch_size]
+            prompt, ids, mask = trim(
+                select_rows(rollout.prompt, sub), rollout.completion_ids[sub], rollout.completion_mask[sub]
+            )
+            width = ids.shape[1]
+            kwargs = dict(loss_kwargs, advantages=advantages[sub.to(self.device)])
+            if old_logp is not None:
+                kwargs["old_logp"] = old_logp[sub, :width]
+            if ref_logp is not None and cfg.beta > 0:
+                kwargs["ref_logp"] = ref_logp[sub, :width]
+            loss, logp, entropy, kl, clipped = self.scorer(
+                prompt, ids, mask, temperature=self.cfg.rollout.temperature, loss=kwargs
+            )
+            if cfg.loss_type in ("grpo", "dr_grpo"):
+                loss = loss * (len(sub) / global_seqs)  # per-sequence means: weight by the share of sequences
+            # FSDP2 averages gradients over ranks; the loss above is already a share of the global loss.
+            (loss * world).backward()
+            m = mask.float()
+            sums += torch.stack(
+                [
+                    loss.detach().double(),
+                    m.sum().double(),
+                    (clipped.float() * m).sum().double(),
+                    (entropy * m).sum().double(),
+                    (kl * m).sum().double(),
+                ]
+            )
+        D.all_reduce_sum(sums)
+
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        grad_norm = (
+            D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else torch.zeros(())
+        )
+        loss_value, norm_value = float(sums[0]), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._non_finite(loss_value, norm_value)
+        else:
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(
+                    self.policy.parameters(), self.cfg.optim.grad_clip, grad_norm, foreach=True
+                )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_in_a_row = 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {
+            "loss": loss_value,
+            "grad_norm": norm_value,
+            "lr": lr,
+            "tok_sum": float(sums[1]),
+            "clip_sum": float(sums[2]),
+            "ent_sum": float(sums[3]),
+            "kl_sum": float(sums[4]),
+        }
+
+    def _non_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop (default) or skip: either way the weights were not touched."""
+        step = self.step + 1
+        last = latest_checkpoint(self.checkpointer.folder)
+        msg = (
+            f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); the optimizer did not "
+            f"touch the weights. Last complete checkpoint: {last or 'none'}"
+        )
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(msg)
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > self.cfg.train.max_skips:
+            raise NonFiniteError(msg + f" ({self.skipped_in_a_row} steps in a row: stopping)")
+        if self.dist.is_main:
+            print(f"[skip] {msg}", flush=True)
+
+    def step_metrics(
+        self, rollout: Rollout, rewards: dict, advantages: torch.Tensor, update: dict, timer: Timer
+    ) -> dict:
+        """Reward components, lengths, timings and throughput, reduced over ranks."""
+        names = sorted(k for k, v in rewards.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+        lengths = rollout.lengths.float().to(self.device)
+        groups = rewards["total"].float().view(-1, self.G)
+        vals = [rewards[k].float().to(self.device).nansum() for k in names]
+        counts = [(~torch.isnan(rewards[k].float())).sum().float().to(self.device) for k in names]
+        extra = torch.stack(
+            [
+                lengths.sum(),
+                lengths.square().sum(),
+                torch.tensor(float(len(rollout)), device=self.device),
+                rollout.truncated.float().sum().to(self.device),
+                (groups == groups[:, :1]).all(-1).float().sum().to(self.device),
+                rewards["total"].float().to(self.device).square().sum(),
+                float(rollout.prompt["attention_mask"].sum()) * torch.ones((), device=self.device),
+            ]
+        )
+        flat = D.all_reduce_sum(
+            torch.cat([torch.stack(vals + counts).double(), extra.double()]) if names else extra.double()
+        )
+        k = len(names)
+        means = {
+            f"reward/{n}" if n != "total" else "reward": float(flat[i] / max(float(flat[k + i]), 1))
+            for i, n in enumerate(names)
+        }
+        len_sum, len_sq, n_rows, n_trunc, flat_groups, r_sq, prompt_tokens = flat[2 * k :].tolist()
+        mean_len = len_sum / n_rows
+        reward_mean = means.get("reward", float("nan"))
+        secs = timer.seconds
+        step_time = sum(secs.values())
+        update_tokens = update.pop("update_tokens")
+        metrics = {
+            **means,
+            "reward_std": math.sqrt(max(r_sq / n_rows - reward_mean**2, 0.0)),
+            "accuracy": means.get("reward/accuracy", float("nan")),
+            "contradiction": means.get("reward/contradiction", float("nan")),
+            **update,
+            "completion_len": mean_len,
+            "completion_len_std": math.sqrt(max(len_sq / n_rows - mean_len**2, 0.0)),
+            "truncated_frac": n_trunc / n_rows,
+            "flat_group_frac": flat_groups / (n_rows / self.G),
+            "time/rollout": secs.get("rollout", 0.0),
+            "time/reward": secs.get("reward", 0.0),
+            "time/reference": secs.get("reference", 0.0),
+            "time/update": secs.get("update", 0.0),
+            "time/step": step_time,
+            "tokens_per_s/rollout": len_sum / max(secs.get("rollout", 0.0), 1e-9),
+            # Tokens through forward+backward: every completion and its prompt, once per pass (μ).
+            "tokens_per_s/update": (update_tokens + prompt_tokens * self.cfg.loss.epochs)
+            / max(secs.get("update", 0.0), 1e-9),
+            "peak_mem_gib": float(
+                D.all_reduce_max(torch.tensor(peak_memory_gib(self.device), device=self.device))
+            ),
+        }
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"data": self.order.state_dict(), "skipped_in_a_row": self.skipped_in_a_row}
+
+    def save(self) -> Path:
+        return self.checkpointer.save(
+            self.step, self.policy, self.optimizer, self.scheduler, self.state_dict()
+        )
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path``, or with ``checkpoint.resume = auto`` the run's latest complete checkpoint."""
+        mode = self.cfg.checkpoint.resume
+        if path is None:
+            if mode == "none":
+                return False
+            path = latest_checkpoint(self.checkpointer.folder) if mode == "auto" else Path(mode)
+            if path is None:
+                return False
+        state = self.checkpointer.load(path, self.policy, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.order.load_state_dict(state["data"])
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+        if self.dist.is_main:
+            print(f"[resume] from {path} at step {self.step}", flush=True)
+        return True
+
+    def fit(self, on_step=None) -> list[dict]:
+        """Run to ``train.steps``: log every step, checkpoint every ``checkpoint.interval`` and at the end."""
+        cfg = self.cfg
+        self.logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.dist.is_main,
+            tensorboard=cfg.run.tensorboard,
+            progress=cfg.run.progress,
+            total_steps=cfg.train.steps,
+            log_every=cfg.run.log_every,
+            initial_step=self.step,
+        )
+        history = []
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                self.step += 1
+                history.append(metrics)
+                self.logger.log(self.step, metrics)
+                if self.step % cfg.run.log_every == 0:
+                    self.logger.write(format_step(self.step, cfg.train.steps, metrics))
+                if on_step is not None:
+                    on_step(self, metrics)
+                interval = cfg.checkpoint.interval
+                if (interval and self.step % interval == 0) or self.step == cfg.train.steps:
+                    self.save()
+        finally:
+            self.logger.close()
+        return history
+
+
+def format_step(step: int, total: int, m: dict) -> str:
+    def f(key, fmt=".3f"):
+        v = m.get(key)
+        return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
+
+    return (
+        f"step {step}/{total} reward {f('reward')} fmt {f('reward/format', '.2f')} "
+        f"acc {f('accuracy', '.2f')} "
+        f"list {f('reward/listener', '.2f')} contra {f('contradiction', '.2f')} loss {f('loss', '.4f')} "
+        f"kl {f('kl', '.4f')} clip {f('clip_frac', '.3f')} len {f('completion_len', '.1f')} "
+        f"| rollout {f('time/rollout', '.1f')}s update {f('time/update', '.1f')}s"
+    )
