@@ -16,12 +16,14 @@ must be on a file system every rank sees (one node, or a shared file system acro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it "assumes a single process" when no process group is up: that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 # --- the step folders -----------------------------------------------------------------------------
@@ -118,7 +128,8 @@ class Checkpointer:
         D.barrier()
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         D.barrier()
 
@@ -158,12 +169,14 @@ class Checkpointer:
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             sd = {"model": model_sd, "optimizer": optim_sd}
-            dcp.load(sd, checkpoint_id=str(path))
+            with _single_process_quiet():
+                dcp.load(sd, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
         else:
             model_sd = get_model_state_dict(model)
             sd = {"model": model_sd}
-            dcp.load(sd, checkpoint_id=str(path))
+            with _single_process_quiet():
+                dcp.load(sd, checkpoint_id=str(path))
             set_state_dict(model, [], model_state_dict=sd["model"], optim_state_dict={})
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])

@@ -52,11 +52,17 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """Attention backend passed to from_pretrained: sdpa, eager or flash_attention_2."""
 
+    master_weights: str = "float32"
+    """Dtype of the trainable policy weights and optimizer state: float32 (compute in model.dtype through
+    FSDP2 mixed precision or autocast), or "compute" (weights in model.dtype: half the memory, but lr 1e-6
+    updates partly round away in bf16)."""
+
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (saves memory on long completions)."""
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        _one_of(self.master_weights, ("float32", "compute"), "model.master_weights")
         _one_of(self.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation")
 
 
@@ -425,6 +431,13 @@ class JobConfig:
             f"({self.data.synthetic_train_size}) must be >= train.prompts_per_step "
             f"({self.train.prompts_per_step})",
         )
+        # Minibatch m holds samples g with g % minibatches == m of every prompt: the same global
+        # minibatch on any number of ranks, and equal sizes when G divides.
+        _check(
+            self.rollout.group_size % self.loss.minibatches == 0,
+            "loss.minibatches",
+            f"({self.loss.minibatches}) must divide rollout.group_size ({self.rollout.group_size})",
+        )
 
     def validate_world(self, world_size: int) -> None:
         """Checks that need the number of ranks (known only after the process group is up)."""
@@ -433,13 +446,6 @@ class JobConfig:
             "train.prompts_per_step",
             f"({self.train.prompts_per_step}) must divide by the number of ranks ({world_size}) so the "
             f"global batch stays the same on any number of ranks",
-        )
-        per_rank = self.train.prompts_per_step // world_size * self.rollout.group_size
-        _check(
-            per_rank % self.loss.minibatches == 0,
-            "loss.minibatches",
-            f"({self.loss.minibatches}) must divide each rank's completions per step ({per_rank} = "
-            f"prompts_per_step / ranks x group_size)",
         )
         _check(
             self.sft.steps == 0 or self.sft.batch_size % world_size == 0,

@@ -18,6 +18,7 @@ depend on the number of ranks or micro-batches.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,8 @@ class Trainer:
         if self.fsdp:
             D.shard(self.policy, root=self.scorer, mixed_precision=compute if params_fp32 else None)
         self.ref_scorer = None
+        if cfg.loss.beta > 0 and models.reference is None:
+            raise ValueError("--loss.beta > 0 needs a reference model (or set --loss.beta 0)")
         if models.reference is not None and cfg.loss.beta > 0:
             models.reference.requires_grad_(False).eval()
             ref_fp32 = next(models.reference.parameters()).dtype == torch.float32
@@ -468,7 +471,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_in_a_row = 0
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped update: the schedule still follows the step count
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         return {
             "loss": loss_value,
             "grad_norm": norm_value,
@@ -519,8 +524,11 @@ class Trainer:
             torch.cat([torch.stack(vals + counts).double(), extra.double()]) if names else extra.double()
         )
         k = len(names)
+        # NaN entries (e.g. contradiction where no answer was given) are left out of their mean.
         means = {
-            f"reward/{n}" if n != "total" else "reward": float(flat[i] / max(float(flat[k + i]), 1))
+            _metric_name(n): float(flat[i] / max(float(flat[k + i]), 1))
+            if float(flat[k + i])
+            else float("nan")
             for i, n in enumerate(names)
         }
         len_sum, len_sq, n_rows, n_trunc, flat_groups, r_sq, prompt_tokens = flat[2 * k :].tolist()
@@ -533,7 +541,7 @@ class Trainer:
             **means,
             "reward_std": math.sqrt(max(r_sq / n_rows - reward_mean**2, 0.0)),
             "accuracy": means.get("reward/accuracy", float("nan")),
-            "contradiction": means.get("reward/contradiction", float("nan")),
+            "contradiction": means.get("contradiction", float("nan")),
             **update,
             "completion_len": mean_len,
             "completion_len_std": math.sqrt(max(len_sq / n_rows - mean_len**2, 0.0)),
@@ -553,6 +561,63 @@ class Trainer:
             ),
         }
         return metrics
+
+    # -- the supervised warm-up -------------------------------------------------------------------------
+
+    def warmup(self) -> list[float]:
+        """Teacher forcing on the task's templated reasoning, so the output format exists before GRPO.
+
+        A random or tiny policy never writes ``<think>…</think><answer>k</answer>`` by chance, so every
+        group would get the same (zero) format reward and GRPO would have nothing to learn from.
+        Uses its own constant-lr AdamW (not checkpointed: a resumed run starts from GRPO weights).
+        """
+        cfg = self.cfg.sft
+        if cfg.steps == 0:
+            return []
+        optimizer = build_optimizer(self.policy, self.cfg.optim, lr=cfg.lr)
+        order = PromptOrder(self.task.num_prompts("train"), cfg.batch_size, self.cfg.train.seed + 1)
+        logger = None
+        if self.dist.is_main and self.cfg.run.progress:
+            from tqdm.auto import tqdm
+
+            logger = tqdm(total=cfg.steps, desc="sft warm-up", dynamic_ncols=True)
+        losses = []
+        for _ in range(cfg.steps):
+            indices, swaps = order.next()
+            per_rank = len(indices) // self.dist.world_size
+            mine = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
+            prompts = to_device(self.task.prompts("train", indices[mine], swaps[mine]), self.device)
+            ids, mask = encode_targets(self.task.tokenizer, self.task.sft_targets(prompts), self.device)
+            global_tokens = float(D.all_reduce_sum(mask.sum().double()))
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            mb = self.cfg.loss.micro_batch_size
+            for lo in range(0, ids.shape[0], mb):
+                rows = torch.arange(lo, min(lo + mb, ids.shape[0]))
+                prompt, sub_ids, sub_mask = trim(select_rows(prompts, rows), ids[rows], mask[rows])
+                logp = self.scorer(prompt, sub_ids, sub_mask)
+                loss = -(logp * sub_mask).sum() / global_tokens
+                (loss * self.dist.world_size).backward()
+                total += loss.detach().double()
+            loss_value = float(D.all_reduce_sum(total))
+            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+            norm = D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
+            if not (math.isfinite(loss_value) and math.isfinite(float(norm))):
+                raise NonFiniteError(
+                    f"warm-up step {len(losses) + 1}: non-finite loss ({loss_value}) or "
+                    f"gradient norm ({float(norm)}); the weights were not updated"
+                )
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.policy.parameters(), self.cfg.optim.grad_clip, norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_value)
+            if logger is not None:
+                logger.update(1)
+                logger.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        if logger is not None:
+            logger.close()
+        del optimizer
+        return losses
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -602,14 +667,38 @@ class Trainer:
                 self.logger.log(self.step, metrics)
                 if self.step % cfg.run.log_every == 0:
                     self.logger.write(format_step(self.step, cfg.train.steps, metrics))
-                if on_step is not None:
-                    on_step(self, metrics)
                 interval = cfg.checkpoint.interval
                 if (interval and self.step % interval == 0) or self.step == cfg.train.steps:
                     self.save()
+                if on_step is not None:
+                    on_step(self, metrics)
         finally:
             self.logger.close()
         return history
+
+
+def _metric_name(key: str) -> str:
+    """ "total" is the reward; other reward components are reward/<name>; statistics keep their name."""
+    if key == "total":
+        return "reward"
+    return key if key in ("contradiction",) else f"reward/{key}"
+
+
+def encode_targets(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target completions as ids [n, C] (right padded) + EOS, and their mask."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    rows = [
+        tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        for t in texts
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+    return ids.to(device), mask.to(device)
 
 
 def format_step(step: int, total: int, m: dict) -> str:

@@ -1,0 +1,131 @@
+"""Checkpoints: exact resume, completeness, keep-k, RNG, and the from_pretrained export."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lgrpo import distributed as D
+from lgrpo.checkpoint import (
+    Checkpointer,
+    complete_checkpoints,
+    export_pretrained,
+    latest_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from lgrpo.metrics import read_jsonl
+from tests.test_trainer import make_trainer
+
+STEPS = {"steps": 4}
+
+
+def test_n_steps_equal_k_steps_plus_resume_exactly(tmp_path):
+    straight = make_trainer(
+        tmp_path / "straight",
+        train=STEPS,
+        checkpoint={"interval": 2},
+        loss={"epochs": 2, "beta": 0.04},
+        optim={"schedule": "cosine", "warmup_steps": 1},
+    )
+    losses = [m["loss"] for m in straight.fit()]
+
+    # The same run, killed right after step 2 (its step-2 checkpoint complete), then started again.
+    first = make_trainer(
+        tmp_path / "resumed",
+        train=STEPS,
+        checkpoint={"interval": 2},
+        loss={"epochs": 2, "beta": 0.04},
+        optim={"schedule": "cosine", "warmup_steps": 1},
+    )
+    head = []
+
+    def crash_after_step_2(trainer, metrics):
+        head.append(metrics["loss"])
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(on_step=crash_after_step_2)
+    torch.manual_seed(12345)  # a fresh process would not share the RNG state either
+    second = make_trainer(
+        tmp_path / "resumed",
+        seed=0,
+        train=STEPS,
+        checkpoint={"interval": 2},
+        loss={"epochs": 2, "beta": 0.04},
+        optim={"schedule": "cosine", "warmup_steps": 1},
+    )
+    assert second.resume()
+    assert second.step == 2
+    tail = [m["loss"] for m in second.fit()]
+    assert head + tail == losses  # exactly: same floats
+    for a, b in zip(straight.policy.parameters(), second.policy.parameters()):
+        assert torch.equal(a, b)
+    # The metrics file of the resumed run holds every step once.
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl", kind="train")] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_incomplete_checkpoint_is_ignored_and_keep_k_prunes(tmp_path):
+    trainer = make_trainer(tmp_path, train={"steps": 3}, checkpoint={"interval": 1, "keep": 2})
+    trainer.fit()
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in complete_checkpoints(folder)] == ["step_0000002", "step_0000003"]
+    # A save killed half-way: a .tmp folder, and a step folder without DONE.
+    (folder / "step_0000004.tmp").mkdir()
+    (folder / "step_0000005").mkdir()
+    assert latest_checkpoint(folder).name == "step_0000003"
+    with pytest.raises(FileNotFoundError, match="step_0000005.*not a complete checkpoint"):
+        trainer.checkpointer.load(
+            folder / "step_0000005", trainer.policy, trainer.optimizer, trainer.scheduler
+        )
+    trainer.step = 6
+    trainer.save()
+    assert not (folder / "step_0000004.tmp").exists()
+    assert [p.name for p in complete_checkpoints(folder)] == ["step_0000003", "step_0000006"]
+    state = json.loads((folder / "step_0000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data"]["offset"] > 0 and state["world_size"] == 1
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_load_restores_optimizer_and_schedule(tmp_path):
+    trainer = make_trainer(tmp_path, train={"steps": 2}, checkpoint={"interval": 2})
+    trainer.fit()
+    other = make_trainer(tmp_path / "other", seed=1)
+    other.checkpointer.load(
+        latest_checkpoint(tmp_path / "checkpoints"), other.policy, other.optimizer, other.scheduler
+    )
+    for a, b in zip(trainer.policy.parameters(), other.policy.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(trainer.optimizer.state[a]["exp_avg_sq"], other.optimizer.state[b]["exp_avg_sq"])
+    assert other.scheduler.last_epoch == trainer.scheduler.last_epoch == 2
+
+
+def test_export_loads_with_from_pretrained(tmp_path):
+    trainer = make_trainer(tmp_path, train={"steps": 1})
+    trainer.fit()
+    out = export_pretrained(
+        trainer.policy, tmp_path / "final", D.Dist(), extra_savers=(trainer.task.tokenizer,)
+    )
+    assert any(p.suffix == ".safetensors" for p in out.iterdir())
+    assert (out / "tokenizer.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for (name, a), b in zip(trainer.policy.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

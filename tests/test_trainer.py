@@ -1,0 +1,277 @@
+"""The GRPO step on a tiny stand-in model: sampling, scoring, loss normalisation, non-finite handling."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lgrpo import distributed as D
+from lgrpo.config import build_config
+from lgrpo.rollout import (
+    StopOnString,
+    _completion_mask,
+    clean_generation_config,
+    counter_uniform,
+    generate,
+    repeat_rows,
+    sample_from_logits,
+    select_rows,
+)
+from lgrpo.trainer import CompletionScorer, Models, NonFiniteError, PromptOrder, Trainer, _position_ids
+from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
+
+
+def make_trainer(tmp_path, seed=0, **overrides):
+    tok = char_tokenizer()
+    model = tiny_lm(tok, seed=seed)
+    clean_generation_config(model, tok)
+    base = {
+        "train": {"steps": 3, "prompts_per_step": 4, "seed": seed},
+        "rollout": {"group_size": 4, "max_new_tokens": 10},
+        "loss": {"micro_batch_size": 16},
+        "optim": {"lr": 1e-2, "warmup_steps": 0},
+        "run": {"progress": False},
+        "checkpoint": {"interval": 0},
+        "data": {"synthetic_train_size": 32},
+    }
+    for section, values in overrides.items():
+        base.setdefault(section, {}).update(values)
+    cfg = build_config("tiny", base)
+    task = ToyTask(tok)
+    return Trainer(cfg, D.init("cpu"), task, Models(model, copy.deepcopy(model)), tmp_path)
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+
+
+def test_sampler_follows_the_softmax():
+    """Inverse-CDF sampling with counter-based uniforms draws from softmax(logits / T)."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0]])
+    n = 20000
+    u = counter_uniform(7, 3, torch.arange(n), 5)
+    ids = sample_from_logits(logits.expand(n, -1), u, temperature=0.7)
+    freq = torch.bincount(ids, minlength=5).double() / n
+    probs = torch.softmax(logits[0].double() / 0.7, -1)
+    assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
+    # counter uniforms are uniform: mean 1/2, variance 1/12
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    ids = sample_from_logits(
+        logits.expand(4000, -1), counter_uniform(1, 0, torch.arange(4000), 0), 1.0, top_p=0.75
+    )
+    counts = torch.bincount(ids, minlength=4)
+    assert counts[2] == 0 and counts[3] == 0  # mass above token 2 is 0.8 >= 0.75: outside the nucleus
+    assert abs(counts[0].item() / 4000 - 0.625) < 0.03  # renormalised 0.5 / 0.8
+
+
+def test_rollouts_do_not_depend_on_batch_composition():
+    tok = char_tokenizer()
+    model = tiny_lm(tok)
+    clean_generation_config(model, tok)
+    enc = tok(["pick 1:", "pick 22:", "pick 1:"], return_tensors="pt", padding=True)
+    batch = repeat_rows(dict(enc), 2)
+    full = generate(
+        model, tok, batch, max_new_tokens=8, stop="</answer>", seed=3, step=5, row_ids=torch.arange(6)
+    )
+    # rows 2..3 alone, with a narrower padding, and through generate's own chunking
+    alone_enc = tok(["pick 22:"], return_tensors="pt", padding=True)
+    alone = generate(
+        model,
+        tok,
+        repeat_rows(dict(alone_enc), 2),
+        max_new_tokens=8,
+        stop="</answer>",
+        seed=3,
+        step=5,
+        row_ids=torch.arange(2, 4),
+    )
+    chunked = generate(
+        model,
+        tok,
+        batch,
+        max_new_tokens=8,
+        stop="</answer>",
+        seed=3,
+        step=5,
+        row_ids=torch.arange(6),
+        batch_size=4,
+    )
+    assert full.texts[2:4] == alone.texts
+    assert full.texts == chunked.texts
+    other_step = generate(
+        model, tok, batch, max_new_tokens=8, stop=None, seed=3, step=6, row_ids=torch.arange(6)
+    )
+    assert other_step.texts != full.texts
+
+
+def test_stop_string_and_eos_set_the_mask():
+    tok = char_tokenizer()
+    text = "<think>x</think><answer>2</answer>zz"
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    prompt_len = 3
+    seq = torch.cat([torch.zeros(1, prompt_len, dtype=torch.long), ids], 1)
+    stopper = StopOnString(tok, "</answer>", prompt_len)
+    fired_at = None
+    for length in range(prompt_len + 1, seq.shape[1] + 1):
+        if stopper(seq[:, :length], None)[0] and fired_at is None:
+            fired_at = length - prompt_len
+    assert fired_at == len("<think>x</think><answer>2</answer>")
+    mask, truncated = _completion_mask(ids, stopper.stop_len, eos_ids=set())
+    assert tok.decode(ids[0][mask[0]]) == "<think>x</think><answer>2</answer>" and not truncated[0]
+    eos = tok.eos_token_id
+    with_eos = torch.tensor([[5, 6, eos, 7], [5, 6, 7, 8]])
+    mask, truncated = _completion_mask(with_eos, None, {eos})
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+    assert truncated.tolist() == [False, True]
+
+
+def test_select_rows_keeps_each_rows_images():
+    grid = torch.tensor([[1, 1, 2], [1, 2, 2], [1, 1, 1], [1, 1, 3]])  # 2, 4, 1, 3 patches
+    pv = torch.arange(10).float().unsqueeze(1)
+    batch = {
+        "input_ids": torch.tensor([[1], [2]]),
+        "attention_mask": torch.ones(2, 1),
+        "pixel_values": pv,
+        "image_grid_thw": grid,
+        "examples": ["a", "b"],
+    }
+    out = select_rows(batch, [1, 1, 0])
+    assert out["pixel_values"].squeeze(1).tolist() == [6, 7, 8, 9] * 2 + [0, 1, 2, 3, 4, 5]
+    assert out["image_grid_thw"].tolist() == [[1, 1, 1], [1, 1, 3]] * 2 + [[1, 1, 2], [1, 2, 2]]
+    assert out["examples"] == ["b", "b", "a"] and out["images_per_row"].tolist() == [2, 2, 2]
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_scorer_matches_the_models_own_logits(fused):
+    """Log-probs from the hidden-state path equal log_softmax(model(...).logits / T) at the completion."""
+    tok = char_tokenizer()
+    model = tiny_lm(tok)
+    enc = tok(["pick 1:", "pick 222:"], return_tensors="pt", padding=True)
+    comp = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]])
+    cmask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    scorer = CompletionScorer(model, fused=fused)
+    logp = scorer(dict(enc), comp, cmask, temperature=0.8)
+    ids = torch.cat([enc["input_ids"], comp], 1)
+    attn = torch.cat([enc["attention_mask"], cmask.long()], 1)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=_position_ids(attn)).logits
+    p = enc["input_ids"].shape[1]
+    want = (logits[:, p - 1 : -1] / 0.8).log_softmax(-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logp[cmask], want[cmask], atol=1e-5)
+
+
+def test_first_pass_is_on_policy(tmp_path):
+    """Behaviour log-probs captured before the update give ratio 1 in the first minibatch (nothing clipped),
+    and they equal the sampler's distribution: the completions were sampled from that very model."""
+    trainer = make_trainer(tmp_path, loss={"epochs": 2, "minibatches": 2, "micro_batch_size": 4, "beta": 0.0})
+    prompts, ids = trainer.next_prompts()
+    rollout = trainer.rollouts(prompts, ids)
+    old = trainer.logprobs(trainer.scorer, rollout)
+    rows = torch.nonzero(torch.arange(len(rollout)) % 4 % 2 == 0).squeeze(-1)
+    adv = torch.randn(len(rollout))
+    stats = trainer.optimizer_step(rollout, rows, adv, old, None)
+    assert stats["clip_sum"] == 0.0 and stats["tok_sum"] > 0
+    stats2 = trainer.optimizer_step(rollout, rows, adv, old, None)  # weights moved (lr 1e-2): off-policy now
+    assert stats2["clip_sum"] > 0
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_loss_does_not_depend_on_micro_batch_size(tmp_path, loss_type):
+    runs = []
+    for mb in (3, 16):
+        trainer = make_trainer(tmp_path / f"mb{mb}", loss={"micro_batch_size": mb, "loss_type": loss_type})
+        runs.append([m["loss"] for m in trainer.fit()])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5, abs=1e-7)
+    assert any(abs(v) > 1e-6 for v in runs[0])
+
+
+def test_fit_writes_metrics_and_learns_something(tmp_path):
+    trainer = make_trainer(tmp_path, loss={"beta": 0.04})
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    history = trainer.fit()
+    assert len(history) == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in (
+        "reward",
+        "reward/format",
+        "reward/accuracy",
+        "reward/listener",
+        "accuracy",
+        "contradiction",
+        "kl",
+        "clip_frac",
+        "entropy",
+        "completion_len",
+        "time/rollout",
+        "time/update",
+        "tokens_per_s/rollout",
+        "tokens_per_s/update",
+        "peak_mem_gib",
+        "loss",
+        "grad_norm",
+        "lr",
+    ):
+        assert key in rows[0], key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-9)  # policy == reference before the first update
+    assert rows[-1]["kl"] > 0
+    assert all(r["entropy"] > 0 and r["completion_len"] > 0 for r in rows)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_non_finite_gradient_stops_before_the_weights_move(tmp_path):
+    trainer = make_trainer(tmp_path)
+    param = trainer.policy.get_output_embeddings().weight
+    handle = param.register_hook(lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    with pytest.raises(NonFiniteError, match="step 1"):
+        trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+    assert not trainer.optimizer.state  # AdamW never stepped
+    handle.remove()
+
+
+def test_non_finite_skip_mode_drops_the_update_and_goes_on(tmp_path):
+    trainer = make_trainer(tmp_path, train={"on_nonfinite": "skip", "steps": 2})
+    param = trainer.policy.get_output_embeddings().weight
+    handle = param.register_hook(lambda g: g * float("nan") if trainer.step == 0 else g)
+    before = param.detach().clone()
+    history = trainer.fit()
+    handle.remove()
+    assert len(history) == 2 and history[0]["grad_norm"] != history[0]["grad_norm"]  # NaN logged
+    assert history[1]["grad_norm"] == history[1]["grad_norm"]
+    assert not torch.equal(before, param)  # the second step did update
+
+
+def test_prompt_order_is_a_permutation_per_epoch_and_resumable():
+    order = PromptOrder(10, 4, seed=1)
+    seen = [order.next()[0] for _ in range(5)]  # 20 prompts = 2 epochs
+    flat = sum(seen, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    state = order.state_dict()
+    again = PromptOrder(10, 4, seed=1)
+    again.load_state_dict(state)
+    assert again.next() == order.next()
+
+
+def test_warmup_teaches_the_format(tmp_path):
+    """The supervised warm-up alone makes the tiny model write the templated answer."""
+    trainer = make_trainer(
+        tmp_path, sft={"steps": 150, "batch_size": 8, "lr": 1e-2}, loss={"micro_batch_size": 8}
+    )
+    losses = trainer.warmup()
+    assert losses[-1] < 0.25 * losses[0]
+    prompts = trainer.task.prompts("eval", list(range(4)))
+    out = generate(
+        trainer.policy, trainer.task.tokenizer, prompts, max_new_tokens=40, stop="</answer>", greedy=True
+    )
+    rewards = trainer.task.rewards(prompts, out)
+    assert rewards["format"].mean() == 1.0, out.texts
