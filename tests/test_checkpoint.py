@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from lgrpo import distributed as D
 from lgrpo.checkpoint import (
-    Checkpointer,
     complete_checkpoints,
     export_pretrained,
     latest_checkpoint,
