@@ -157,8 +157,15 @@ def shard(
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
     for block in repeated_blocks(model):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    fully_shard(root if root is not None else model, reshard_after_forward=reshard_after_forward, **kwargs)
-    return root if root is not None else model
+    top = root if root is not None else model
+    fully_shard(top, reshard_after_forward=reshard_after_forward, **kwargs)
+    # FSDP2 decides which state is the root at the first forward it sees. Rollouts call the inner HF
+    # model's forward (through generate) before the wrapper's, which would make a decoder layer
+    # "root"; settle it now. (Private API, stable since torch 2.4; without it, nothing is done.)
+    state = getattr(top, "_get_fsdp_state", None)
+    if state is not None and hasattr(state(), "_lazy_init"):
+        state()._lazy_init()
+    return top
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
