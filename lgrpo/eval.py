@@ -1,0 +1,187 @@
+"""Held-out evaluation: accuracy, contradiction rate, agree/disagree accuracy, position bias.
+
+``python -m lgrpo.eval --model PATH --data MANIFEST [--listener PATH]`` prints a table and writes a
+JSON report. The trainer calls :func:`evaluate` before and after training on the same footing.
+
+Each pair is judged twice with greedy decoding: as presented, and with the two images swapped (the
+label follows). A judge without position bias has the same accuracy both ways and picks the same
+*image* (answer 1 one way, 2 the other way) — ``consistency`` is how often it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from .rollout import generate, to_device
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    x = x.double()
+    keep = ~torch.isnan(x)
+    return float(x[keep].mean()) if bool(keep.any()) else float("nan")
+
+
+@torch.no_grad()
+def judge(policy, task, split: str, indices: list[int], *, swap: bool, max_new_tokens: int, stop: str | None,
+          batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Greedy completions for ``indices`` (images swapped or not) and the task's per-row judgements."""
+    keys = ("accuracy", "format", "contradiction", "answer", "listener")
+    out: dict[str, list] = {k: [] for k in keys}
+    texts = []
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    for lo in range(0, len(indices), batch_size):
+        part = indices[lo: lo + batch_size]
+        prompts = to_device(task.prompts(split, part, [swap] * len(part)), device)
+        with ctx:
+            rollout = generate(policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
+                               greedy=True)
+        r = task.rewards(rollout.prompt, rollout)
+        for k in keys:
+            v = r.get(k)
+            out[k].append(v.double().cpu() if v is not None else torch.full((len(part),), float("nan")))
+        texts += rollout.texts
+    res = {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
+    res["texts"] = texts
+    return res
+
+
+def summarize(plain: dict, swapped: dict | None) -> dict:
+    """The report's numbers from per-example judgements (tensors; NaN = undefined for that row)."""
+    acc, contra = plain["accuracy"], plain["contradiction"]
+    comparable = ~torch.isnan(contra)
+    agree = comparable & (contra == 0)
+    disagree = comparable & (contra == 1)
+    report = {
+        "n": int(acc.numel()),
+        "accuracy": _nanmean(acc),
+        "format_rate": _nanmean(plain["format"]),
+        "answered": float((plain["answer"] > 0).double().mean()) if acc.numel() else float("nan"),
+        "contradiction_rate": _nanmean(contra),
+        "accuracy_agree": _nanmean(acc[agree]) if bool(agree.any()) else float("nan"),
+        "accuracy_disagree": _nanmean(acc[disagree]) if bool(disagree.any()) else float("nan"),
+        "n_agree": int(agree.sum()),
+        "n_disagree": int(disagree.sum()),
+        "listener_confidence": _nanmean(plain["listener"]),
+        "answer_1_rate": float((plain["answer"] == 1).double().mean()) if acc.numel() else float("nan"),
+    }
+    if swapped is not None:
+        a, b = plain["answer"], swapped["answer"]
+        both = (a > 0) & (b > 0)
+        report.update({
+            "accuracy_swapped": _nanmean(swapped["accuracy"]),
+            # Same image chosen both ways: answer k as presented, 3 - k after the swap.
+            "consistency": float(((a + b == 3) & both).double().sum() / max(int(both.sum()), 1))
+            if bool(both.any()) else float("nan"),
+        })
+        report["position_bias"] = report["accuracy"] - report["accuracy_swapped"]
+    return report
+
+
+def evaluate(policy, task, *, split: str = "eval", limit: int | None = None, max_new_tokens: int = 512,
+             stop: str | None = "</answer>", batch_size: int = 16, swap_check: bool = True,
+             dist: D.Dist | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Evaluate ``policy`` on a task split; each rank judges its share, rank 0 gets the whole report."""
+    dist = dist or D.Dist()
+    n = task.num_prompts(split)
+    indices = list(range(n if limit is None else min(n, limit)))
+    mine = indices[dist.rank:: dist.world_size]
+    kw = dict(max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, device=dist.device,
+              autocast_dtype=autocast_dtype)
+    plain = judge(policy, task, split, mine, swap=False, **kw) if mine else None
+    swapped = judge(policy, task, split, mine, swap=True, **kw) if (mine and swap_check) else None
+    parts = D.all_gather_objects((mine, plain, swapped))
+
+    def merged(which: int) -> dict | None:
+        pieces = [p[which] for p in parts if p[which] is not None]
+        if not pieces:
+            return None
+        order = torch.tensor(sum((p[0] for p in parts if p[which] is not None), [])).argsort()
+        out = {k: torch.cat([p[k] for p in pieces])[order] for k in pieces[0] if k != "texts"}
+        texts = sum((p["texts"] for p in pieces), [])
+        out["texts"] = [texts[i] for i in order.tolist()]
+        return out
+
+    plain_all, swapped_all = merged(1), merged(2)
+    report = summarize(plain_all, swapped_all)
+    report["examples"] = [{"index": i, "completion": t} for i, t in enumerate(plain_all["texts"][:8])]
+    return report
+
+
+def format_report(report: dict, title: str = "evaluation") -> str:
+    rows = [
+        ("pairs", "n", "{:d}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("accuracy, images swapped", "accuracy_swapped", "{:.3f}"),
+        ("position consistency", "consistency", "{:.3f}"),
+        ("format ok", "format_rate", "{:.3f}"),
+        ("answered", "answered", "{:.3f}"),
+        ("answers '1'", "answer_1_rate", "{:.3f}"),
+        ("contradiction rate", "contradiction_rate", "{:.3f}"),
+        ("accuracy | listener agrees", "accuracy_agree", "{:.3f}"),
+        ("accuracy | listener disagrees", "accuracy_disagree", "{:.3f}"),
+        ("listener confidence in truth", "listener_confidence", "{:.3f}"),
+    ]
+    lines = [title, "-" * 44]
+    for label, key, fmt in rows:
+        v = report.get(key)
+        if v is None:
+            continue
+        text = "n/a" if isinstance(v, float) and math.isnan(v) else fmt.format(v)
+        if key in ("accuracy_agree",):
+            text += f"  (n={report.get('n_agree', 0)})"
+        if key in ("accuracy_disagree",):
+            text += f"  (n={report.get('n_disagree', 0)})"
+        lines.append(f"{label:<32} {text}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lgrpo.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="policy folder (an exported run's final/), or 'tiny'")
+    p.add_argument("--data", required=True, help="manifest (JSONL) of held-out pairs, or 'synthetic'")
+    p.add_argument("--listener", default=None, help="listener folder (default: none: no listener statistics)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-swap", action="store_true", help="skip the images-swapped pass")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="default: bf16 on GPU")
+    p.add_argument("--out", default=None, help="JSON report path (default: eval_report.json beside --model)")
+    args = p.parse_args(argv)
+
+    from .train import build_eval_task  # the model/data pipeline
+
+    dist = D.init()
+    policy, task = build_eval_task(args.model, args.data, args.listener, dtype=args.dtype, device=dist.device)
+    report = evaluate(policy, task, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, swap_check=not args.no_swap, dist=dist)
+    if dist.is_main:
+        print(format_report(report, f"evaluation of {args.model} on {args.data}"))
+        out = args.out or (Path(args.model) / "eval_report.json" if Path(args.model).is_dir()
+                           else "eval_report.json")
+        print(f"report: {write_report(report, out)}")
+    D.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
