@@ -30,19 +30,31 @@ def _nanmean(x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def judge(policy, task, split: str, indices: list[int], *, swap: bool, max_new_tokens: int, stop: str | None,
-          batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict:
+def judge(
+    policy,
+    task,
+    split: str,
+    indices: list[int],
+    *,
+    swap: bool,
+    max_new_tokens: int,
+    stop: str | None,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
     """Greedy completions for ``indices`` (images swapped or not) and the task's per-row judgements."""
     keys = ("accuracy", "format", "contradiction", "answer", "listener")
     out: dict[str, list] = {k: [] for k in keys}
     texts = []
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     for lo in range(0, len(indices), batch_size):
-        part = indices[lo: lo + batch_size]
+        part = indices[lo : lo + batch_size]
         prompts = to_device(task.prompts(split, part, [swap] * len(part)), device)
         with ctx:
-            rollout = generate(policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop,
-                               greedy=True)
+            rollout = generate(
+                policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, greedy=True
+            )
         r = task.rewards(rollout.prompt, rollout)
         for k in keys:
             v = r.get(k)
@@ -75,26 +87,44 @@ def summarize(plain: dict, swapped: dict | None) -> dict:
     if swapped is not None:
         a, b = plain["answer"], swapped["answer"]
         both = (a > 0) & (b > 0)
-        report.update({
-            "accuracy_swapped": _nanmean(swapped["accuracy"]),
-            # Same image chosen both ways: answer k as presented, 3 - k after the swap.
-            "consistency": float(((a + b == 3) & both).double().sum() / max(int(both.sum()), 1))
-            if bool(both.any()) else float("nan"),
-        })
+        report.update(
+            {
+                "accuracy_swapped": _nanmean(swapped["accuracy"]),
+                # Same image chosen both ways: answer k as presented, 3 - k after the swap.
+                "consistency": float(((a + b == 3) & both).double().sum() / max(int(both.sum()), 1))
+                if bool(both.any())
+                else float("nan"),
+            }
+        )
         report["position_bias"] = report["accuracy"] - report["accuracy_swapped"]
     return report
 
 
-def evaluate(policy, task, *, split: str = "eval", limit: int | None = None, max_new_tokens: int = 512,
-             stop: str | None = "</answer>", batch_size: int = 16, swap_check: bool = True,
-             dist: D.Dist | None = None, autocast_dtype: torch.dtype | None = None) -> dict:
+def evaluate(
+    policy,
+    task,
+    *,
+    split: str = "eval",
+    limit: int | None = None,
+    max_new_tokens: int = 512,
+    stop: str | None = "</answer>",
+    batch_size: int = 16,
+    swap_check: bool = True,
+    dist: D.Dist | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
     """Evaluate ``policy`` on a task split; each rank judges its share, rank 0 gets the whole report."""
     dist = dist or D.Dist()
     n = task.num_prompts(split)
     indices = list(range(n if limit is None else min(n, limit)))
-    mine = indices[dist.rank:: dist.world_size]
-    kw = dict(max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, device=dist.device,
-              autocast_dtype=autocast_dtype)
+    mine = indices[dist.rank :: dist.world_size]
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        batch_size=batch_size,
+        device=dist.device,
+        autocast_dtype=autocast_dtype,
+    )
     plain = judge(policy, task, split, mine, swap=False, **kw) if mine else None
     swapped = judge(policy, task, split, mine, swap=True, **kw) if (mine and swap_check) else None
     parts = D.all_gather_objects((mine, plain, swapped))
@@ -155,6 +185,7 @@ def write_report(report: dict, path: str | Path) -> Path:
 
 # --- the command line -----------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lgrpo.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="policy folder (an exported run's final/), or 'tiny'")
@@ -172,12 +203,20 @@ def main(argv: list[str] | None = None) -> int:
 
     dist = D.init()
     policy, task = build_eval_task(args.model, args.data, args.listener, dtype=args.dtype, device=dist.device)
-    report = evaluate(policy, task, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, swap_check=not args.no_swap, dist=dist)
+    report = evaluate(
+        policy,
+        task,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        swap_check=not args.no_swap,
+        dist=dist,
+    )
     if dist.is_main:
         print(format_report(report, f"evaluation of {args.model} on {args.data}"))
-        out = args.out or (Path(args.model) / "eval_report.json" if Path(args.model).is_dir()
-                           else "eval_report.json")
+        out = args.out or (
+            Path(args.model) / "eval_report.json" if Path(args.model).is_dir() else "eval_report.json"
+        )
         print(f"report: {write_report(report, out)}")
     D.close()
     return 0

@@ -38,7 +38,10 @@ MODEL_KEYS = (
     "pixel_values_videos",
     "video_grid_thw",
     "second_per_grid_ts",
+    "mm_token_type_ids",
 )
+# Keys holding one entry per token [N, P]: trimmed and extended along with input_ids.
+TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 def _images_per_row(batch: dict, n_rows: int) -> torch.Tensor | None:
@@ -95,9 +98,34 @@ def to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
-def model_inputs(batch: dict) -> dict:
-    """The keys a HF model's forward/generate takes (drops our bookkeeping: labels, images_per_row...)."""
-    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+def accepted_keys(model) -> frozenset[str]:
+    """Batch keys this model's forward names explicitly (``mm_token_type_ids`` is new in transformers 5.x:
+    older versions derive M-RoPE positions from the image token ids instead)."""
+    import inspect
+
+    inner = getattr(model, "base_model", model)
+    names = set()
+    for m in (model, inner):
+        try:
+            names |= set(inspect.signature(m.forward).parameters)
+        except (TypeError, ValueError):
+            pass
+    return frozenset(k for k in MODEL_KEYS if k in names or k in ("input_ids", "attention_mask"))
+
+
+def model_inputs(batch: dict, model=None) -> dict:
+    """The keys a HF model's forward/generate takes (drops our bookkeeping: labels, images_per_row...).
+
+    With ``model``, also the keys it does not name; floating image tensors get the model's dtype.
+    """
+    keys = accepted_keys(model) if model is not None else MODEL_KEYS
+    out = {k: v for k, v in batch.items() if k in keys}
+    if model is not None:
+        dtype = next(model.parameters()).dtype
+        for k in ("pixel_values", "pixel_values_videos"):
+            if k in out and out[k].is_floating_point() and dtype.is_floating_point:
+                out[k] = out[k].to(dtype)
+    return out
 
 
 # --- the sampler --------------------------------------------------------------------------------------
@@ -292,7 +320,7 @@ def generate(
     try:
         for lo in range(0, n_rows, chunk):
             rows = torch.arange(lo, min(lo + chunk, n_rows))
-            part = model_inputs(select_rows(prompt, rows)) if chunk < n_rows else model_inputs(prompt)
+            part = model_inputs(select_rows(prompt, rows) if chunk < n_rows else prompt, model)
             processors = LogitsProcessorList()
             if not greedy:
                 processors.append(CounterSampler(seed, step, row_ids[rows], temperature, top_p, prompt_len))

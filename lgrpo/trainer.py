@@ -34,7 +34,16 @@ from .config import JobConfig
 from .kernels import group_advantages, grpo_loss, linear_grpo_loss, token_logprobs
 from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory
 from .optim import build_optimizer, build_scheduler
-from .rollout import MODEL_KEYS, Rollout, generate, repeat_rows, select_rows, to_device
+from .rollout import (
+    TOKEN_KEYS,
+    Rollout,
+    accepted_keys,
+    generate,
+    model_inputs,
+    repeat_rows,
+    select_rows,
+    to_device,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -145,18 +154,22 @@ class CompletionScorer(nn.Module):
     def _hidden(
         self, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor
     ) -> torch.Tensor:
-        ids = torch.cat([prompt["input_ids"], completion_ids], dim=1)
-        attn = torch.cat(
-            [prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], dim=1
-        )
-        extra = {
-            k: v for k, v in prompt.items() if k in MODEL_KEYS and k not in ("input_ids", "attention_mask")
-        }
-        if "pixel_values" not in extra and "pixel_values_videos" not in extra:
+        if self.autocast_dtype is None:
+            inputs = model_inputs(prompt, self.model)
+        else:  # autocast: keep fp32 images, drop the keys the model does not name
+            keys = accepted_keys(self.model)
+            inputs = {k: v for k, v in model_inputs(prompt).items() if k in keys}
+        # Completion tokens are text: per-token keys are extended with the ids, the mask, and zeros.
+        ext = {"input_ids": completion_ids, "attention_mask": completion_mask}
+        for k in TOKEN_KEYS:
+            if k in inputs:
+                tail = ext.get(k, torch.zeros_like(completion_ids))
+                inputs[k] = torch.cat([inputs[k], tail.to(inputs[k].dtype)], dim=1)
+        if "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
             # Text-only: positions as generate assigned them. VLMs compute their (3-D) positions from
             # the attention mask themselves.
-            extra["position_ids"] = _position_ids(attn)
-        out = self.model.base_model(input_ids=ids, attention_mask=attn, use_cache=False, **extra)
+            inputs["position_ids"] = _position_ids(inputs["attention_mask"])
+        out = self.model.base_model(**inputs, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         p, c = prompt["input_ids"].shape[1], completion_ids.shape[1]
         return hidden[:, p - 1 : p - 1 + c]  # row t predicts completion token t
@@ -239,7 +252,10 @@ def trim(prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tens
     attn = prompt["attention_mask"]
     first = int((attn != 0).float().argmax(-1).min()) if attn.numel() else 0
     width = max(int(completion_mask.sum(-1).max()), 1)
-    prompt = dict(prompt, input_ids=prompt["input_ids"][:, first:], attention_mask=attn[:, first:])
+    prompt = dict(prompt)
+    for k in TOKEN_KEYS:
+        if k in prompt:
+            prompt[k] = prompt[k][:, first:]
     return prompt, completion_ids[:, :width], completion_mask[:, :width]
 
 
