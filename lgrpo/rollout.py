@@ -199,6 +199,32 @@ class CounterSampler(LogitsProcessor):
         return out
 
 
+class BanTokens(LogitsProcessor):
+    """Never emit these ids (a VLM's image/video placeholders: one in a completion breaks the next forward,
+    which counts placeholders against image features). Applied before sampling, so the sampler draws from
+    the policy renormalised without them; a trained model gives them ~0 mass anyway."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ids = self.ids[self.ids < scores.shape[-1]].to(scores.device)
+        return scores.index_fill(-1, ids, float("-inf"))
+
+
+def placeholder_token_ids(config) -> list[int]:
+    """The vision placeholder / delimiter ids of a (V)LM config (empty for a text model)."""
+    names = (
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+        "vision_token_id",
+    )
+    ids = [getattr(config, n, None) for n in names]
+    return [int(i) for i in ids if isinstance(i, int)]
+
+
 class StopOnString(StoppingCriteria):
     """Per-row stop once the decoded completion contains ``stop``; records where each row stopped.
 
@@ -322,6 +348,9 @@ def generate(
             rows = torch.arange(lo, min(lo + chunk, n_rows))
             part = model_inputs(select_rows(prompt, rows) if chunk < n_rows else prompt, model)
             processors = LogitsProcessorList()
+            banned = placeholder_token_ids(getattr(model, "config", None))
+            if banned:
+                processors.append(BanTokens(banned))
             if not greedy:
                 processors.append(CounterSampler(seed, step, row_ids[rows], temperature, top_p, prompt_len))
             criteria = StoppingCriteriaList()
