@@ -635,6 +635,20 @@ class Trainer:
         del optimizer
         return losses
 
+    def copy_policy_into(self, *frozen: nn.Module) -> None:
+        """Load the policy's current weights into frozen models (plain or FSDP-sharded; any dtype)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+
+        if not frozen:
+            return
+        full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
+        for m in frozen:
+            set_model_state_dict(m, full, options=StateDictOptions(full_state_dict=True))
+
     # -- the loop -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

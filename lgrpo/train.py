@@ -1,0 +1,257 @@
+"""``python -m lgrpo.train``: parse the config → build → train → close.
+
+No arguments: the tiny built-in Qwen2.5-VL on the synthetic colour/shape task — a supervised warm-up
+on templated reasoning (so the format exists), then GRPO with the listener reward; held-out accuracy
+and contradiction rate before and after; checkpoints, metrics and the exported policy under ``runs/``.
+
+``torchrun --nproc_per_node N -m lgrpo.train ...`` runs the same program on N ranks (FSDP2).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from .checkpoint import export_pretrained, seed_everything
+from .config import JobConfig, parse_args, save_config
+from .eval import evaluate, format_report, write_report
+from .rollout import Rollout, clean_generation_config
+from .trainer import Models, Trainer
+
+# --- the task: prompts, rewards and warm-up targets from the model/data pipeline ----------------------
+
+
+class PreferenceTask:
+    """Pairs of images + prompt → reasoner prompts; completions → format/accuracy/listener rewards."""
+
+    def __init__(self, batcher, splits: dict, listener=None, weights=None):
+        from .prompts import parse_completion
+        from .rewards import RewardWeights
+
+        self.batcher, self.splits, self.listener = batcher, splits, listener
+        self.tokenizer = batcher.tokenizer
+        self.weights = weights or RewardWeights()
+        self._parse = parse_completion
+
+    def num_prompts(self, split: str) -> int:
+        return len(self.splits[split])
+
+    def prompts(self, split: str, indices: list[int], swap: list[bool] | None = None) -> dict:
+        examples = [self.splits[split][i] for i in indices]
+        if swap is not None:
+            examples = [ex.swapped() if s else ex for ex, s in zip(examples, swap)]
+        # Each pair's images are patchified once; the G completions of a group share them.
+        processed = [self.batcher.process_images(list(ex.images)) for ex in examples]
+        batch = self.batcher.reasoner_batch([ex.prompt for ex in examples], processed)
+        out = {
+            f: getattr(batch, f)
+            for f in (
+                "input_ids",
+                "attention_mask",
+                "mm_token_type_ids",
+                "pixel_values",
+                "image_grid_thw",
+                "images_per_row",
+            )
+        }
+        out.update(
+            examples=examples, processed=processed, preferred=torch.tensor([ex.preferred for ex in examples])
+        )
+        return out
+
+    def rewards(self, prompts: dict, rollout: Rollout) -> dict[str, torch.Tensor]:
+        from .rewards import compute_rewards
+
+        fmt = self.batcher.fmt
+        parsed = [self._parse(t, fmt) for t in rollout.texts]
+        examples = prompts["examples"]
+        scores = None
+        if self.listener is not None:
+            scores = self.listener.score(
+                [ex.prompt for ex in examples], prompts["processed"], [p.reasoning for p in parsed]
+            )
+        r = compute_rewards(parsed, prompts["preferred"].cpu(), scores, self.weights)
+        comparable = (r.answer > 0) & (r.listener_choice > 0)
+        contradiction = torch.where(comparable, r.contradiction.float(), torch.tensor(float("nan")))
+        listener = r.listener if scores is not None else torch.full_like(r.listener, float("nan"))
+        return {
+            "total": r.total,
+            "format": r.fmt,
+            "accuracy": r.acc,
+            "listener": listener,
+            "contradiction": contradiction,
+            "answer": r.answer,
+        }
+
+    def sft_targets(self, prompts: dict) -> list[str]:
+        from .synthetic import reference_completion
+
+        return [reference_completion(ex, self.batcher.fmt) for ex in prompts["examples"]]
+
+
+def _datasets(cfg: JobConfig) -> dict:
+    from .data import ManifestDataset
+    from .synthetic import SyntheticTask
+
+    synthetic = SyntheticTask(seed=cfg.train.seed)
+    splits = {}
+    splits["train"] = (
+        synthetic.dataset("train", cfg.data.synthetic_train_size)
+        if cfg.data.train == "synthetic"
+        else ManifestDataset(cfg.data.train)
+    )
+    if cfg.data.eval == "synthetic":
+        splits["eval"] = synthetic.dataset("heldout", cfg.data.synthetic_eval_size)
+    elif cfg.data.eval != "none":
+        splits["eval"] = ManifestDataset(cfg.data.eval)
+    return splits
+
+
+def build(cfg: JobConfig, dist: D.Dist):
+    """Policy, frozen reference and listener, and the task; everything on this rank's device."""
+    try:
+        from .batching import VLBatcher
+        from .listener import Listener
+        from .model import load_listener, load_policy, load_reference
+        from .rewards import RewardWeights
+    except ImportError as err:  # pragma: no cover - only before the model pipeline is installed
+        raise SystemExit(
+            f"lgrpo.train needs the model/data pipeline (lgrpo.model, lgrpo.batching, ...): {err}"
+        )
+
+    name = cfg.model.policy or "tiny"
+    master = "float32" if cfg.model.master_weights == "float32" else cfg.model.dtype
+    common = dict(device=dist.device, attn_implementation=cfg.model.attn_implementation, seed=cfg.train.seed)
+    policy = load_policy(name, dtype=master, **common)
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    batcher = VLBatcher.from_pretrained(name)
+    clean_generation_config(policy, batcher.tokenizer)
+    reference = (
+        load_reference(cfg.model.reference or name, dtype=cfg.model.dtype, **common)
+        if cfg.loss.beta > 0
+        else None
+    )
+    listener = None
+    if cfg.reward.w_listener > 0:
+        lm = load_listener(cfg.model.listener or name, dtype=cfg.model.dtype, **common)
+        if D.use_fsdp(cfg.parallel.fsdp) and cfg.parallel.listener == "shard":
+            D.shard(lm)
+        listener = Listener(lm, batcher, micro_batch_size=cfg.reward.listener_batch_size)
+    weights = RewardWeights(cfg.reward.w_format, cfg.reward.w_accuracy, cfg.reward.w_listener)
+    task = PreferenceTask(batcher, _datasets(cfg), listener, weights)
+    return task, Models(policy, reference), listener
+
+
+def build_eval_task(model: str, data: str, listener: str | None, *, dtype: str | None, device: torch.device):
+    """For ``python -m lgrpo.eval``: the policy to judge and a task over the held-out pairs."""
+    from .batching import VLBatcher
+    from .data import ManifestDataset
+    from .listener import Listener
+    from .model import load_listener, load_policy
+    from .synthetic import SyntheticTask
+
+    policy = load_policy(model, dtype=dtype, device=device).eval()
+    batcher = VLBatcher.from_pretrained(model)
+    clean_generation_config(policy, batcher.tokenizer)
+    split = SyntheticTask().dataset("heldout", 64) if data == "synthetic" else ManifestDataset(data)
+    lst = Listener(load_listener(listener, dtype=dtype, device=device), batcher) if listener else None
+    return policy, PreferenceTask(batcher, {"eval": split}, lst)
+
+
+# --- the program -----------------------------------------------------------------------------------------
+
+
+def run_folder(cfg: JobConfig) -> Path:
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.run.dir) / D.broadcast_object(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    dist = D.init(cfg.train.device, cfg.parallel.backend)
+    cfg.validate_world(dist.world_size)
+    run_dir = run_folder(cfg)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.json")
+        print(f"run folder: {run_dir}  ({dist.world_size} rank(s), {dist.device})", flush=True)
+    seed_everything(cfg.train.seed + dist.rank)
+    t0 = time.perf_counter()
+    task, models, listener = build(cfg, dist)
+    trainer = Trainer(cfg, dist, task, models, run_dir)
+    autocast = trainer.scorer.autocast_dtype
+
+    def held_out(title: str) -> dict | None:
+        if "eval" not in task.splits:
+            return None
+        report = evaluate(
+            trainer.policy,
+            task,
+            limit=cfg.data.eval_size,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            stop=cfg.rollout.stop or None,
+            batch_size=max(cfg.loss.micro_batch_size, 8),
+            dist=dist,
+            autocast_dtype=autocast,
+        )
+        if dist.is_main:
+            print(format_report(report, title), flush=True)
+            trainer_log = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+            with open(run_dir / "eval.jsonl", "a") as f:
+                import json
+
+                f.write(json.dumps({"stage": title, "step": trainer.step, **trainer_log}) + "\n")
+        return report
+
+    reports = {}
+    if not trainer.resume():
+        if cfg.sft.steps:
+            reports["initial"] = held_out("held-out, initial weights")
+            losses = trainer.warmup()
+            if dist.is_main:
+                print(f"warm-up: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+            # The KL reference and the listener start from the warmed-up policy unless given as folders:
+            # for the tiny model, "the same base model, frozen" (SPEC §1) is the model that knows the format.
+            frozen = [
+                m
+                for m, given in (
+                    (models.reference, cfg.model.reference),
+                    (listener.model if listener else None, cfg.model.listener),
+                )
+                if m is not None and given is None
+            ]
+            trainer.copy_policy_into(*frozen)
+        reports["before"] = held_out("held-out, before GRPO")
+    trainer.fit()
+    reports["after"] = held_out("held-out, after GRPO")
+    if cfg.checkpoint.export:
+        out = export_pretrained(
+            trainer.policy,
+            run_dir / "final",
+            dist,
+            extra_savers=(task.tokenizer, getattr(task.batcher, "image_processor", None)),
+        )
+        if dist.is_main:
+            print(f"exported policy: {out}", flush=True)
+    if dist.is_main:
+        for stage, rep in reports.items():
+            if rep is not None:
+                write_report(rep, run_dir / f"eval_{stage}.json")
+        before, after = reports.get("before"), reports.get("after")
+        if before and after:
+            print(
+                f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, contradiction rate "
+                f"{before['contradiction_rate']:.3f} -> {after['contradiction_rate']:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    D.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
