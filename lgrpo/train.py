@@ -121,7 +121,7 @@ def build(cfg: JobConfig, dist: D.Dist):
     except ImportError as err:  # pragma: no cover - only before the model pipeline is installed
         raise SystemExit(
             f"lgrpo.train needs the model/data pipeline (lgrpo.model, lgrpo.batching, ...): {err}"
-        )
+        ) from err
 
     name = cfg.model.policy or "tiny"
     master = "float32" if cfg.model.master_weights == "float32" else cfg.model.dtype
