@@ -261,6 +261,12 @@ class VLBatcher:
             pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
             targets=targets, completion_mask=mask, prompt_length=prompts.length)
 
+    def completion_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of given completions, each closed with ``<|im_end|>`` as the policy would end its turn
+        (e.g. the synthetic task's reference completions for the supervised warm-up)."""
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return [self.tokenizer.encode(t, add_special_tokens=False) + [end] for t in texts]
+
     def decode(self, completion_ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:
         """Completion texts (special tokens dropped), reading only the masked-in tokens."""
         if mask is None:

@@ -149,7 +149,7 @@ def _rapidata_table(vote_cols=("votes_image1", "votes_image2")):
         ("a dog", _image_bytes((0, 0, 255)), _image_bytes((9, 9, 9)), 2, 11),             # 2 preferred
         ("a tie", _image_bytes((1, 1, 1)), _image_bytes((2, 2, 2)), 4, 4),                # dropped: tie
         ("bad bytes", b"not an image", _image_bytes((3, 3, 3)), 1, 0),                    # bad row
-        ("", _image_bytes((4, 4, 4)), _image_bytes((5, 5, 5)), 0, 1),                      # bad row: empty prompt
+        ("", _image_bytes((4, 4, 4)), _image_bytes((5, 5, 5)), 0, 1),                     # bad: empty prompt
     ]
     struct = lambda b, name: {"bytes": b, "path": name}
     return pa.table({

@@ -251,10 +251,10 @@ def test_final_hidden_states_give_the_model_logits(policy, batcher, pairs):
 def test_update_batch_aligns_targets_and_matches_unpadded_logprobs(policy, batcher, pairs):
     prompts, images = pairs
     prompt_batch = batcher.reasoner_batch(prompts, images)
-    im_end = batcher.tokenizer.convert_tokens_to_ids("<|im_end|>")
     tok = batcher.tokenizer
     texts = ["<think>a red circle</think><answer>1</answer>", "<think>no</think>", "<answer>2</answer> extra"]
-    completions = [tok.encode(t, add_special_tokens=False) + [im_end] for t in texts]
+    completions = batcher.completion_ids(texts)
+    assert completions[0][-1] == tok.convert_tokens_to_ids("<|im_end|>")
     completions[1] += tok.encode(" junk after the end", add_special_tokens=False)  # must be masked out
     ub = batcher.update_batch(prompt_batch, completions)
     n_valid = [len(tok.encode(t, add_special_tokens=False)) + 1 for t in texts]
@@ -306,3 +306,28 @@ def test_generate_from_a_prompt_batch(policy, batcher, pairs):
     ub = batcher.update_batch(batch, out[:, batch.length:])
     assert ub.targets.shape == (6, out.shape[1] - batch.length)
     assert len(batcher.decode(ub.targets, ub.completion_mask)) == 6
+
+
+def test_load_from_a_local_folder(tmp_path, policy):
+    """The path a real Qwen2.5-VL checkpoint takes: from_pretrained on a folder, offline."""
+    folder = tmp_path / "ckpt"
+    policy.save_pretrained(folder)
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        (folder / name).write_bytes((lm.TINY_DIR / name).read_bytes())
+    # Like Qwen2.5-VL processor folders: the chat template in its own file, not in tokenizer_config.json.
+    tok_cfg = json.loads((lm.TINY_DIR / "tokenizer_config.json").read_text())
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": tok_cfg.pop("chat_template")}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+
+    loaded = lm.load_reference(folder)
+    assert not loaded.training
+    a, b = policy.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    batcher = VLBatcher.from_pretrained(folder)
+    tiny = VLBatcher.from_pretrained("tiny")
+    img = [Image.new("RGB", (56, 56), (200, 0, 0))] * 2
+    assert torch.equal(batcher.reasoner_batch(["a red circle"], [img]).input_ids,
+                       tiny.reasoner_batch(["a red circle"], [img]).input_ids)
+    (folder / "chat_template.json").unlink()
+    with pytest.raises(ValueError, match="no chat template"):
+        load_tokenizer(folder)
