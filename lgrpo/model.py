@@ -188,9 +188,11 @@ def load_model(name_or_path: str | os.PathLike = TINY, *, trainable: bool = True
     dev = _device(device)
     torch_dtype = _dtype(dtype, dev)
     attn = resolve_attn_implementation(attn_implementation, dev)
+    # Read the folder's own model_type: a config class reports its class's type whatever the file says.
+    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"{path} holds a {model_type!r} model; lgrpo loads Qwen2.5-VL (qwen2_5_vl)")
     config = Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type != "qwen2_5_vl":
-        raise ValueError(f"{path} holds a {config.model_type!r} model; lgrpo loads Qwen2.5-VL (qwen2_5_vl)")
     if str(name_or_path) == TINY:
         # Same seed, same weights, whatever the caller's RNG state; the caller's RNG is left untouched.
         with torch.random.fork_rng(devices=[]):

@@ -103,6 +103,13 @@ def test_models_are_never_fetched_from_a_hub():
         load_model("Qwen/Qwen2.5-VL-3B-Instruct")
 
 
+def test_other_model_types_are_rejected(tmp_path):
+    cfg = json.loads((lm.TINY_DIR / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_vl"}))
+    with pytest.raises(ValueError, match="qwen2_vl"):
+        load_model(tmp_path)
+
+
 # -- loading options -----------------------------------------------------------------------------------
 
 def test_tiny_weights_come_from_the_seed_and_leave_the_caller_rng_alone():
