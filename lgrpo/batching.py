@@ -70,9 +70,7 @@ class PromptBatch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``model(...)`` and ``model.generate(...)``."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "mm_token_type_ids": self.mm_token_type_ids, "pixel_values": self.pixel_values,
-                "image_grid_thw": self.image_grid_thw}
+        return _model_inputs(self)
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> PromptBatch:
         """Move to ``device``; ``dtype`` casts ``pixel_values`` only (match the vision tower's dtype)."""
@@ -86,7 +84,7 @@ class PromptBatch:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         patches = self.image_grid_thw.prod(-1)
-        img_row = torch.repeat_interleave(torch.arange(len(self)), self.images_per_row)
+        img_row = torch.repeat_interleave(torch.arange(len(self), device=patches.device), self.images_per_row)
         starts = torch.cumsum(patches, 0) - patches
         per_row = [torch.nonzero(img_row == r).flatten() for r in range(len(self))]
         order = torch.cat([idx for idx in per_row for _ in range(repeats)]) if len(img_row) else img_row
@@ -125,9 +123,8 @@ class UpdateBatch:
         return self.input_ids.shape[0]
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "mm_token_type_ids": self.mm_token_type_ids, "pixel_values": self.pixel_values,
-                "image_grid_thw": self.image_grid_thw}
+        """Keyword arguments for ``model(...)`` / :func:`lgrpo.model.final_hidden_states`."""
+        return _model_inputs(self)
 
     def completion_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden[:, P-1 : P-1+C]``: the positions whose next token is a completion token."""
@@ -142,6 +139,13 @@ class UpdateBatch:
         if dtype is not None:
             moved["pixel_values"] = moved["pixel_values"].to(dtype)
         return replace(self, **moved)
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+def _model_inputs(batch) -> dict[str, torch.Tensor]:
+    return {name: getattr(batch, name) for name in _MODEL_INPUTS}
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
