@@ -16,16 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from . import ops
-from .batching import ProcessedImage, VLBatcher
+from .batching import ImageLike, VLBatcher
 from .prompts import choice_token_ids
 
 
 @dataclass
 class ListenerScores:
-    """``probs``/``logp`` ``[B, 2]`` fp32 (columns: image 1, image 2); rows not ``scored`` hold zeros.
+    """``probs``/``logp`` ``[B, 2]`` fp32 on CPU (columns: image 1, image 2); rows not ``scored`` hold zeros.
 
     ``probs`` is the softmax over the two choice logits; ``logp`` the full-vocabulary log-probabilities
     of the two choice tokens (how much mass the listener puts on answering at all).
@@ -54,7 +53,7 @@ class Listener:
         self.candidate_ids = torch.tensor(choice_token_ids(batcher.tokenizer, batcher.fmt), dtype=torch.long)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image | ProcessedImage]],
+    def score(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
               reasonings: Sequence[str | None]) -> ListenerScores:
         """Confidence per row; rows whose reasoning is ``None`` (no think block) are skipped, not run.
 
