@@ -340,6 +340,24 @@ def test_fallback_to_reference_warns(gen, monkeypatch):
         ops.listener_confidence(logits, torch.tensor([0, 4, 1]), cand)
 
 
+def test_benchmark_smoke(tmp_path):
+    """bench/bench_listener.py end to end at smoke sizes: the JSON gpu_check.sh collects."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_listener", ROOT / "bench" / "bench_listener.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_listener.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    for case in ("[4,V]", "[2,8,V]@pos"):
+        for impl in ("ours", "ours, checked", "torch eager"):
+            assert f"{case} {impl}" in names
+    assert all(r["ms"] > 0 for r in data["rows"]), data["rows"]
+    assert {"device", "torch", "triton"} <= set(data["env"]) and "copy_gbs" in data
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only: real sizes, the block split of a row, graphs, streams, inductor
 # ---------------------------------------------------------------------------------------------
