@@ -220,4 +220,8 @@ TORCH_LIBRARY(lgrpo, m) {
 
 TORCH_LIBRARY_IMPL(lgrpo, CPU, m) { m.impl("listener_confidence", &listener_confidence_cpu); }
 
+// Not differentiable (the listener is frozen), like argmax: the outputs never require grad, so a
+// backward through them fails loudly instead of silently giving zero gradients.
+TORCH_LIBRARY_IMPL(lgrpo, Autograd, m) { m.impl("listener_confidence", torch::CppFunction::makeFallthrough()); }
+
 }  // namespace lgrpo

@@ -312,6 +312,16 @@ def test_opcheck(gen):
         torch.library.opcheck(op.default, args, kwargs)
 
 
+def test_not_differentiable(gen):
+    # The listener is frozen: outputs never require grad, so backward fails loudly (no silent zeros).
+    logits = randn((3, 5, 33), gen).requires_grad_()
+    probs, logp = ops.listener_confidence(logits, torch.tensor([0, 1, 4]), torch.tensor([1, 7]))
+    assert not probs.requires_grad and not logp.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        logp.sum().backward()
+    torch.library.opcheck(op.default, (logits, torch.tensor([0, 1, 4]), torch.tensor([1, 7])))
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_fullgraph(gen, dynamic):
     def reward(logits, positions, cand):
@@ -452,6 +462,15 @@ def test_gpu_torch_compile_inductor(gen):
     cand = torch.tensor([1, 2], device="cuda")
     for a, b in zip(compiled(logits, positions, cand), reward(logits, positions, cand)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck(gen):
+    logits = randn((4, 6, 1001), gen, dtype=torch.bfloat16, device="cuda")
+    positions = torch.tensor([0, 5, 2, 3], device="cuda")
+    for cand in (torch.tensor([1, 7], device="cuda"), torch.tensor([[3], [4], [5], [1000]], device="cuda")):
+        torch.library.opcheck(op.default, (logits, positions, cand, 0.5))
+    torch.library.opcheck(op.default, (logits[:, 0], None, cand), {"check_indices": False})
 
 
 @pytest.mark.gpu
