@@ -368,6 +368,23 @@ def test_benchmark_smoke(tmp_path):
     assert {"device", "torch", "triton"} <= set(data["env"]) and "copy_gbs" in data
 
 
+@pytest.mark.parametrize("flag", ["1", "0", "2"])
+def test_setup_build_cuda_flag(flag):
+    """LGRPO_BUILD_CUDA: 0 builds CPU only, 1 demands CUDA and says why it cannot, others are refused."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    can_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    res = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "LGRPO_BUILD_CUDA": flag}, timeout=300)
+    if flag == "0" or (flag == "1" and can_cuda):
+        assert res.returncode == 0 and res.stdout.strip().endswith("lgrpo"), res.stderr[-2000:]
+    elif flag == "1":
+        assert res.returncode != 0
+        assert "LGRPO_BUILD_CUDA=1 but the CUDA kernels cannot be built" in res.stderr
+    else:
+        assert res.returncode != 0 and "LGRPO_BUILD_CUDA must be 0, 1 or unset" in res.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only: real sizes, the block split of a row, graphs, streams, inductor
 # ---------------------------------------------------------------------------------------------
