@@ -417,7 +417,7 @@ def test_gpu_positions_real_size(gen):
     cand = torch.tensor([16, 17], device="cuda")
     got = ops.listener_confidence(logits, positions, cand)
     assert torch.isfinite(got[1]).all()
-    assert_matches(got, expect(logits, positions, cand))
+    assert_matches(got, expect(rows, None, cand))  # truth from the rows alone: no 30 GB fp64 copy
     del logits
     torch.cuda.empty_cache()
 
