@@ -25,9 +25,10 @@ namespace lgrpo {
 namespace listener {
 
 constexpr int kThreads = 256;  // 8 warps: 4 resident blocks per SM at <= 64 registers
-// Logits per thread per step: 8 fp32 or 4 bf16/fp16 16-byte loads in flight. With 4-5 resident
-// blocks per SM that is 64-80 KB in flight per SM, ~3x what an H100 needs to cover DRAM latency;
-// 64 bf16 per step would need more than the 64 registers 4 blocks per SM allow (ptxas spills).
+// Logits per thread per step: 4 bf16/fp16 or 8 fp32 16-byte loads in flight (64 or 128 B). With
+// 4-5 resident blocks per SM that is >= 64 KB in flight per SM, ~3x what an H100 needs to cover
+// DRAM latency; 64 bf16 per step would need more than the 64 registers 4 blocks per SM allow
+// (ptxas spills).
 constexpr int kStepElems = 32;
 constexpr int kMaxChunks = 8;  // the portable cluster size: every sm_90 part can schedule it
 
