@@ -31,4 +31,4 @@ lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf build *.egg-info lgrpo/_C*.so
+	rm -rf build *.egg-info lgrpo/_C*.so $(STAMP)

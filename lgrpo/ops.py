@@ -1,5 +1,129 @@
-"""Python face of the native ops (lgrpo._C). Until the extension lands: the reference."""
+"""Python face of the native ops in ``lgrpo._C`` (csrc/): loading, fake kernels, fallback.
 
-from lgrpo.kernels.reference import listener_confidence
+``import lgrpo._C`` runs the library's ``TORCH_LIBRARY`` registrations, after which the ops are
+``torch.ops.lgrpo.*``; each gets a fake (meta) implementation here so ``torch.compile(fullgraph=True)``
+traces through it. When the extension did not build or load, or has no kernel for the logits'
+device (a CPU-only build given CUDA tensors), the functions fall back to the pure-PyTorch
+reference in ``lgrpo.kernels.reference`` and say so once with a warning.
+"""
 
-__all__ = ["listener_confidence"]
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from lgrpo.kernels import reference
+
+try:
+    from lgrpo import _C  # noqa: F401 - imported for its op registrations
+except ImportError as exc:  # not built (e.g. an isolated build without torch) or built for another torch
+    _LOAD_ERROR: ImportError | None = exc
+else:
+    _LOAD_ERROR = None
+
+HAS_EXTENSION = _LOAD_ERROR is None
+
+def _native_devices() -> frozenset[str]:
+    """Device types the extension has kernels for ("meta": the fake kernel registered below)."""
+    if not HAS_EXTENSION:
+        return frozenset()
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("lgrpo::listener_confidence", "CUDA")
+    return frozenset({"cpu", "meta"} | ({"cuda"} if has_cuda else set()))
+
+
+NATIVE_DEVICES = _native_devices()
+
+if not HAS_EXTENSION:
+    warnings.warn(
+        f"lgrpo._C could not be loaded ({_LOAD_ERROR}); lgrpo.ops falls back to the pure-PyTorch reference. "
+        "Rebuild with `make install` (or `pip install --no-build-isolation -e .`).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_warned_devices: set[str] = set()
+
+__all__ = ["HAS_EXTENSION", "NATIVE_DEVICES", "listener_confidence"]
+
+
+def listener_confidence(
+    logits: torch.Tensor,
+    positions: torch.Tensor | None,
+    candidate_ids: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    check_indices: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The listener's confidence in each of K candidate tokens at one position per row (SPEC §3).
+
+    ``logits`` ``[B, T, V]`` read only at ``positions[b]`` (int32/int64 ``[B]``), or ``[B, V]`` with
+    ``positions=None``; fp32, fp16 or bf16, any strides (a contiguous vocabulary dimension is the
+    fast path; nothing is ever copied). ``candidate_ids`` int32/int64 ``[K]`` shared by every row,
+    or ``[B, K]``. Returns fp32 ``(probs, logp)``, both ``[B, K]``::
+
+        probs[b, k] = softmax_k(z[c_k] / temperature)          over the K candidates
+        logp[b, k]  = log_softmax(z / temperature)[c_k]        over the whole vocabulary
+
+    with ``z`` the row's logits. ``-inf`` logits are fine; a row whose logits are all ``-inf``
+    (or whose K candidates all are, for ``probs``) gives NaN, as the reference does. Not
+    differentiable (the listener is frozen).
+
+    ``check_indices``: an out-of-range position or candidate id raises ``IndexError`` naming the
+    argument. On CUDA that check is one copy of ``B`` int32 to the host and a stream sync after
+    the kernel; ``check_indices=False`` skips it (one asynchronous launch, and the mode used inside
+    CUDA-graph capture), and invalid rows come back as NaN instead of raising. Out-of-range
+    indices are never dereferenced either way.
+    """
+    if logits.device.type in NATIVE_DEVICES:
+        return torch.ops.lgrpo.listener_confidence(
+            logits, positions, candidate_ids, temperature, check_indices=check_indices
+        )
+    if logits.device.type not in _warned_devices:
+        _warned_devices.add(logits.device.type)
+        kind = logits.device.type
+        why = "lgrpo._C is not loaded" if not HAS_EXTENSION else f"lgrpo._C has no {kind} kernel"
+        warnings.warn(f"{why}: listener_confidence runs the PyTorch reference", RuntimeWarning, stacklevel=2)
+    return reference.listener_confidence(logits, positions, candidate_ids, temperature)
+
+
+def _check_layout(logits, positions, candidate_ids, temperature) -> None:
+    """The data-free checks of csrc/ops.cpp (listener_params), for traced calls: same messages."""
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"logits must be fp32, fp16 or bf16, got {logits.dtype}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] or [B, V], got rank {logits.dim()}")
+    batch = logits.shape[0]
+    if logits.shape[-1] < 1:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    index_dtypes = (torch.int32, torch.int64)
+    if logits.dim() == 3:
+        if positions is None:
+            raise ValueError("positions [B] is required for logits of shape [B, T, V]")
+        if positions.dim() != 1 or positions.shape[0] != batch or positions.dtype not in index_dtypes:
+            raise ValueError(f"positions must be an int32 or int64 tensor of shape [{batch}], got "
+                             f"{list(positions.shape)} {positions.dtype}")
+    elif positions is not None:
+        raise ValueError("positions must be None for logits of shape [B, V]")
+    if candidate_ids.dim() not in (1, 2) or candidate_ids.dtype not in index_dtypes:
+        raise ValueError(f"candidate_ids must be an int32 or int64 tensor [K] or [B, K], got "
+                         f"{list(candidate_ids.shape)} {candidate_ids.dtype}")
+    if candidate_ids.dim() == 2 and candidate_ids.shape[0] != batch:
+        raise ValueError(f"candidate_ids [B, K] must have B = {batch} rows, got {candidate_ids.shape[0]}")
+    if candidate_ids.shape[-1] < 1:
+        raise ValueError("candidate_ids must hold at least one candidate (K >= 1)")
+    for name, t in (("positions", positions), ("candidate_ids", candidate_ids)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("lgrpo::listener_confidence")
+    def _listener_confidence_fake(logits, positions, candidate_ids, temperature=1.0, *, check_indices=True):
+        # Index ranges need the data, so a traced call checks them when it runs, in the kernel.
+        _check_layout(logits, positions, candidate_ids, temperature)
+        shape = (logits.shape[0], candidate_ids.shape[-1])
+        return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.float32)

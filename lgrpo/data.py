@@ -1,0 +1,634 @@
+"""Image-preference pairs: the canonical manifest, converters from public layouts, and iteration order.
+
+Canonical manifest: JSONL, one pair per line::
+
+    {"prompt": "a red circle", "image_1": "imgs/0001_1.png", "image_2": "/abs/0001_2.jpg", "preferred": 1,
+     "id": "optional", "votes": [12, 3]}
+
+Image paths are absolute or relative to the manifest's folder. ``preferred`` is 1 or 2.
+
+Bad rows (invalid JSON, empty prompt, label not 1/2, missing or unreadable image) raise
+:class:`DataError` naming the file and line by default; with ``skip_bad=True`` they are skipped and listed
+in a :class:`DataReport`. Nothing is dropped silently.
+
+Converters (``python -m lgrpo.data convert --from FORMAT SRC DST``):
+
+- ``rapidata``: Parquet with embedded image bytes, as in Rapidata's human-preference sets on the Hugging
+  Face hub: columns ``prompt``, ``image1``, ``image2`` (``{"bytes", "path"}`` structs or raw bytes) and
+  the votes as ``votes_image1`` / ``votes_image2`` (the 700k set) or
+  ``weighted_results_image1_<criterion>`` / ``weighted_results_image2_<criterion>`` (the newer sets;
+  criterion ``preference`` by default). Images are written next to the manifest. Ties carry no
+  preference: they are dropped and counted in the report.
+- ``hpdv2``: HPDv2-style JSON (a list, or JSONL) of ``{"prompt", "file_path" | "image_path": [a, b],
+  "human_preference": [1, 0] | [0, 1]}``; entries with more images and a ``rank`` list are expanded into
+  pairs like ImageReward's.
+- ``imagereward``: ImageReward-style ranked lists ``{"prompt", "generations": [...], "ranking": [...]}``
+  (rank 1 = best; equal ranks give no pair), expanded into every ordered pair with different ranks.
+
+Iteration: :class:`EpochSampler` gives a seeded permutation per epoch plus a per-item position swap, and
+its state is two integers (epoch, index), so a trainer can resume exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("rapidata", "hpdv2", "imagereward")
+
+
+class DataError(ValueError):
+    """A bad row or unreadable source; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Examples and records
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One training/eval item: a prompt, two decoded RGB images, and which one people prefer.
+
+    ``captions`` (what each image shows) exists only for the synthetic task, where it feeds the
+    templated reasoning used by the supervised warm-up.
+    """
+
+    prompt: str
+    images: tuple[Image.Image, Image.Image]
+    preferred: int
+    id: str = ""
+    captions: tuple[str, str] | None = None
+
+    def swapped(self) -> PreferenceExample:
+        """The same pair with the images in the other order; the label (and captions) follow."""
+        return replace(self, images=(self.images[1], self.images[0]), preferred=3 - self.preferred,
+                       captions=None if self.captions is None else (self.captions[1], self.captions[0]))
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One manifest row, checked but not decoded. ``line`` is 1-based in ``source``."""
+
+    prompt: str
+    image_1: Path
+    image_2: Path
+    preferred: int
+    id: str
+    votes: tuple[float, float] | None
+    source: Path
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def load(self) -> PreferenceExample:
+        """Decode both images (RGB). Raises :class:`DataError` naming the file and line on failure."""
+        images = []
+        for path in (self.image_1, self.image_2):
+            try:
+                images.append(open_image(path))
+            except OSError as err:
+                raise DataError(f"{self.where}: cannot read image {path}: {err}") from err
+        return PreferenceExample(self.prompt, (images[0], images[1]), self.preferred, self.id)
+
+    def to_row(self, manifest_dir: Path) -> dict:
+        """The JSON row, with image paths relative to ``manifest_dir`` when they lie under it."""
+        row = {"prompt": self.prompt, "image_1": _relative(self.image_1, manifest_dir),
+               "image_2": _relative(self.image_2, manifest_dir), "preferred": self.preferred}
+        if self.id:
+            row["id"] = self.id
+        if self.votes is not None:
+            row["votes"] = list(self.votes)
+        return row
+
+
+@dataclass(frozen=True)
+class BadRow:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class DataReport:
+    """What reading or converting a source did: rows seen, kept, bad (listed), and dropped by rule."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    bad: list[BadRow] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.rows} rows, {self.kept} kept, {len(self.bad)} bad"]
+        parts += [f"{n} dropped ({why})" for why, n in sorted(self.dropped.items())]
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        return "\n".join([self.summary(), *(f"  {b}" for b in self.bad)])
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as RGB (``OSError`` if missing or undecodable)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return Path(os.path.relpath(path, base)).as_posix() if Path(path).is_relative_to(base) else str(path)
+    except ValueError:  # different drives on Windows
+        return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and writing the canonical manifest
+# ----------------------------------------------------------------------------------------------------
+
+def _check_row(row, base: Path) -> tuple[dict | None, str | None]:
+    """Validate one parsed row; returns (normalised fields, None) or (None, reason)."""
+    if not isinstance(row, dict):
+        return None, f"row must be a JSON object, got {type(row).__name__}"
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return None, "empty or missing prompt"
+    preferred = row.get("preferred")
+    if isinstance(preferred, bool) or preferred not in (1, 2):
+        return None, f"preferred must be 1 or 2, got {preferred!r}"
+    paths = []
+    for key in ("image_1", "image_2"):
+        value = row.get(key)
+        if not isinstance(value, str) or not value:
+            return None, f"{key} missing or not a path string"
+        path = Path(value) if os.path.isabs(value) else base / value
+        if not path.is_file():
+            return None, f"{key} not found: {path}"
+        paths.append(path)
+    votes = row.get("votes")
+    if votes is not None:
+        if (not isinstance(votes, list) or len(votes) != 2
+                or not all(_is_number(v) and v >= 0 for v in votes)):
+            return None, f"votes must be two non-negative numbers, got {votes!r}"
+        votes = (votes[0], votes[1])
+    rid = row.get("id", "")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        return None, f"id must be a string or integer, got {rid!r}"
+    return {"prompt": prompt, "image_1": paths[0], "image_2": paths[1], "preferred": preferred,
+            "id": str(rid), "votes": votes}, None
+
+
+def read_manifest(path: str | os.PathLike, *, skip_bad: bool = False,
+                  decode_images: bool = False) -> tuple[list[PairRecord], DataReport]:
+    """Read and check every row of a manifest.
+
+    Checks: valid JSON object, non-empty prompt, ``preferred`` in {1, 2}, both image files exist (and
+    decode, with ``decode_images``). A bad row raises :class:`DataError` (``file:line: reason``) unless
+    ``skip_bad``, in which case it is left out and listed in the returned report (and logged).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    base = path.resolve().parent
+    report = DataReport(str(path))
+    records: list[PairRecord] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue  # blank lines (e.g. a trailing newline) are not rows
+            report.rows += 1
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                fields, reason = None, f"invalid JSON: {err.msg}"
+            else:
+                fields, reason = _check_row(row, base)
+            record = None
+            if fields is not None:
+                record = PairRecord(**fields, source=path, line=lineno)
+                if decode_images:
+                    reason = _decode_problem(record)
+            if reason is not None:
+                bad = BadRow(str(path), lineno, reason)
+                if not skip_bad:
+                    raise DataError(str(bad))
+                report.bad.append(bad)
+                continue
+            records.append(record)
+    report.kept = len(records)
+    if report.bad:
+        log.warning("%s (skip_bad=True: these rows are left out)", report)
+    return records, report
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _decode_problem(record: PairRecord) -> str | None:
+    for key, p in (("image_1", record.image_1), ("image_2", record.image_2)):
+        try:
+            open_image(p)
+        except OSError as err:
+            return f"{key} unreadable: {p}: {err}"
+    return None
+
+
+def write_manifest(records: Iterable[PairRecord], path: str | os.PathLike) -> int:
+    """Write records as a canonical JSONL manifest (atomically: temp file, then rename). Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.resolve().parent
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record.to_row(base), ensure_ascii=False) + "\n")
+                n += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written manifest behind
+        raise
+    os.replace(tmp, path)
+    return n
+
+
+class ManifestDataset:
+    """Indexable pairs from a manifest; ``ds[i]`` decodes the images of row ``i``.
+
+    ``report`` says what was read (and, with ``skip_bad``, which rows were left out and why).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, skip_bad: bool = False, decode_images: bool = False):
+        self.path = Path(path)
+        self.records, self.report = read_manifest(path, skip_bad=skip_bad, decode_images=decode_images)
+        if not self.records:
+            raise DataError(f"{self.path}: no usable rows ({self.report.summary()})")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> PreferenceExample:
+        return self.records[index].load()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Iteration order
+# ----------------------------------------------------------------------------------------------------
+
+class EpochSampler:
+    """Deterministic, resumable order over ``n`` items: a seeded permutation per epoch.
+
+    Each draw is ``(index, swap)``: ``swap`` says whether to present the pair in the other order
+    (``example.swapped()``), drawn per item and epoch with probability 1/2 when ``swap_positions`` is on,
+    so the policy cannot learn a position bias. The whole state is ``(epoch, position)``; the order for an
+    epoch depends only on ``(seed, epoch)``.
+    """
+
+    def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, swap_positions: bool = False):
+        if n <= 0:
+            raise ValueError(f"EpochSampler needs n > 0 items, got {n}")
+        self.n, self.seed, self.shuffle, self.swap_positions = n, seed, shuffle, swap_positions
+        self.epoch, self.position = 0, 0
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is None or self._cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            swap = rng.random(self.n) < 0.5 if self.swap_positions else np.zeros(self.n, dtype=bool)
+            self._cache = (epoch, perm, swap)
+        return self._cache[1], self._cache[2]
+
+    def take(self, k: int) -> list[tuple[int, bool]]:
+        """The next ``k`` draws, crossing epoch boundaries as needed."""
+        out = []
+        while len(out) < k:
+            perm, swap = self._order(self.epoch)
+            stop = min(self.n, self.position + k - len(out))
+            out += [(int(perm[i]), bool(swap[i])) for i in range(self.position, stop)]
+            self.position = stop
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n", self.n) != self.n or state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler state is for n={state.get('n')}, seed={state.get('seed')}; "
+                             f"this sampler has n={self.n}, seed={self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def take_examples(dataset, sampler: EpochSampler, k: int) -> list[PreferenceExample]:
+    """The next ``k`` examples in the sampler's order, with position swaps applied."""
+    return [dataset[i].swapped() if swap else dataset[i] for i, swap in sampler.take(k)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Converters
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Pair:
+    """A converted pair before it is a record: image paths are final, ``where`` locates its source."""
+
+    prompt: str
+    image_1: Path
+    image_2: Path
+    preferred: int
+    id: str
+    votes: tuple[float, float] | None
+    where: tuple[str, int]
+
+
+def convert(fmt: str, src: str | os.PathLike, dst: str | os.PathLike, *,
+            image_root: str | os.PathLike | None = None, criterion: str = "preference",
+            skip_bad: bool = False, limit: int | None = None) -> DataReport:
+    """Convert ``src`` in layout ``fmt`` (one of :data:`FORMATS`) to the canonical manifest ``dst``.
+
+    ``image_root``: folder that relative image paths in JSON sources are under (default: the JSON file's
+    folder). Parquet images are written to ``<dst stem>_images/`` next to ``dst``. Every output row is
+    checked like :func:`read_manifest` would; bad source rows raise (default) or are listed
+    (``skip_bad``). ``limit`` stops after that many pairs written.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise FileNotFoundError(f"source not found: {src}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    report = DataReport(str(src))
+    if fmt == "rapidata":
+        items = _rapidata_pairs(src, dst.parent / f"{dst.stem}_images", criterion, report)
+    else:
+        root = Path(image_root) if image_root is not None else (src if src.is_dir() else src.parent)
+        items = _json_pairs(src, root, report, fmt)
+
+    def records() -> Iterator[PairRecord]:
+        for item in items:
+            if limit is not None and report.kept >= limit:
+                return
+            if isinstance(item, BadRow):
+                if not skip_bad:
+                    raise DataError(str(item))
+                report.bad.append(item)
+                continue
+            row = {"prompt": item.prompt, "image_1": str(item.image_1), "image_2": str(item.image_2),
+                   "preferred": item.preferred, "id": item.id,
+                   "votes": None if item.votes is None else list(item.votes)}
+            fields, reason = _check_row({k: v for k, v in row.items() if v is not None}, Path("/"))
+            if reason is not None:
+                bad = BadRow(item.where[0], item.where[1], reason)
+                if not skip_bad:
+                    raise DataError(str(bad))
+                report.bad.append(bad)
+                continue
+            report.kept += 1
+            yield PairRecord(**fields, source=dst, line=report.kept)
+
+    write_manifest(records(), dst)
+    if report.bad:
+        log.warning("%s", report)
+    return report
+
+
+# -- Parquet (Rapidata) ------------------------------------------------------------------------------
+
+def _parquet_files(src: Path) -> list[Path]:
+    files = sorted(src.rglob("*.parquet")) if src.is_dir() else [src]
+    if not files:
+        raise DataError(f"{src}: no .parquet files")
+    return files
+
+
+def _vote_columns(names: Sequence[str], criterion: str) -> tuple[str, str]:
+    for a, b in (("votes_image1", "votes_image2"),
+                 (f"weighted_results_image1_{criterion}", f"weighted_results_image2_{criterion}")):
+        if a in names and b in names:
+            return a, b
+    raise DataError(f"no vote columns: expected votes_image1/votes_image2 or "
+                    f"weighted_results_image1_{criterion}/weighted_results_image2_{criterion}; "
+                    f"the file has {list(names)}")
+
+
+def _image_bytes(value) -> tuple[bytes | None, str | None]:
+    """Bytes and original name from a Parquet image cell: HF ``{"bytes", "path"}`` struct or raw bytes."""
+    if isinstance(value, dict):
+        return value.get("bytes"), value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), None
+    return None, None
+
+
+def _rapidata_pairs(src: Path, image_dir: Path, criterion: str,
+                    report: DataReport) -> Iterator[_Pair | BadRow]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:  # an optional dependency: only this converter needs it
+        raise ImportError("reading Parquet needs pyarrow: pip install 'lgrpo[data]' (or pyarrow)") from err
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for file in _parquet_files(src):
+        pf = pq.ParquetFile(file)
+        names = pf.schema_arrow.names
+        missing = [c for c in ("prompt", "image1", "image2") if c not in names]
+        if missing:
+            raise DataError(f"{file}: missing columns {missing}; the file has {names}")
+        v1, v2 = _vote_columns(names, criterion)
+        row_index = 0
+        # Batches keep memory at a few rows of images, whatever the file size.
+        for batch in pf.iter_batches(batch_size=64, columns=["prompt", "image1", "image2", v1, v2]):
+            for row in batch.to_pylist():
+                row_index += 1
+                report.rows += 1
+                yield from _rapidata_row(row, v1, v2, (str(file), row_index), image_dir, report,
+                                         f"{file.stem}-{row_index:07d}")
+
+
+def _rapidata_row(row, v1, v2, where, image_dir, report, rid) -> Iterator[_Pair | BadRow]:
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        yield BadRow(*where, "empty or missing prompt")
+        return
+    votes = (row[v1], row[v2])
+    if not all(_is_number(v) for v in votes):
+        yield BadRow(*where, f"votes not numbers: {v1}={row[v1]!r}, {v2}={row[v2]!r}")
+        return
+    if votes[0] == votes[1]:
+        report.dropped["tie"] = report.dropped.get("tie", 0) + 1
+        return
+    paths = []
+    for key, slot in (("image1", 1), ("image2", 2)):
+        data, name = _image_bytes(row[key])
+        if not data:
+            yield BadRow(*where, f"{key} has no image bytes")
+            return
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # header only: the format gives the file extension
+                ext = {"JPEG": "jpg"}.get(img.format, (img.format or "").lower())
+        except OSError as err:
+            yield BadRow(*where, f"{key} bytes are not an image ({name or 'no name'}): {err}")
+            return
+        out = image_dir / f"{rid}_{slot}.{ext or 'bin'}"
+        out.write_bytes(data)
+        paths.append(out.resolve())
+    yield _Pair(prompt=row["prompt"], image_1=paths[0], image_2=paths[1],
+                preferred=1 if votes[0] > votes[1] else 2, id=rid, votes=(float(votes[0]), float(votes[1])),
+                where=where)
+
+
+# -- JSON (HPDv2, ImageReward) -----------------------------------------------------------------------
+
+def _json_entries(src: Path) -> Iterator[tuple[int, object]]:
+    """(1-based entry number, entry) from a JSON list or a JSONL file. For JSONL the number is the line."""
+    with open(src, encoding="utf-8") as f:
+        head = f.read(1 << 12).lstrip()
+    if head.startswith("["):
+        try:
+            data = json.loads(src.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{src}:{err.lineno}: invalid JSON: {err.msg}") from err
+        yield from enumerate(data, start=1)
+        return
+    with open(src, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if text.strip():
+                try:
+                    yield lineno, json.loads(text)
+                except json.JSONDecodeError as err:
+                    yield lineno, DataError(f"invalid JSON: {err.msg}")
+
+
+def _first(entry: dict, keys: Sequence[str]):
+    for key in keys:
+        if key in entry:
+            return entry[key]
+    return None
+
+
+def _json_pairs(src: Path, root: Path, report: DataReport, fmt: str) -> Iterator[_Pair | BadRow]:
+    if src.is_dir():
+        raise DataError(f"{src}: the {fmt} converter reads one JSON/JSONL file, got a folder")
+    image_keys = ("file_path", "image_path", "images", "generations") if fmt == "hpdv2" else \
+        ("generations", "image_path", "images", "file_path")
+    for number, entry in _json_entries(src):
+        report.rows += 1
+        where = (str(src), number)
+        if isinstance(entry, DataError):
+            yield BadRow(*where, str(entry))
+            continue
+        if not isinstance(entry, dict):
+            yield BadRow(*where, f"entry must be an object, got {type(entry).__name__}")
+            continue
+        images = _first(entry, image_keys)
+        paths_ok = isinstance(images, list) and len(images) >= 2
+        if not (paths_ok and all(p and isinstance(p, str) for p in images)):
+            yield BadRow(*where, f"needs a list of at least two image paths under one of {list(image_keys)}")
+            continue
+        paths = [Path(p) if os.path.isabs(p) else (root / p).resolve() for p in images]
+        prompt = entry.get("prompt", entry.get("caption"))
+        prompt = prompt if isinstance(prompt, str) else ""
+        rid = str(entry.get("id", entry.get("ranking_id", number)))
+        preference = entry.get("human_preference")
+        if fmt == "hpdv2" and preference is not None and len(images) == 2:
+            preferred = _pair_preference(preference)
+            if preferred is None:
+                yield BadRow(*where, "human_preference must mark one of two images, e.g. [1, 0]; "
+                                     f"got {preference!r}")
+                continue
+            yield _Pair(prompt, paths[0], paths[1], preferred, rid, None, where)
+            continue
+        ranks = _first(entry, ("ranking", "rank"))
+        if not isinstance(ranks, list) or len(ranks) != len(images) or not all(_is_number(r) for r in ranks):
+            yield BadRow(*where, "needs human_preference (two images) or a ranking/rank list of "
+                                 f"{len(images)} numbers; got {ranks!r}")
+            continue
+        yield from _ranked_pairs(prompt, paths, ranks, rid, where, report)
+
+
+def _pair_preference(value) -> int | None:
+    """HPDv2 marks the preferred image of a pair with 1: ``[1, 0]`` -> 1, ``[0, 1]`` -> 2."""
+    if isinstance(value, list) and len(value) == 2 and sorted(value) == [0, 1]:
+        return 1 if value[0] == 1 else 2
+    return None
+
+
+def _ranked_pairs(prompt, paths, ranks, rid, where, report) -> Iterator[_Pair]:
+    """Every pair (i < j) with different ranks, the lower rank number preferred; ties dropped and counted."""
+    for i in range(len(paths)):
+        for j in range(i + 1, len(paths)):
+            if ranks[i] == ranks[j]:
+                report.dropped["tie"] = report.dropped.get("tie", 0) + 1
+                continue
+            preferred = 1 if ranks[i] < ranks[j] else 2
+            yield _Pair(prompt, paths[i], paths[j], preferred, f"{rid}:{i}-{j}", None, where)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and CLI
+# ----------------------------------------------------------------------------------------------------
+
+def validate(path: str | os.PathLike) -> DataReport:
+    """Check every row of a manifest, decoding both images; returns the report listing every bad row."""
+    _, report = read_manifest(path, skip_bad=True, decode_images=True)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lgrpo.data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="convert a public layout to the canonical JSONL manifest")
+    conv.add_argument("--from", dest="fmt", required=True, choices=FORMATS)
+    conv.add_argument("src", help="source file (Parquet: a file or a folder of *.parquet)")
+    conv.add_argument("dst", help="manifest to write (.jsonl); Parquet images go to <dst stem>_images/")
+    conv.add_argument("--image-root", default=None, help="folder relative image paths in JSON are under "
+                                                         "(default: the JSON file's folder)")
+    conv.add_argument("--criterion", default="preference",
+                      help="Rapidata weighted_results_* criterion (default: preference)")
+    conv.add_argument("--skip-bad", action="store_true", help="skip and list bad rows instead of stopping")
+    conv.add_argument("--limit", type=int, default=None, help="stop after this many pairs")
+    val = sub.add_parser("validate", help="check every row of a manifest (images decoded)")
+    val.add_argument("manifest")
+    args = parser.parse_args(argv)
+
+    if args.command == "convert":
+        try:
+            report = convert(args.fmt, args.src, args.dst, image_root=args.image_root,
+                             criterion=args.criterion, skip_bad=args.skip_bad, limit=args.limit)
+        except (DataError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(report)
+        return 0
+
+    try:
+        report = validate(args.manifest)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for bad in report.bad:
+        print(bad)
+    print(report.summary(), file=sys.stderr)
+    return 1 if report.bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

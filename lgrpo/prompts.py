@@ -1,0 +1,205 @@
+"""Prompts and the completion format: what the reasoner reads, what it must write, what the listener reads.
+
+The reasoner sees a system instruction and one user turn holding both images and the question; it must
+answer ``<think>…</think><answer>N</answer>`` with N = 1 or 2 (SPEC §1; the tags are configurable).
+The listener sees the same system and user turns, then an assistant turn prefilled with the reasoner's
+chain of thought (answer removed) up to and including ``<answer>``: its next-token distribution over
+``1`` / ``2`` is its confidence.
+
+Every text here goes through the tokenizer's chat template, so a real Qwen2.5-VL folder and the tiny
+built-in tokenizer render the same ChatML layout. Each image becomes one ``<|image_pad|>`` placeholder;
+:mod:`lgrpo.batching` expands it to the image's token count.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<|image_pad|>"
+
+DEFAULT_SYSTEM = (
+    "You compare two images made from the same text prompt and decide which one people prefer. "
+    "First think it through inside <think> </think>. "
+    "Then write the number of the preferred image, 1 or 2, inside <answer> </answer>."
+)
+DEFAULT_QUESTION = 'The prompt was: "{prompt}". Which image do people prefer, image 1 or image 2?'
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The prompt wording and the completion tags. Defaults follow SPEC §1.
+
+    ``question`` must contain ``{prompt}``. The two ``choices`` are what goes inside the answer tags
+    for image 1 and image 2; each must encode to a single token after ``answer_open``
+    (checked by :func:`choice_token_ids`).
+    """
+
+    system: str = DEFAULT_SYSTEM
+    question: str = DEFAULT_QUESTION
+    image_labels: tuple[str, str] = ("Image 1:", "Image 2:")
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    answer_open: str = "<answer>"
+    answer_close: str = "</answer>"
+    choices: tuple[str, str] = ("1", "2")
+
+    def __post_init__(self):
+        if "{prompt}" not in self.question:
+            raise ValueError(f"PromptFormat.question must contain '{{prompt}}', got {self.question!r}")
+        tags = (self.think_open, self.think_close, self.answer_open, self.answer_close)
+        if any(not t for t in tags) or len(set(tags)) != 4:
+            raise ValueError(f"PromptFormat tags must be four distinct non-empty strings, got {tags}")
+        if len(self.choices) != 2 or len(set(self.choices)) != 2 or not all(self.choices):
+            raise ValueError(f"PromptFormat.choices must be two distinct non-empty strings, "
+                             f"got {self.choices}")
+
+    def completion(self, think: str, answer: int) -> str:
+        """A well-formed completion: ``<think>{think}</think><answer>{choice}</answer>``."""
+        if answer not in (1, 2):
+            raise ValueError(f"answer must be 1 or 2, got {answer!r}")
+        return f"{self.think_open}{think}{self.think_close}{self.answer_open}{self.choices[answer - 1]}" \
+               f"{self.answer_close}"
+
+
+DEFAULT_FORMAT = PromptFormat()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------
+
+def reasoner_messages(prompt: str, fmt: PromptFormat = DEFAULT_FORMAT) -> list[dict]:
+    """Chat messages for one pair: system instruction, then a user turn with both images and the question."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    user = [
+        {"type": "text", "text": fmt.image_labels[0]},
+        {"type": "image"},
+        {"type": "text", "text": fmt.image_labels[1]},
+        {"type": "image"},
+        {"type": "text", "text": fmt.question.format(prompt=prompt.strip())},
+    ]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": fmt.system}]},
+        {"role": "user", "content": user},
+    ]
+
+
+def render_reasoner_prompt(tokenizer, prompt: str, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
+    """The reasoner's input text, ending with the opened assistant turn; one placeholder per image."""
+    text = tokenizer.apply_chat_template(reasoner_messages(prompt, fmt), tokenize=False,
+                                         add_generation_prompt=True)
+    n = text.count(IMAGE_PLACEHOLDER)
+    if n != 2:
+        # A template that ignores {"type": "image"} items would silently drop the images.
+        raise ValueError(f"the tokenizer's chat template rendered {n} {IMAGE_PLACEHOLDER} placeholders for "
+                         "two images; it must render Qwen2-VL image items as "
+                         "<|vision_start|><|image_pad|><|vision_end|>")
+    return text
+
+
+def render_listener_prompt(tokenizer, prompt: str, reasoning: str, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
+    """The listener's input: the reasoner prompt plus the assistant turn prefilled up to ``<answer>``.
+
+    ``reasoning`` is the reasoner's think text with the answer removed (:func:`listener_reasoning`).
+    The next token after the returned text is where the listener's choice is read.
+    """
+    return (render_reasoner_prompt(tokenizer, prompt, fmt)
+            + f"{fmt.think_open}{reasoning}{fmt.think_close}{fmt.answer_open}")
+
+
+def choice_token_ids(tokenizer, fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[int, int]:
+    """Token ids of the two choices as they follow ``answer_open`` (for Qwen2.5-VL: ``1`` and ``2``).
+
+    Raises ``ValueError`` when a choice does not encode to exactly one token appended to the encoding of
+    ``answer_open``: the listener reads one next-token distribution, so each choice must be one token.
+    """
+    prefix = tokenizer.encode(fmt.answer_open, add_special_tokens=False)
+    ids = []
+    for choice in fmt.choices:
+        full = tokenizer.encode(fmt.answer_open + choice, add_special_tokens=False)
+        if len(full) != len(prefix) + 1 or full[: len(prefix)] != prefix:
+            raise ValueError(f"choice {choice!r} after {fmt.answer_open!r} does not encode to one extra "
+                             f"token ({prefix} -> {full}): the listener needs single-token choices")
+        ids.append(full[-1])
+    if ids[0] == ids[1]:
+        raise ValueError(f"choices {fmt.choices} encode to the same token id {ids[0]}")
+    return ids[0], ids[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing completions
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParsedCompletion:
+    """What a completion says, judged against the format.
+
+    - ``format_ok``: exactly one think block (non-empty), then exactly one answer block holding a choice,
+      only whitespace between and after them (SPEC §1 ``r_fmt``).
+    - ``answer``: 1 or 2 when there is exactly one answer block and it holds a choice, else ``None``;
+      defined even when other parts of the format are wrong (e.g. text after the answer).
+    - ``reasoning``: the text the listener reads: the first complete think block with any answer tags or
+      blocks inside it removed, stripped; ``None`` without a complete, non-empty think block.
+    - ``reason``: ``"ok"`` or why the format failed (for logs and tests).
+    """
+
+    format_ok: bool
+    answer: int | None
+    reasoning: str | None
+    reason: str
+
+
+def parse_completion(text: str, fmt: PromptFormat = DEFAULT_FORMAT) -> ParsedCompletion:
+    """Parse one decoded completion (special tokens such as ``<|im_end|>`` already stripped)."""
+    if not isinstance(text, str):
+        raise TypeError(f"completion must be a str, got {type(text).__name__}")
+    to, tc, ao, ac = (re.escape(t) for t in _tags(fmt))
+
+    answer_blocks = re.findall(f"{ao}(.*?){ac}", text, flags=re.DOTALL)
+    answer = None
+    if len(answer_blocks) == 1 and text.count(fmt.answer_open) == 1 and text.count(fmt.answer_close) == 1:
+        content = answer_blocks[0].strip()
+        if content in fmt.choices:
+            answer = fmt.choices.index(content) + 1
+
+    think = re.search(f"{to}(.*?){tc}", text, flags=re.DOTALL)
+    reasoning = None
+    if think is not None:
+        inner = re.sub(f"{ao}.*?{ac}", " ", think.group(1), flags=re.DOTALL)
+        for tag in (fmt.answer_open, fmt.answer_close):
+            inner = inner.replace(tag, " ")
+        reasoning = inner.strip() or None
+
+    reason = _format_problem(text, fmt, answer_blocks, answer, think)
+    return ParsedCompletion(format_ok=reason == "ok", answer=answer, reasoning=reasoning, reason=reason)
+
+
+def _tags(fmt: PromptFormat) -> tuple[str, str, str, str]:
+    return fmt.think_open, fmt.think_close, fmt.answer_open, fmt.answer_close
+
+
+def _format_problem(text, fmt, answer_blocks, answer, think) -> str:
+    counts = {tag: text.count(tag) for tag in _tags(fmt)}
+    if counts[fmt.think_open] == 0 or counts[fmt.think_close] == 0:
+        return "missing think block"
+    if counts[fmt.think_open] > 1 or counts[fmt.think_close] > 1:
+        return "more than one think block"
+    if counts[fmt.answer_open] == 0 or counts[fmt.answer_close] == 0:
+        return "missing answer block"
+    if counts[fmt.answer_open] > 1 or counts[fmt.answer_close] > 1 or len(answer_blocks) > 1:
+        return "more than one answer block"
+    if answer is None:
+        return f"answer is not one of {list(fmt.choices)}"
+    if think is None or not think.group(1).strip():
+        return "empty think block"
+    layout = re.fullmatch(
+        rf"\s*{re.escape(fmt.think_open)}.*?{re.escape(fmt.think_close)}\s*"
+        rf"{re.escape(fmt.answer_open)}.*?{re.escape(fmt.answer_close)}(.*)",
+        text, flags=re.DOTALL)
+    if layout is None:
+        return "text outside the blocks or blocks out of order"
+    if layout.group(1).strip():
+        return "text after the answer"
+    return "ok"
