@@ -81,6 +81,11 @@ def check_targets(targets: torch.Tensor, vocab: int, mask: torch.Tensor | None =
     start_target_check(targets, vocab, mask)()
 
 
+def check_target_dtype(targets: torch.Tensor) -> None:
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+
+
 def start_target_check(
     targets: torch.Tensor, vocab: int, mask: torch.Tensor | None = None
 ) -> Callable[[], None]:
@@ -91,8 +96,7 @@ def start_target_check(
     the ids) before calling the returned function, so the one host sync the check needs does not
     leave the GPU idle. The returned function raises the IndexError.
     """
-    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    check_target_dtype(targets)
     ids = targets.reshape(-1)
     if mask is not None:
         ids = torch.where(mask.reshape(-1), ids, 0)  # 0 is always a valid id; no data-dependent shape
@@ -212,6 +216,8 @@ def grpo_inputs(
         mask_flat = mask.reshape(-1) != 0
     if check_target_ids:
         check_targets(targets.reshape(-1), vocab, mask_flat)
+    else:
+        check_target_dtype(targets)  # the id range is the caller's job; a float id is never right
 
     if not advantages.is_floating_point():
         raise ValueError(f"advantages must be floating point, got dtype {advantages.dtype}")
