@@ -22,7 +22,7 @@ $(STAMP): $(SOURCES)
 	touch $@
 
 demo: install
-	$(PY) -m lgrpo.train
+	$(PY) bench/bench_grpo_loss.py --smoke  # until the trainer lands: the loss benchmark, CPU smoke size
 
 test: install
 	$(PY) -m pytest -q
