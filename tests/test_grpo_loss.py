@@ -180,7 +180,9 @@ def test_long_sequence_beyond_grid_axis_limits(gen):
     # On a GPU (V = 152k) every row is its own program, all on axis 0:
     assert _common.row_launch(T, 152064, _common.MAX_BLOCK_V_FWD, 1)[3] == (T,)
     # The interpreter runs programs one by one (~ms each), so here rows are packed 512 per program.
-    case = grpo_case(gen, B=B, T=T, V=V, mask_p=0.9)
+    # On-policy (ratio 1): among ~10^5 random off-policy ratios some land within fp32 rounding of a
+    # clip bound, where fp32 and fp64 may legitimately disagree on which term is active.
+    case = grpo_case(gen, B=B, T=T, V=V, mask_p=0.9, old=False)
     for level in ("token", "sequence"):
         opts = dict(beta=0.04, importance_level=level, loss_type="grpo")
         out, grad = run_loss(grpo_loss, case, **opts)
