@@ -92,9 +92,19 @@ def main() -> None:
     floor_ms = 3 * logits_bytes / (bw * 1e9) * 1e3 if cuda else None
     fwd_floor_ms = floor_ms / 3 if cuda else None
     rows: list[Row] = []
+    title = (f"GRPO loss from logits, fwd+bwd, B={B} T={T} V={V} bf16, dapo beta={BETA} "
+             f"eps=({EPS_LO},{EPS_HI})")
+
+    def record(row: Row) -> None:
+        """Keep the row and rewrite the JSON, so that a timeout keeps what was measured."""
+        rows.append(row)
+        print(f"  {row.name}: {row.ms:.3f} ms  {row.note}", flush=True)
+        write_json(args.out, "grpo_loss", dict(title=title, env=env, floor_ms=floor_ms, copy_gbs=bw,
+                                               shape=dict(B=B, T=T, V=V), smoke=smoke, rows=rows))
+
     if cuda:
-        rows.append(Row("floor: 3 passes over the logits at copy bw", floor_ms, 0.0, bw, 1.0,
-                        note=f"d2d copy {bw:.0f} GB/s (read+write), logits {logits_bytes / 1e9:.2f} GB"))
+        record(Row("floor: 3 passes over the logits at copy bw", floor_ms, 0.0, bw, 1.0,
+                   note=f"d2d copy {bw:.0f} GB/s (read+write), logits {logits_bytes / 1e9:.2f} GB"))
 
     def restore() -> None:
         with torch.no_grad():
@@ -147,9 +157,9 @@ def main() -> None:
             return out.loss.detach()
         return step
 
-    rows.append(run_guarded("ours (lgrpo grpo_loss)", lambda: measure("ours (lgrpo grpo_loss)", ours(False),
+    record(run_guarded("ours (lgrpo grpo_loss)", lambda: measure("ours (lgrpo grpo_loss)", ours(False),
                                                                       inplace=False)))
-    rows.append(run_guarded("ours, inplace_grad=True", lambda: measure("ours, inplace_grad=True", ours(True),
+    record(run_guarded("ours, inplace_grad=True", lambda: measure("ours, inplace_grad=True", ours(True),
                                                                        inplace=True)))
 
     def ours_forward():
@@ -157,7 +167,7 @@ def main() -> None:
             return grpo_loss(logits, ids, adv, mask, old, ref, temperature=TEMP, eps_low=EPS_LO,
                              eps_high=EPS_HI, beta=BETA, loss_type="dapo").loss
 
-    rows.append(run_guarded("ours, forward only", lambda: measure(
+    record(run_guarded("ours, forward only", lambda: measure(
         "ours, forward only", ours_forward, inplace=False, floor=fwd_floor_ms, nbytes=logits_bytes,
         note="ratio to the 1-pass floor")))
 
@@ -168,7 +178,7 @@ def main() -> None:
             return loss.detach()
         return step
 
-    rows.append(run_guarded("torch eager (TRL-style)", lambda: measure(
+    record(run_guarded("torch eager (TRL-style)", lambda: measure(
         "torch eager (TRL-style)", eager_step(eager_from_logits), inplace=False)))
 
     def compiled():
@@ -176,7 +186,7 @@ def main() -> None:
             raise RuntimeError("skipped in smoke mode (inductor compile takes minutes on CPU)")
         return measure("torch.compile", eager_step(torch.compile(eager_from_logits)), inplace=False)
 
-    rows.append(run_guarded("torch.compile", compiled))
+    record(run_guarded("torch.compile", compiled))
 
     def liger():
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -211,13 +221,9 @@ def main() -> None:
                    note=f"loss diff {abs(float(loss) - loss_ref):.1e}, grad relerr {err:.1e}; "
                         f"restore copy {restore_ms:.2f} ms subtracted")
 
-    rows.append(run_guarded("liger triton_grpo_loss (inplace)", liger))
+    record(run_guarded("liger triton_grpo_loss (inplace)", liger))
 
-    title = (f"GRPO loss from logits, fwd+bwd, B={B} T={T} V={V} bf16, dapo beta={BETA} "
-             f"eps=({EPS_LO},{EPS_HI})")
     print_table(title, rows, env)
-    write_json(args.out, "grpo_loss", dict(title=title, env=env, floor_ms=floor_ms, copy_gbs=bw,
-                                           shape=dict(B=B, T=T, V=V), smoke=smoke, rows=rows))
 
 
 if __name__ == "__main__":
