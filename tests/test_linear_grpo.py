@@ -108,6 +108,14 @@ def test_linear_sequence_longer_than_chunk(gen, small_tiles):  # noqa: F811
     assert_linear_matches(run(linear_grpo_loss, case, **opts), run_ref64(case, **opts))
 
 
+def test_linear_per_token_advantages_num_items_max_len(gen, small_tiles):  # noqa: F811
+    case = linear_case(gen, B=2, T=6, V=31)
+    case["advantages"] = torch.randn(2, 6, generator=gen)
+    for opts in (dict(loss_type="dapo", num_items=40), dict(loss_type="dr_grpo", max_len=11)):
+        opts = dict(FULL, **opts, chunk_size=3)
+        assert_linear_matches(run(linear_grpo_loss, case, **opts), run_ref64(case, **opts))
+
+
 def test_masked_rows_are_never_projected(gen, small_tiles):  # noqa: F811
     case = linear_case(gen)
     case["hidden"][~case["mask"]] = float("nan")  # a masked row that were read would poison everything
