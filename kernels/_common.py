@@ -8,6 +8,7 @@ functions fall back to the pure-PyTorch reference.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -38,6 +39,12 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if not present or any(t.dtype not in KERNEL_DTYPES for t in present):
         return False
     return INTERPRET or all(t.is_cuda for t in present)
+
+
+def on_device(t: torch.Tensor):
+    """Context for a launch: Triton launches on the *current* CUDA device, so make it the tensor's
+    (a tensor on cuda:1 while cuda:0 is current, as under some data-parallel set-ups)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._common import next_pow2, tl, triton, use_triton
+from ._common import next_pow2, on_device, tl, triton, use_triton
 from ._inputs import check_group_rewards
 
 SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
@@ -71,9 +71,10 @@ def _group_advantages_op(rewards: torch.Tensor, group_size: int, scale: str) -> 
         block_m = next_pow2(group_size)
         block_g = max(1, min(1024 // block_m, next_pow2(rewards.numel() // group_size)))
         n = rewards.numel()
-        _group_advantages_kernel[(1,)](rewards, out, n // group_size, group_size, 1.0 / n,
-                                       1.0 / max(group_size - 1, 1), 1.0 / max(n - 1, 1),
-                                       SCALE=SCALE_CODE[scale], BLOCK_G=block_g, BLOCK_M=block_m)
+        with on_device(rewards):
+            _group_advantages_kernel[(1,)](rewards, out, n // group_size, group_size, 1.0 / n,
+                                           1.0 / max(group_size - 1, 1), 1.0 / max(n - 1, 1),
+                                           SCALE=SCALE_CODE[scale], BLOCK_G=block_g, BLOCK_M=block_m)
     return out
 
 

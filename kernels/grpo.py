@@ -31,7 +31,7 @@ import torch
 
 from . import reference
 from ._api import GRPOLossOutput
-from ._common import next_pow2, tl, triton, use_triton
+from ._common import next_pow2, on_device, tl, triton, use_triton
 from ._inputs import grpo_inputs, start_target_check
 from .logprobs import addressable, launch_row_grad, launch_row_stats
 
@@ -259,18 +259,20 @@ def launch_token_loss(
         return
     block = min(512, max(16, next_pow2(max_seg_len)))
     any_t = logp
-    _token_loss_kernel[(n_segments,)](
-        seg_bounds if seg_bounds is not None else any_t, seg_seq if seg_seq is not None else any_t, seg_len,
-        row_idx if row_idx is not None else any_t, mask.view(torch.uint8) if mask is not None else any_t,
-        logp, old_logp if old_logp is not None else any_t, ref_logp if ref_logp is not None else any_t,
-        advantages, counts,
-        out["wloss"], out["dlogp"], out["kl"], out["clipped"].view(torch.uint8),
-        1.0 - eps_low, 1.0 + eps_high, 0.0 if delta is None else delta, beta,
-        SEG_TABLE=seg_bounds is not None, SEG_SEQ=seg_seq is not None, ROW_MAP=row_idx is not None,
-        HAS_MASK=mask is not None, HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
-        USE_KL=beta > 0, HAS_DELTA=delta is not None, SEQ_LEVEL=sequence_level, SEQ_MEAN=per_seq_mean,
-        COUNT=count, BLOCK=block, num_warps=4,
-    )
+    with on_device(logp):
+        _token_loss_kernel[(n_segments,)](
+            seg_bounds if seg_bounds is not None else any_t, seg_seq if seg_seq is not None else any_t,
+            seg_len,
+            row_idx if row_idx is not None else any_t, mask.view(torch.uint8) if mask is not None else any_t,
+            logp, old_logp if old_logp is not None else any_t, ref_logp if ref_logp is not None else any_t,
+            advantages, counts,
+            out["wloss"], out["dlogp"], out["kl"], out["clipped"].view(torch.uint8),
+            1.0 - eps_low, 1.0 + eps_high, 0.0 if delta is None else delta, beta,
+            SEG_TABLE=seg_bounds is not None, SEG_SEQ=seg_seq is not None, ROW_MAP=row_idx is not None,
+            HAS_MASK=mask is not None, HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
+            USE_KL=beta > 0, HAS_DELTA=delta is not None, SEQ_LEVEL=sequence_level, SEQ_MEAN=per_seq_mean,
+            COUNT=count, BLOCK=block, num_warps=4,
+        )
 
 
 def launch_loss_reduce(
@@ -280,11 +282,12 @@ def launch_loss_reduce(
     """``inv_denom`` (0-d) for ``loss_type``, and ``loss = inv_denom * sum(wloss)`` when given."""
     n_rows = wloss.numel() if wloss is not None else 0
     host_inv = 1.0 / n_seqs if loss_type == "grpo" else 1.0 / (n_seqs * max_len)
-    _loss_reduce_kernel[(1,)](
-        wloss if wloss is not None else counts, counts, num_items, loss, inv_denom,
-        n_rows, n_seqs, host_inv,
-        LOSS_TYPE=LOSS_TYPE_CODE[loss_type], HAS_LOSS=wloss is not None, BLOCK=1024, num_warps=4,
-    )
+    with on_device(counts):
+        _loss_reduce_kernel[(1,)](
+            wloss if wloss is not None else counts, counts, num_items, loss, inv_denom,
+            n_rows, n_seqs, host_inv,
+            LOSS_TYPE=LOSS_TYPE_CODE[loss_type], HAS_LOSS=wloss is not None, BLOCK=1024, num_warps=4,
+        )
 
 
 def token_outputs(n_rows: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _common, reference
-from ._common import LN2, LOG2E, row_launch, tl, triton, use_triton
+from ._common import LN2, LOG2E, on_device, row_launch, tl, triton, use_triton
 from ._inputs import start_target_check
 
 # Globals a @triton.jit function reads must be constexpr objects.
@@ -174,15 +174,16 @@ def launch_row_stats(
         return
     rpb, sb, st = row_addressing(x)
     block_r, block_v, warps, grid = row_launch(n_rows, vocab, _common.MAX_BLOCK_V_FWD, big_warps=1)
-    _row_stats_kernel[grid](
-        x, rpb, sb, st,
-        row_idx if row_idx is not None else targets, targets,
-        mask.view(torch.uint8) if mask is not None else targets,
-        logp, entropy if entropy is not None else logp, lse,
-        n_rows, vocab, LOG2E / temperature,
-        ROW_MAP=row_idx is not None, HAS_MASK=mask is not None, ENTROPY=entropy is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
-    )
+    with on_device(x):
+        _row_stats_kernel[grid](
+            x, rpb, sb, st,
+            row_idx if row_idx is not None else targets, targets,
+            mask.view(torch.uint8) if mask is not None else targets,
+            logp, entropy if entropy is not None else logp, lse,
+            n_rows, vocab, LOG2E / temperature,
+            ROW_MAP=row_idx is not None, HAS_MASK=mask is not None, ENTROPY=entropy is not None,
+            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        )
 
 
 def launch_row_grad(
@@ -204,14 +205,15 @@ def launch_row_grad(
     rpb_out, dsb, dst = row_addressing(out)
     assert rpb_out == rpb, "gradient rows must be laid out like the logits rows"
     block_r, block_v, warps, grid = row_launch(n_rows, vocab, _common.MAX_BLOCK_V_BWD, big_warps=16)
-    _row_grad_kernel[grid](
-        x, out, rpb, xsb, xst, dsb, dst,
-        row_idx if row_idx is not None else targets, targets, lse, coef,
-        scale if scale is not None else lse,
-        n_rows, vocab, LOG2E / temperature, 1.0 / temperature,
-        ROW_MAP=row_idx is not None, HAS_SCALE=scale is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
-    )
+    with on_device(x):
+        _row_grad_kernel[grid](
+            x, out, rpb, xsb, xst, dsb, dst,
+            row_idx if row_idx is not None else targets, targets, lse, coef,
+            scale if scale is not None else lse,
+            n_rows, vocab, LOG2E / temperature, 1.0 / temperature,
+            ROW_MAP=row_idx is not None, HAS_SCALE=scale is not None,
+            BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
