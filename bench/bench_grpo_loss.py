@@ -123,6 +123,9 @@ def main() -> None:
         """step() runs forward + backward on the logits and returns the loss."""
 
         def once():
+            # A fresh .grad each call, as do_bench(grad_to_none=...) in the anchors: otherwise autograd
+            # adds each new gradient into the old one, a 3-pass extra that is nobody's kernel.
+            logits.grad = None
             if inplace:
                 restore()
             return step()
@@ -203,6 +206,7 @@ def main() -> None:
             return loss.detach()
 
         def step_restored():
+            longer.grad = None
             with torch.no_grad():
                 longer.copy_(longer_pristine)
             return step()
