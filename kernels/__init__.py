@@ -1,11 +1,18 @@
 """Fused GRPO kernels, imported as ``lgrpo.kernels`` (never as a top-level ``kernels``).
 
-Until the Triton versions land, the public names point at the pure-PyTorch reference.
+``token_logprobs``, ``grpo_loss``, ``linear_grpo_loss`` and ``group_advantages`` run Triton kernels
+on CUDA tensors (or under ``TRITON_INTERPRET=1``) and fall back to the pure-PyTorch ``reference``
+elsewhere.
+``linear_grpo_loss`` does the same from hidden states and the lm_head weight, chunk by chunk,
+never holding the full logits.
 """
 
 if __name__ == "lgrpo.kernels":
     from ._api import GRPOLossOutput
-    from .reference import group_advantages, grpo_loss, linear_grpo_loss, token_logprobs
+    from .advantages import group_advantages
+    from .grpo import grpo_loss
+    from .linear_grpo import linear_grpo_loss
+    from .logprobs import token_logprobs
 
     __all__ = ["GRPOLossOutput", "group_advantages", "grpo_loss", "linear_grpo_loss", "token_logprobs"]
 # Else this folder was found as a top-level `kernels` because the repository root is on sys.path

@@ -8,6 +8,7 @@ flat view: ``N`` rows (``B*T`` padded rows, or the packed rows), each row belong
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,15 +78,46 @@ def check_hparams(
 
 def check_targets(targets: torch.Tensor, vocab: int, mask: torch.Tensor | None = None) -> None:
     """Raise IndexError when a target id (where mask is set) lies outside [0, vocab)."""
+    start_target_check(targets, vocab, mask)()
+
+
+def check_target_dtype(targets: torch.Tensor) -> None:
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
-    live = targets if mask is None else targets[mask]
-    if live.numel() == 0:
-        return
-    lo, hi = int(live.min()), int(live.max())  # one host sync; a wrong id must never read past V
-    if lo < 0 or hi >= vocab:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"targets holds token id {bad}, outside the vocabulary [0, {vocab})")
+
+
+def start_target_check(
+    targets: torch.Tensor, vocab: int, mask: torch.Tensor | None = None
+) -> Callable[[], None]:
+    """Start :func:`check_targets` without waiting for the device; call the result to finish it.
+
+    The bounds of the live ids are reduced on the device and copied to the host asynchronously.
+    The Triton path queues its first vocabulary pass (which never reads out of bounds, whatever
+    the ids) before calling the returned function, so the one host sync the check needs does not
+    leave the GPU idle. The returned function raises the IndexError.
+    """
+    check_target_dtype(targets)
+    ids = targets.reshape(-1)
+    if mask is not None:
+        ids = torch.where(mask.reshape(-1), ids, 0)  # 0 is always a valid id; no data-dependent shape
+    if ids.numel() == 0:
+        return lambda: None
+    bounds = torch.stack(torch.aminmax(ids))
+    done = None
+    if bounds.is_cuda:
+        bounds = bounds.to("cpu", non_blocking=True)  # lands in pinned memory; `done` says when
+        done = torch.cuda.Event()
+        done.record()
+
+    def finish() -> None:
+        if done is not None:
+            done.synchronize()
+        lo, hi = bounds.tolist()
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"targets holds token id {bad}, outside the vocabulary [0, {vocab})")
+
+    return finish
 
 
 def _same_device(name: str, t: torch.Tensor | None, device: torch.device) -> None:
@@ -124,11 +156,14 @@ def grpo_inputs(
     max_len: int | None,
     num_items: int | float | torch.Tensor | None,
     name: str = "logits",
+    check_target_ids: bool = True,
 ) -> GRPOInputs:
     """Check every argument of the GRPO loss and return the flat view.
 
     ``lead_shape`` is the input's shape without its last dimension: ``[B, T]`` for padded logits
     (or hidden states), ``[N]`` for packed ones, which then need ``cu_seqlens``.
+    ``check_target_ids=False`` leaves the id range check (a host sync) to the caller, who must run
+    :func:`start_target_check` on the returned ``targets``/``mask`` before trusting any result.
     """
     check_hparams(
         temperature=temperature,
@@ -179,7 +214,10 @@ def grpo_inputs(
         if mask.shape != lead_shape:
             raise ValueError(f"mask must have the targets' shape {tuple(lead_shape)}, got {tuple(mask.shape)}")
         mask_flat = mask.reshape(-1) != 0
-    check_targets(targets.reshape(-1), vocab, mask_flat)
+    if check_target_ids:
+        check_targets(targets.reshape(-1), vocab, mask_flat)
+    else:
+        check_target_dtype(targets)  # the id range is the caller's job; a float id is never right
 
     if not advantages.is_floating_point():
         raise ValueError(f"advantages must be floating point, got dtype {advantages.dtype}")

@@ -1,0 +1,185 @@
+"""GRPO loss from hidden states + lm_head, forward + backward: ours vs eager, liger, cut-cross-entropy.
+
+CUDA: N = 8 x 1024 tokens, H = 3584, V = 152064 (Qwen2.5-VL-7B's lm_head), bf16, the anchors'
+settings (beta 0.04, eps 0.2/0.28, dapo, ~90% of tokens live). The floor is the three matmuls of
+that shape (logits, grad_hidden, grad_weight), timed in the same run. Peak extra memory includes the
+weight and hidden gradients.
+
+Behaviour policy: ``old_logp = logp + N(0, 0.05^2)`` (ref likewise), ratios in the clip range as in
+training. Rows are written to the JSON as they are measured, so a timeout keeps what was done.
+
+Without CUDA (or with --smoke): tiny sizes through the Triton interpreter, a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lgrpo.kernels import linear_grpo_loss  # noqa: E402
+from lgrpo.kernels.linear_grpo import default_chunk_rows  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    GiB,
+    Row,
+    arg_parser,
+    bench_ms,
+    environment,
+    matmul_ms,
+    peak_extra_bytes,
+    print_table,
+    run_guarded,
+    write_json,
+)
+
+TEMP, BETA, EPS_LO, EPS_HI = 1.0, 0.04, 0.2, 0.28
+
+
+def grpo_from_logp(logp, old, ref, adv, mask):
+    """TRL-style loss from per-token log-probs (the anchors' eager formula), dapo aggregation."""
+    ratio = torch.exp(logp - old)
+    pg = -torch.minimum(ratio * adv[:, None], torch.clamp(ratio, 1 - EPS_LO, 1 + EPS_HI) * adv[:, None])
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    return ((pg + BETA * kl) * mask).sum() / mask.sum()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    num = den = 0.0
+    for i in range(0, a.shape[0], 8192):
+        x, y = a[i:i + 8192].float(), b[i:i + 8192].float()
+        num += (x - y).pow(2).sum().item()
+        den += y.pow(2).sum().item()
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def main() -> None:
+    args = arg_parser(__doc__.splitlines()[0]).parse_args()
+    cuda = torch.cuda.is_available()
+    smoke = args.smoke or not cuda
+    B, T, H, V = (2, 8, 32, 96) if smoke else (8, 1024, 3584, 152064)
+    N = B * T
+    device = "cuda" if cuda else "cpu"
+    env = environment()
+    title = f"GRPO loss from hidden states, fwd+bwd, N={B}x{T} H={H} V={V} bf16, dapo beta={BETA}"
+    torch.manual_seed(0)
+    rows: list[Row] = []
+
+    def record(row: Row) -> None:
+        rows.append(row)
+        print(f"  {row.name}: {row.ms:.3f} ms  {row.note}", flush=True)
+        write_json(args.out, "linear_grpo", dict(title=title, env=env, shape=dict(B=B, T=T, H=H, V=V),
+                                                 smoke=smoke, floor_ms=floor_ms, rows=rows))
+
+    floor_ms = None
+    if cuda:
+        shapes = {"logits  [N,H]x[H,V]": (N, V, H), "grad_h  [N,V]x[V,H]": (N, H, V),
+                  "grad_W  [V,N]x[N,H]": (V, H, N)}
+        times = {k: matmul_ms(*mnk) for k, mnk in shapes.items()}
+        torch.cuda.empty_cache()
+        floor_ms = sum(times.values())
+        tflops = 3 * 2 * N * H * V / (floor_ms * 1e-3) / 1e12
+        parts = ", ".join(f"{k.split()[0]} {v:.2f} ms" for k, v in times.items())
+        record(Row("floor: the three matmuls", floor_ms, None, None, 1.0,
+                   note=f"{parts}; {tflops:.0f} TFLOP/s"))
+
+    hidden = torch.randn(B, T, H, device=device, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, H, device=device, dtype=torch.bfloat16) / H**0.5).requires_grad_()
+    ids = torch.randint(0, V, (B, T), device=device)
+    adv = torch.randn(B, device=device)
+    mask = (torch.rand(B, T, device=device) > 0.1).float()
+    with torch.no_grad():
+        lp = linear_grpo_loss(hidden, weight, ids, adv, mask).logp
+    old = lp + 0.05 * torch.randn_like(lp)
+    ref = lp + 0.05 * torch.randn_like(lp)
+    del lp
+
+    def eager():
+        logits = hidden @ weight.T
+        lp = torch.log_softmax(logits.float() / TEMP, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+        loss = grpo_from_logp(lp, old, ref, adv, mask)
+        loss.backward()
+        return loss.detach()
+
+    loss_ref = eager()
+    gh_ref, gw_ref = hidden.grad.detach().clone(), weight.grad.detach().clone()
+    loss_ref = float(loss_ref)
+
+    def measure(name: str, step, note: str = "") -> Row:
+        hidden.grad = weight.grad = None
+        loss = float(step())
+        agreement = (f"loss diff {abs(loss - loss_ref):.1e}, "
+                     f"grad_h relerr {rel_err(hidden.grad, gh_ref):.1e}, "
+                     f"grad_W relerr {rel_err(weight.grad, gw_ref):.1e}")
+        hidden.grad = weight.grad = None
+        extra = peak_extra_bytes(step) / GiB if cuda else None
+        hidden.grad = weight.grad = None
+        def fresh():  # fresh .grad each call (as do_bench's grad_to_none), no accumulation pass timed
+            hidden.grad = weight.grad = None
+            return step()
+
+        ms = bench_ms(fresh, warmup_ms=10, rep_ms=100)
+        hidden.grad = weight.grad = None
+        return Row(name, ms, extra, None, ms / floor_ms if floor_ms else None,
+                   note=f"{agreement}; {note}".rstrip("; "))
+
+    def ours(**opts):
+        def step():
+            out = linear_grpo_loss(hidden, weight, ids, adv, mask, old, ref, temperature=TEMP, eps_low=EPS_LO,
+                                   eps_high=EPS_HI, beta=BETA, loss_type="dapo", **opts)
+            out.loss.backward()
+            return out.loss.detach()
+        return step
+
+    chunk = default_chunk_rows(V, 2)
+    record(run_guarded("ours", lambda: measure(f"ours (chunk {chunk} rows)", ours())))
+    record(run_guarded("ours seq", lambda: measure(
+        "ours, importance_level=sequence", ours(importance_level="sequence"),
+        note="a different loss (GSPO ratio): agreement not expected")))
+    record(run_guarded("ours fp32", lambda: measure("ours, fp32_weight_grad=True",
+                                                    ours(fp32_weight_grad=True))))
+    record(run_guarded("ours 1024", lambda: measure("ours (chunk 1024 rows)", ours(chunk_size=1024))))
+    record(run_guarded("eager", lambda: measure("eager matmul + loss", eager)))
+
+    def liger():
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        fused = LigerFusedLinearGRPOLoss(beta=BETA, epsilon_low=EPS_LO, epsilon_high=EPS_HI, loss_type="dapo",
+                                         temperature=TEMP, chunk_size=4, use_ref_model=True, compiled=cuda)
+
+        def step():
+            out = fused(hidden, weight, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+            loss = out[0] if isinstance(out, tuple) else out
+            loss.backward()
+            return loss.detach()
+
+        return measure("liger FusedLinearGRPO (chunk 4)", step)
+
+    def cce(filter_eps):
+        def run_cce():
+            from cut_cross_entropy import linear_cross_entropy
+
+            def step():
+                nll = linear_cross_entropy(hidden, weight, ids, reduction="none", filter_eps=filter_eps)
+                loss = grpo_from_logp(-nll.float(), old, ref, adv, mask)
+                loss.backward()
+                return loss.detach()
+
+            return measure(f"cut-cross-entropy + torch GRPO (filter_eps={filter_eps})", step)
+        return run_cce
+
+    record(run_guarded("cce", cce("high")))
+    record(run_guarded("cce exact", cce(None)))
+    record(run_guarded("liger", liger))
+    print_table(title, rows, env)
+
+
+if __name__ == "__main__":
+    main()

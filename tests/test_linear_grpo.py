@@ -1,0 +1,294 @@
+"""linear_grpo_loss (fused lm_head + GRPO loss) against the fp64 reference, which materialises logits.
+
+On CPU the Triton kernels run through the interpreter and the matmuls through torch; the tests marked
+`gpu` run the compiled kernels and cuBLAS at realistic sizes.
+"""
+
+import pytest
+import torch
+from grpo_checks import VALUE_RTOL, assert_close_rel, small_tiles  # noqa: F401  (fixture)
+from lgrpo.kernels import _common, linear_grpo_loss
+from lgrpo.kernels import reference as ref
+from lgrpo.kernels.linear_grpo import default_chunk_rows, plan_chunks
+
+pytestmark = pytest.mark.skipif(not _common.HAS_TRITON, reason="needs triton")
+
+FULL = dict(temperature=0.7, eps_low=0.2, eps_high=0.28, delta=1.5, beta=0.04)
+GRAD_TOL = {torch.float32: 2e-5}
+
+
+def linear_case(gen, B=3, T=7, H=23, V=37, *, dtype=torch.float32, mask_p=0.7, packed=False, spread=0.3):
+    """Odd sizes (no multiple of any block); an all-masked sequence; old/ref near the current logp.
+
+    bf16 cases use a small ``spread``: bf16 logits move logp by ~1e-2, so a ratio within ~1% of a
+    clip bound may legitimately switch sides against the exact computation (any bf16 code would).
+    """
+    hidden = torch.randn(B, T, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(dtype)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.rand(B, T, generator=gen) < mask_p
+    mask[0, :2] = True
+    mask[-1] = False
+    targets[~mask] = -100
+    with torch.no_grad():
+        lp = ref.token_logprobs(hidden.double() @ weight.double().T, targets.clamp(min=0)).float()
+    adv = torch.randn(B, generator=gen)
+    case = dict(hidden=hidden, weight=weight, targets=targets, advantages=adv, mask=mask,
+                old_logp=lp + spread * torch.randn(B, T, generator=gen),
+                ref_logp=lp + spread * torch.randn(B, T, generator=gen))
+    if packed:  # drop the padding: [N, H] rows + cu_seqlens
+        lengths = mask.sum(1)
+        case = dict(hidden=hidden[mask], weight=weight, targets=targets[mask], advantages=case["advantages"],
+                    old_logp=case["old_logp"][mask], ref_logp=case["ref_logp"][mask],
+                    cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
+    return case
+
+
+def run(fn, case, grad_scale=1.0, **options):
+    hidden = case["hidden"].detach().clone().requires_grad_()
+    weight = case["weight"].detach().clone().requires_grad_()
+    cu = case.get("cu_seqlens")
+    args = {k: v for k, v in case.items() if k not in ("hidden", "weight", "cu_seqlens")}
+    if cu is not None:
+        options = dict(options, cu_seqlens=cu)
+    out = fn(hidden, weight, **args, **options)
+    (out.loss * grad_scale).backward()
+    return out, hidden.grad, weight.grad
+
+
+def run_ref64(case, grad_scale=1.0, **options):
+    case64 = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+    options.pop("chunk_size", None)
+    options.pop("fp32_weight_grad", None)
+    return run(ref.linear_grpo_loss, case64, grad_scale, **options)
+
+
+def assert_linear_matches(got, want, *, value_rtol=VALUE_RTOL, grad_tol=2e-5):
+    (out, gh, gw), (rout, rgh, rgw) = got, want
+    assert_close_rel(out.loss, rout.loss, value_rtol, atol_scale=1.0, what="loss")
+    for name in ("logp", "entropy", "kl"):
+        want_t = getattr(rout, name)
+        scale = max(1.0, want_t.abs().max().item())
+        assert_close_rel(getattr(out, name), want_t, value_rtol, atol_scale=scale, what=name)
+    assert torch.equal(out.clipped, rout.clipped)
+    assert gh.dtype == out_dtype(got) and gw.dtype == out_dtype(got)
+    assert_close_rel(gh, rgh, grad_tol, what="d loss / d hidden")
+    assert_close_rel(gw, rgw, grad_tol, what="d loss / d weight")
+
+
+def out_dtype(got):
+    return got[1].dtype
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_linear_matches_fp64(gen, small_tiles, loss_type, level):  # noqa: F811
+    case = linear_case(gen)
+    # chunks of 4 live rows split sequences (token level) / pack whole ones (sequence level)
+    opts = dict(FULL, loss_type=loss_type, importance_level=level, chunk_size=4)
+    got = run(linear_grpo_loss, case, grad_scale=-1.7, **opts)
+    want = run_ref64(case, grad_scale=-1.7, **opts)
+    assert_linear_matches(got, want)
+    assert (got[1][~case["mask"]] == 0).all(), "masked rows get no hidden gradient"
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_linear_packed_default_chunk_and_on_policy(gen, small_tiles, level):  # noqa: F811
+    case = linear_case(gen, B=4, T=6, V=41, packed=True)
+    for opts in (dict(FULL, loss_type="grpo"), dict(loss_type="bnpo", old_logp=None)):
+        opts = dict(opts, importance_level=level)
+        c = dict(case, old_logp=opts.pop("old_logp", case["old_logp"]))
+        assert_linear_matches(run(linear_grpo_loss, c, **opts), run_ref64(c, **opts))
+
+
+def test_linear_sequence_longer_than_chunk(gen, small_tiles):  # noqa: F811
+    # sequence level with chunk_size 2 < every sequence: each sequence gets a chunk of its own
+    case = linear_case(gen, B=3, T=6, mask_p=0.9)
+    opts = dict(FULL, importance_level="sequence", loss_type="dr_grpo", chunk_size=2)
+    assert_linear_matches(run(linear_grpo_loss, case, **opts), run_ref64(case, **opts))
+
+
+def test_linear_per_token_advantages_num_items_max_len(gen, small_tiles):  # noqa: F811
+    case = linear_case(gen, B=2, T=6, V=31)
+    case["advantages"] = torch.randn(2, 6, generator=gen)
+    for opts in (dict(loss_type="dapo", num_items=40), dict(loss_type="dr_grpo", max_len=11)):
+        opts = dict(FULL, **opts, chunk_size=3)
+        assert_linear_matches(run(linear_grpo_loss, case, **opts), run_ref64(case, **opts))
+
+
+def test_masked_rows_are_never_projected(gen, small_tiles):  # noqa: F811
+    case = linear_case(gen)
+    case["hidden"][~case["mask"]] = float("nan")  # a masked row that were read would poison everything
+    out, gh, gw = run(linear_grpo_loss, case, **FULL, chunk_size=5)
+    assert torch.isfinite(out.loss) and torch.isfinite(gw).all()
+    assert torch.isfinite(gh[case["mask"]]).all() and (gh[~case["mask"]] == 0).all()
+
+
+def test_linear_bf16_equals_exact_math_on_its_bf16_logits(gen, small_tiles):  # noqa: F811
+    # bf16 hidden/weight: the logits are rounded to bf16 (as eager bf16 would); the loss terms are then
+    # exact fp32 arithmetic on those rounded logits, and the gradients carry bf16 roundings.
+    case = linear_case(gen, B=2, T=9, H=40, V=45, dtype=torch.bfloat16, spread=0.02)
+    opts = dict(FULL, loss_type="dapo", chunk_size=4)
+    out, gh, gw = run(linear_grpo_loss, case, **opts)
+    logits = (case["hidden"].float() @ case["weight"].float().T).to(torch.bfloat16).double()
+    args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
+    args = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in args.items()}
+    on_rounded = ref.grpo_loss(logits, **args, **{k: v for k, v in opts.items() if k != "chunk_size"})
+    assert_close_rel(out.loss, on_rounded.loss, VALUE_RTOL, atol_scale=1.0)
+    assert_close_rel(out.logp, on_rounded.logp, VALUE_RTOL, atol_scale=on_rounded.logp.abs().max().item())
+    assert_close_rel(out.entropy, on_rounded.entropy, VALUE_RTOL, atol_scale=1.0)
+    # gradients against exact arithmetic on the bf16 inputs: bf16-level agreement
+    _, rgh, rgw = run_ref64(case, **opts)
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    assert_close_rel(gh, rgh, 3e-2, what="d loss / d hidden")
+    assert_close_rel(gw, rgw, 3e-2, what="d loss / d weight")
+
+
+def test_weight_grad_bf16_accumulation_bound(gen, small_tiles):  # noqa: F811
+    """Across K chunks the bf16 weight gradient differs from an fp32-accumulated one (same products)
+    by at most (K + 1) u sum_t |D_t| |h_t| elementwise, u = 2^-8 (the bound the docs state)."""
+    case = linear_case(gen, B=4, T=12, H=16, V=24, dtype=torch.bfloat16, mask_p=0.9, spread=0.02)
+    opts = dict(FULL, loss_type="dapo", chunk_size=4)
+    n_live = int(case["mask"].sum())
+    k_chunks = -(-n_live // 4)
+    _, _, gw16 = run(linear_grpo_loss, case, **opts)
+    _, _, gw32 = run(linear_grpo_loss, case, **opts, fp32_weight_grad=True)
+    assert gw16.dtype == gw32.dtype == torch.bfloat16
+    # sum_t |D_t| |h_t| from the fp64 truth of dL/dlogits
+    case64 = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+    logits = (case64["hidden"] @ case64["weight"].T).requires_grad_()
+    args = {k: v for k, v in case64.items() if k not in ("hidden", "weight")}
+    ref.grpo_loss(logits, **args, **{k: v for k, v in opts.items() if k != "chunk_size"}).loss.backward()
+    d_abs, h_abs = logits.grad.abs().reshape(-1, 24), case64["hidden"].abs().reshape(-1, 16)
+    bound = (k_chunks + 1) * 2.0**-8 * 1.05 * (d_abs.T @ h_abs)
+    diff = (gw16.double() - gw32.double()).abs()
+    assert (diff <= bound + 1e-30).all(), f"max excess {(diff - bound).max().item():.3e}"
+    assert k_chunks >= 5
+
+
+def test_requires_grad_combinations(gen, small_tiles):  # noqa: F811
+    case = linear_case(gen, B=2, T=5, V=30)
+    _, want_gh, want_gw = run_ref64(case, **FULL)
+    args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
+    # frozen lm_head (LoRA-style): only the hidden gradient
+    h = case["hidden"].clone().requires_grad_()
+    linear_grpo_loss(h, case["weight"], **args, **FULL, chunk_size=3).loss.backward()
+    assert_close_rel(h.grad, want_gh, 2e-5)
+    w = case["weight"].clone().requires_grad_()
+    linear_grpo_loss(case["hidden"], w, **args, **FULL, chunk_size=3).loss.backward()
+    assert_close_rel(w.grad, want_gw, 2e-5)
+    with torch.no_grad():
+        out = linear_grpo_loss(case["hidden"], case["weight"], **args, **FULL)
+    want = ref.linear_grpo_loss(case["hidden"].double(), case["weight"].double(),
+                                **{k: (v.double() if v is not None and v.is_floating_point() else v)
+                                   for k, v in args.items()}, **FULL)
+    assert_close_rel(out.loss, want.loss, VALUE_RTOL, atol_scale=1.0)
+
+
+def test_linear_all_masked_gives_zero(gen, small_tiles):  # noqa: F811
+    case = linear_case(gen, B=2, T=3)
+    case["mask"][:] = False
+    out, gh, gw = run(linear_grpo_loss, case, **FULL)
+    assert out.loss.item() == 0.0 and (gh == 0).all() and (gw == 0).all()
+
+
+def test_linear_torch_compile_fullgraph(gen, small_tiles):  # noqa: F811
+    case = linear_case(gen, B=2, T=5, V=29)
+    args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
+    for level in ("token", "sequence"):
+        def step(h, w):
+            return linear_grpo_loss(h, w, **args, **FULL, importance_level=level, chunk_size=3).loss * 2  # noqa: B023
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        he, we = case["hidden"].clone().requires_grad_(), case["weight"].clone().requires_grad_()
+        hc, wc = case["hidden"].clone().requires_grad_(), case["weight"].clone().requires_grad_()
+        step(he, we).backward()
+        compiled(hc, wc).backward()
+        torch.testing.assert_close(hc.grad, he.grad)
+        torch.testing.assert_close(wc.grad, we.grad)
+
+
+def test_plan_chunks():
+    counts = [3, 0, 5, 2]  # live rows per sequence; rows 0-2 | 3-7 | 8-9
+    chunks, bounds, seqs, first = plan_chunks(counts, 4, whole_sequences=False)
+    assert chunks == [(0, 4), (4, 8), (8, 10)]
+    assert first == [0, 2, 3, 4] and seqs == [0, 2, 2, 3]
+    assert bounds == [0, 3, 4, 4, 8, 8, 10]  # per chunk: [0, 3, 4] [4, 8] [8, 10]
+    chunks, bounds, seqs, first = plan_chunks(counts, 4, whole_sequences=True)
+    assert chunks == [(0, 3), (3, 8), (8, 10)]  # the 5-row sequence gets a chunk of its own
+    assert seqs == [0, 2, 3] and bounds == [0, 3, 3, 8, 8, 10]
+    chunks, _, seqs, _ = plan_chunks(counts, 100, whole_sequences=True)
+    assert chunks == [(0, 10)] and seqs == [0, 2, 3]
+    assert plan_chunks([0, 0], 4, whole_sequences=False)[0] == []
+    assert default_chunk_rows(152064, 2) == 640 and default_chunk_rows(152064, 4) == 320
+    assert default_chunk_rows(10**9, 4) == 1
+
+
+def test_linear_errors(gen):
+    case = linear_case(gen, B=2, T=3, H=8, V=11)
+    h, w = case.pop("hidden"), case.pop("weight")
+    with pytest.raises(ValueError, match="weight must be the lm_head matrix"):
+        linear_grpo_loss(h, w[0], **case)
+    with pytest.raises(ValueError, match="H = 8"):
+        linear_grpo_loss(h[..., :5], w, **case)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        linear_grpo_loss(h.to(torch.bfloat16), w, **case)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        linear_grpo_loss(h, w, **case, chunk_size=0)
+    with pytest.raises(IndexError, match="token id 11"):
+        linear_grpo_loss(h, w, **dict(case, targets=torch.full((2, 3), 11)))
+    with pytest.raises(ValueError, match="beta > 0 needs ref_logp"):
+        linear_grpo_loss(h, w, **dict(case, ref_logp=None), beta=0.1)
+    wg = w.clone().requires_grad_()
+    loss = linear_grpo_loss(h, wg, **case).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: compiled kernels + cuBLAS at the real vocabulary size
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuda(case):
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gpu_linear_qwen_vocab(level):
+    gen = torch.Generator().manual_seed(11)
+    case = _cuda(linear_case(gen, B=3, T=160, H=512, V=152064, dtype=torch.bfloat16, mask_p=0.9,
+                             spread=0.02))
+    opts = dict(FULL, loss_type="dapo", importance_level=level, chunk_size=96)
+    out, gh, gw = run(linear_grpo_loss, case, **opts)
+    rout, rgh, rgw = run_ref64(case, **opts)
+    assert_close_rel(out.loss, rout.loss, 2e-2, atol_scale=1.0, what="loss")  # bf16 logits vs exact
+    assert_close_rel(out.logp, rout.logp, 2e-2, atol_scale=rout.logp.abs().max().item(), what="logp")
+    assert_close_rel(gh, rgh, 3e-2, what="d loss / d hidden")
+    assert_close_rel(gw, rgw, 3e-2, what="d loss / d weight")
+    _, _, gw32 = run(linear_grpo_loss, case, **opts, fp32_weight_grad=True)  # cuBLAS mixed-precision path
+    assert gw32.dtype == torch.bfloat16
+    assert_close_rel(gw32, rgw, 3e-2, what="d loss / d weight (fp32 accumulation)")
+
+
+@pytest.mark.gpu
+def test_gpu_linear_memory_bound():
+    # Peak extra = weight grad + hidden grad + one chunk of logits + small vectors; never N x V.
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, V, chunk = 4, 512, 1024, 32768, 256
+    case = _cuda(linear_case(gen, B=B, T=T, H=H, V=V, dtype=torch.bfloat16, mask_p=0.9))
+    hidden = case.pop("hidden").requires_grad_()
+    weight = case.pop("weight").requires_grad_()
+    expected = (V * H + B * T * H + chunk * V + chunk * H * 2) * 2 + 64 * B * T * 4 + (16 << 20)
+    # warm-up: cuBLAS allocates its workspace on first use, which is not ours to count
+    linear_grpo_loss(hidden, weight, **case, beta=0.04, chunk_size=chunk).loss.backward()
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_grpo_loss(hidden, weight, **case, beta=0.04, chunk_size=chunk).loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= expected, f"peak extra {peak / 2**20:.1f} MiB > {expected / 2**20:.1f} MiB"
+    assert peak < B * T * V * 2, "never N x V"
