@@ -265,7 +265,7 @@ def test_prompt_order_is_a_permutation_per_epoch_and_resumable():
 def test_warmup_teaches_the_format(tmp_path):
     """The supervised warm-up alone makes the tiny model write the templated answer."""
     trainer = make_trainer(
-        tmp_path, sft={"steps": 150, "batch_size": 8, "lr": 1e-2}, loss={"micro_batch_size": 8}
+        tmp_path, sft={"steps": 300, "batch_size": 8, "lr": 1e-2}, loss={"micro_batch_size": 8}
     )
     losses = trainer.warmup()
     assert losses[-1] < 0.25 * losses[0]
