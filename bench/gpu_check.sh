@@ -33,7 +33,7 @@ if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; t
 fi
 
 say "GPU tests"
-$PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout "${TESTS_TIMEOUT:-240}" $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 cat "$OUT/gpu_tests.log" >> "$LOG"
 
 for bench in bench/bench_*.py; do
