@@ -15,7 +15,7 @@ import sys
 from setuptools import setup
 
 CPU_SOURCES = ["csrc/ops.cpp"]
-CUDA_SOURCES = ["csrc/cuda/listener.cu"]
+CUDA_SOURCES = ["csrc/cuda/listener.cu", "csrc/cuda/listener_cuda.cpp"]
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 

@@ -388,6 +388,34 @@ def main(argv=None) -> int:
 
     guarded("generate_16x256", generate_16x256)
 
+    def hf_generate_16x256():
+        """Plain HF sampling on the same prompts: separates HF's per-step cost from our sampler's."""
+        from transformers import GenerationConfig
+
+        n, new = (16, 256) if not smoke else (4, 8)
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(100, 150000 if not smoke else 900, (n, 64), generator=gen).to(device)
+        cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0,
+                               top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
+        policy.eval()
+        with torch.no_grad():
+            policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            generation_config=GenerationConfig(max_new_tokens=4, do_sample=True, pad_token_id=0))
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+            if cuda:
+                torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        tok_s = (out.shape[1] - ids.shape[1]) * n / secs
+        phases["hf_generate_16x256"] = {"s": secs, "tok_s": tok_s}
+        rows.append(Row(f"HF generate {n} x {new}, plain do_sample", secs * 1e3,
+                        ratio=ANCHORS["generate_tok_s"] / tok_s if not smoke else None,
+                        note=f"{tok_s:.0f} tok/s (same run: our sampler's overhead = the row above / this)"))
+
+    guarded("hf_generate_16x256", hf_generate_16x256)
+
     title = "GRPO train step, Qwen2.5-VL-3B-sized (random weights)" + (" [smoke]" if smoke else "")
     print_table(title, rows, env)
     write_json(args.out, "train_step", {"title": title, "env": env, "rows": rows, "phases": phases})

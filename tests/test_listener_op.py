@@ -519,18 +519,11 @@ def _nvcc_flags():
 
 
 @needs_nvcc
-def test_cuda_kernel_compiles_for_sm90(tmp_path):
-    """The ATen-free kernel header, instantiated for every dtype, built for sm_90 and sm_80."""
-    driver = tmp_path / "driver.cu"
-    driver.write_text(
-        '#include "cuda/listener_kernel.cuh"\n'
-        "namespace L = lgrpo::listener;\n"
-        + "".join(f"template cudaError_t L::launch_listener<L::{t}>(const L::Params&, cudaStream_t, int);\n"
-                  for t in ("F32", "F16", "BF16"))
-    )
+def test_cuda_kernels_compile_for_sm90(tmp_path):
+    """cuda/listener.cu (ATen-free: every dtype's kernel behind one launcher), for sm_90 and sm_80."""
     cmd = [NVCC, "-std=c++17", *_nvcc_flags(), "-gencode=arch=compute_90,code=sm_90",
-           "-gencode=arch=compute_80,code=sm_80", "-Xptxas", "-v", f"-I{CSRC}", "-c", str(driver),
-           "-o", str(tmp_path / "driver.o")]
+           "-gencode=arch=compute_80,code=sm_80", "-Xptxas", "-v", f"-I{CSRC}", "-c",
+           str(CSRC / "cuda" / "listener.cu"), "-o", str(tmp_path / "listener.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     # ptxas reports each kernel (3 dtypes x 2 archs); a spill would put the streamed values in
@@ -556,19 +549,38 @@ def _torch_cuda_headers(tmp_path):
     return dirs
 
 
+def _cuda_include_dir() -> Path:
+    """The CUDA toolkit's include folder (cuda_runtime.h): CUDA_HOME, else found from nvcc.
+
+    nvcc may be a wrapper script outside the toolkit, so ask it where its headers are.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return Path(os.environ["CUDA_HOME"]) / "include"
+    res = subprocess.run([NVCC, "-E", "-x", "cu", "-", "-M"], input="#include <cuda_runtime.h>\n",
+                         capture_output=True, text=True, timeout=120)
+    found = re.search(r"(\S+)/cuda_runtime\.h", res.stdout)
+    if not found:
+        pytest.skip(f"cannot locate cuda_runtime.h through nvcc: {res.stderr[-300:]}")
+    return Path(found.group(1))
+
+
 @needs_nvcc
 @pytest.mark.slow
-def test_cuda_registration_compiles_for_sm90(tmp_path):
-    """cuda/listener.cu itself (ATen side included) against this torch's headers, sm_90 only."""
+def test_cuda_registration_compiles(tmp_path):
+    """cuda/listener_cuda.cpp (the ATen side of the CUDA op) against this torch's headers.
+
+    It is compiled by the host compiler, as setup.py's CUDAExtension does; a syntax-only pass
+    is enough to catch API errors without CUDA's link libraries.
+    """
     dirs = _torch_cuda_headers(tmp_path)
+    cuda_include = _cuda_include_dir()
     std = "-std=c++20" if torch.__version__ >= "2.10" else "-std=c++17"
-    cmd = [NVCC, std, *_nvcc_flags(), "-gencode=arch=compute_90,code=sm_90", "--compiler-options", "-fPIC",
-           "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-diag-suppress=20013,20015,3306",
-           *[f"-I{d}" for d in dirs], "-c", str(CSRC / "cuda" / "listener.cu"),
-           "-o", str(tmp_path / "listener.o")]
+    cxx = os.environ.get("CXX", "c++")
+    cmd = [cxx, std, "-fsyntax-only", "-fPIC", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *[f"-I{d}" for d in dirs], f"-I{cuda_include}", f"-I{CSRC}",
+           str(CSRC / "cuda" / "listener_cuda.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    assert (tmp_path / "listener.o").stat().st_size > 0
 
 
 if __name__ == "__main__":

@@ -1,67 +1,21 @@
-// CUDA registration of lgrpo::listener_confidence: checks, outputs, launch on the current stream,
-// and the index check. The kernel itself is ATen-free in listener_kernel.cuh.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <climits>
-
-#include "../ops.h"
+// The CUDA translation unit: the kernels of listener_kernel.cuh, instantiated per logits dtype
+// behind one plain launcher. ATen-free on purpose: nvcc compiles it alone (CI does, without a GPU
+// and without torch's CUDA headers), and no C++ exception ever unwinds through nvcc-generated
+// host code; the checks, allocation and errors live in listener_cuda.cpp (host compiler).
 #include "listener_kernel.cuh"
+#include "listener_launch.h"
 
 namespace lgrpo {
-namespace {
+namespace listener {
 
-bool is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
+cudaError_t launch(LogitsDType dtype, const Params& p, cudaStream_t stream, int device) {
+  switch (dtype) {
+    case LogitsDType::F32: return launch_listener<F32>(p, stream, device);
+    case LogitsDType::F16: return launch_listener<F16>(p, stream, device);
+    case LogitsDType::BF16: return launch_listener<BF16>(p, stream, device);
+  }
+  return cudaErrorInvalidValue;
 }
 
-std::tuple<at::Tensor, at::Tensor> listener_confidence_cuda(const at::Tensor& logits,
-                                                            const std::optional<at::Tensor>& positions,
-                                                            const at::Tensor& candidate_ids, double temperature,
-                                                            bool check_indices) {
-  // Also catches CPU logits with CUDA indices (the dispatcher picks this kernel for either).
-  listener::Params p = listener_params(logits, positions, candidate_ids, temperature);
-  TORCH_CHECK_VALUE(logits.is_cuda(), "logits must be on a CUDA device here, got ", logits.device());
-  TORCH_CHECK_VALUE(p.batch <= INT_MAX / listener::kMaxChunks, "logits has too many rows for one launch (B = ",
-                    p.batch, ")");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  auto out = listener_outputs(logits, p);
-  if (p.batch == 0) return out;
-
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index());
-  // A graph being captured cannot sync: there, bad indices give NaN rows and no error.
-  const bool check = check_indices && !is_capturing(stream);
-  at::Tensor status;
-  if (check) {
-    status = at::empty({p.batch}, logits.options().dtype(at::kInt));
-    p.status = status.data_ptr<int32_t>();  // every row's entry is written by the kernel: no memset
-  }
-
-  const int device = logits.device().index();
-  cudaError_t err;
-  switch (logits.scalar_type()) {
-    case at::kFloat: err = listener::launch_listener<listener::F32>(p, stream, device); break;
-    case at::kHalf: err = listener::launch_listener<listener::F16>(p, stream, device); break;
-    default: err = listener::launch_listener<listener::BF16>(p, stream, device); break;  // checked above
-  }
-  C10_CUDA_CHECK(err);
-
-  if (check) {
-    // One copy of B int32 to the host; it waits for the kernel on this stream.
-    const at::Tensor host = status.cpu();
-    raise_on_bad_rows(host.data_ptr<int32_t>(), p, positions, candidate_ids);
-  }
-  return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lgrpo, CUDA, m) { m.impl("listener_confidence", &listener_confidence_cuda); }
-
+}  // namespace listener
 }  // namespace lgrpo

@@ -1,6 +1,6 @@
 // CUDA kernel and launcher of listener_confidence, free of ATen so that CI compiles it with the
 // machine's nvcc for sm_90 (and sm_80) without a GPU and without torch's CUDA headers. The ATen
-// side (checks, allocation, current stream, registration) is cuda/listener.cu.
+// side (checks, allocation, current stream, registration) is cuda/listener_cuda.cpp.
 //
 // Work split: a row of V logits is cut into `chunks` contiguous pieces, one thread block each
 // (grid.x = B * chunks, so no 65535 limit on B). Each block streams its piece with 16-byte loads,
@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "../listener.h"
+#include "listener_launch.h"
 
 namespace lgrpo {
 namespace listener {
@@ -30,7 +31,6 @@ constexpr int kThreads = 256;  // 8 warps: 4 resident blocks per SM at <= 64 reg
 // DRAM latency; 64 bf16 per step would need more than the 64 registers 4 blocks per SM allow
 // (ptxas spills).
 constexpr int kStepElems = 32;
-constexpr int kMaxChunks = 8;  // the portable cluster size: every sm_90 part can schedule it
 
 // One tag per logits dtype: how a single element, and element e of an array of 32-bit words
 // loaded 16 bytes at a time, become fp32; and the word that holds -inf in every lane (the filler
