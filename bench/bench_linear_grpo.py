@@ -145,9 +145,9 @@ def main() -> None:
         note="a different loss (GSPO ratio): agreement not expected")))
     record(run_guarded("ours fp32", lambda: measure("ours, fp32_weight_grad=True",
                                                     ours(fp32_weight_grad=True))))
-    for rows in (768, 896, 1024):  # the speed / memory trade-off around the default
-        record(run_guarded(f"ours {rows}", lambda rows=rows: measure(f"ours (chunk {rows} rows)",
-                                                                      ours(chunk_size=rows))))
+    for chunk_rows in (768, 896, 1024):  # the speed / memory trade-off around the default
+        record(run_guarded(f"ours {chunk_rows}", lambda c=chunk_rows: measure(f"ours (chunk {c} rows)",
+                                                                               ours(chunk_size=c))))
     record(run_guarded("eager", lambda: measure("eager matmul + loss", eager)))
 
     def liger():
