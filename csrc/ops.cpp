@@ -40,8 +40,8 @@ namespace {
 bool is_index_dtype(const at::Tensor& t) { return t.scalar_type() == at::kLong || t.scalar_type() == at::kInt; }
 
 void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(t.device() == logits.device(), name, " is on ", t.device(), " but logits are on ",
-                    logits.device());
+  TORCH_CHECK_VALUE(t.device() == logits.device(), name, " is on ", txt(t.device()), " but logits are on ",
+                    txt(logits.device()));
 }
 
 }  // namespace
@@ -52,9 +52,9 @@ listener::Params listener_params(const at::Tensor& logits, const std::optional<a
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
                     "logits must be fp32, fp16 or bf16, got ", dtype);
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
-                    temperature);
+                    txt(temperature));
   const int64_t rank = logits.dim();
-  TORCH_CHECK_VALUE(rank == 2 || rank == 3, "logits must be [B, T, V] or [B, V], got rank ", rank);
+  TORCH_CHECK_VALUE(rank == 2 || rank == 3, "logits must be [B, T, V] or [B, V], got rank ", txt(rank));
   const int64_t batch = logits.size(0);
   const int64_t vocab = logits.size(-1);
   TORCH_CHECK_VALUE(vocab >= 1, "logits has an empty vocabulary dimension (V = 0)");
@@ -69,7 +69,7 @@ listener::Params listener_params(const at::Tensor& logits, const std::optional<a
     TORCH_CHECK_VALUE(positions.has_value(), "positions [B] is required for logits of shape [B, T, V]");
     const at::Tensor& pos = *positions;
     TORCH_CHECK_VALUE(pos.dim() == 1 && pos.size(0) == batch && is_index_dtype(pos),
-                      "positions must be an int32 or int64 tensor of shape [", batch, "], got ", pos.sizes(), " ",
+                      "positions must be an int32 or int64 tensor of shape [", txt(batch), "], got ", txt(pos.sizes()), " ",
                       pos.scalar_type());
     check_same_device("positions", pos, logits);
     p.seq_len = logits.size(1);
@@ -83,13 +83,13 @@ listener::Params listener_params(const at::Tensor& logits, const std::optional<a
 
   const at::Tensor& cand = candidate_ids;
   TORCH_CHECK_VALUE((cand.dim() == 1 || cand.dim() == 2) && is_index_dtype(cand),
-                    "candidate_ids must be an int32 or int64 tensor [K] or [B, K], got ", cand.sizes(), " ",
+                    "candidate_ids must be an int32 or int64 tensor [K] or [B, K], got ", txt(cand.sizes()), " ",
                     cand.scalar_type());
-  TORCH_CHECK_VALUE(cand.dim() == 1 || cand.size(0) == batch, "candidate_ids [B, K] must have B = ", batch,
-                    " rows, got ", cand.size(0));
+  TORCH_CHECK_VALUE(cand.dim() == 1 || cand.size(0) == batch, "candidate_ids [B, K] must have B = ", txt(batch),
+                    " rows, got ", txt(cand.size(0)));
   const int64_t k = cand.size(-1);
   TORCH_CHECK_VALUE(k >= 1, "candidate_ids must hold at least one candidate (K >= 1)");
-  TORCH_CHECK_VALUE(k < INT_MAX, "candidate_ids holds too many candidates (K = ", k, ")");
+  TORCH_CHECK_VALUE(k < INT_MAX, "candidate_ids holds too many candidates (K = ", txt(k), ")");
   check_same_device("candidate_ids", cand, logits);
   p.cand = cand.data_ptr();
   p.cand_int64 = cand.scalar_type() == at::kLong;
@@ -118,15 +118,16 @@ void raise_on_bad_rows(const int32_t* status, const listener::Params& p, const s
     // Error path only: reading the offending value may sync a device, which no longer matters.
     if (s == listener::kBadPosition) {
       const int64_t v = positions->select(0, b).item<int64_t>();
-      TORCH_CHECK_INDEX(false, "positions[", b, "] = ", v, " is outside [0, ", p.seq_len, "), the range of logits' T");
+      TORCH_CHECK_INDEX(false, "positions[", txt(b), "] = ", txt(v), " is outside [0, ", txt(p.seq_len), "), the range of logits' T");
     }
     const int64_t k = s - 1;
     const bool shared = candidate_ids.dim() == 1;
     const int64_t v = (shared ? candidate_ids.select(0, k) : candidate_ids.select(0, b).select(0, k)).item<int64_t>();
     if (shared) {
-      TORCH_CHECK_INDEX(false, "candidate_ids[", k, "] = ", v, " is outside the vocabulary [0, ", p.vocab, ")");
+      TORCH_CHECK_INDEX(false, "candidate_ids[", txt(k), "] = ", txt(v), " is outside the vocabulary [0, ", txt(p.vocab), ")");
     }
-    TORCH_CHECK_INDEX(false, "candidate_ids[", b, ", ", k, "] = ", v, " is outside the vocabulary [0, ", p.vocab, ")");
+    TORCH_CHECK_INDEX(false, "candidate_ids[", txt(b), ", ", txt(k), "] = ", txt(v), " is outside the vocabulary [0, ",
+                      txt(p.vocab), ")");
   }
 }
 

@@ -4,12 +4,34 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/core/Device.h>
+
+#include <cstdio>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "listener.h"
 
 namespace lgrpo {
+
+// Error-message text for numbers, shapes and devices, built without a std::ostream numeric insert.
+// Why: on the H100 test machine (torch 2.11 venv, g++ 13) formatting an integer through an ostream
+// inside this library crashed the process (SIGSEGV in num_put: the library's libstdc++ locale
+// facets were not the process's), while streaming strings worked. std::to_string / snprintf and
+// the formatting done inside libc10 (Device::str) need no locale facet.
+inline std::string txt(int64_t v) { return std::to_string(v); }
+inline std::string txt(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+inline std::string txt(const c10::Device& d) { return d.str(); }
+inline std::string txt(c10::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
 
 // Checks every argument that needs no tensor data (ranks, dtypes, shapes, devices, temperature)
 // and returns the kernel parameters, output pointers left null. Throws ValueError naming the

@@ -28,9 +28,9 @@ std::tuple<at::Tensor, at::Tensor> listener_confidence_cuda(const at::Tensor& lo
                                                             bool check_indices) {
   // Also catches CPU logits with CUDA indices (the dispatcher picks this kernel for either).
   listener::Params p = listener_params(logits, positions, candidate_ids, temperature);
-  TORCH_CHECK_VALUE(logits.is_cuda(), "logits must be on a CUDA device here, got ", logits.device());
+  TORCH_CHECK_VALUE(logits.is_cuda(), "logits must be on a CUDA device here, got ", txt(logits.device()));
   TORCH_CHECK_VALUE(p.batch <= INT_MAX / listener::kMaxChunks, "logits has too many rows for one launch (B = ",
-                    p.batch, ")");
+                    txt(p.batch), ")");
   const c10::cuda::CUDAGuard guard(logits.device());
   auto out = listener_outputs(logits, p);
   if (p.batch == 0) return out;
