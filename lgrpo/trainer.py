@@ -581,7 +581,8 @@ class Trainer:
     # -- the supervised warm-up -------------------------------------------------------------------------
 
     def warmup(self) -> list[float]:
-        """Teacher forcing on the task's templated reasoning, so the output format exists before GRPO.
+        """Teacher forcing on the task's templated reasoning, so the output format exists before GRPO
+        (and, on the synthetic task, the model learns to describe both images, which the answer needs).
 
         A random or tiny policy never writes ``<think>…</think><answer>k</answer>`` by chance, so every
         group would get the same (zero) format reward and GRPO would have nothing to learn from.
