@@ -25,3 +25,16 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Route lgrpo.kernels' public functions to the pure-PyTorch reference for this test.
+
+    The Triton kernels are checked against the fp64 reference in their own tests (through the
+    interpreter on CPU); tests of the trainer's logic (resume, ranks, warm-up, metrics) run many
+    optimizer steps, where the interpreter would cost minutes and add nothing they check.
+    """
+    import lgrpo.kernels._common as common
+
+    monkeypatch.setattr(common, "INTERPRET", False)

@@ -23,6 +23,9 @@ from tests.test_trainer import make_trainer
 
 STEPS = {"steps": 4}
 
+# Trainer logic, many steps: the kernels run as the reference (see conftest.reference_kernels).
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
 
 def test_n_steps_equal_k_steps_plus_resume_exactly(tmp_path):
     straight = make_trainer(

@@ -61,12 +61,14 @@ def run(out_dir: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("reference_kernels")
 def test_two_ranks_match_one_process(tmp_path):
     one = run(tmp_path / "one")
     assert one["world"] == 1 and not one["fsdp"]
 
     env = dict(
-        os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
+        os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
+        TRITON_INTERPRET="0",  # the ranks, like the in-process run, use the reference kernels
     )
     cmd = [
         sys.executable,

@@ -219,7 +219,7 @@ def test_plan_chunks():
     chunks, _, seqs, _ = plan_chunks(counts, 100, whole_sequences=True)
     assert chunks == [(0, 10)] and seqs == [0, 2, 3]
     assert plan_chunks([0, 0], 4, whole_sequences=False)[0] == []
-    assert default_chunk_rows(152064, 2) == 640 and default_chunk_rows(152064, 4) == 320
+    assert default_chunk_rows(152064, 2) == 768 and default_chunk_rows(152064, 4) == 384
     assert default_chunk_rows(10**9, 4) == 1
 
 

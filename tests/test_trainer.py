@@ -168,6 +168,7 @@ def test_scorer_matches_the_models_own_logits(fused):
     assert torch.allclose(logp[cmask], want[cmask], atol=1e-5)
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_first_pass_is_on_policy(tmp_path):
     """Behaviour log-probs captured before the update give ratio 1 in the first minibatch (nothing clipped),
     and they equal the sampler's distribution: the completions were sampled from that very model."""
@@ -183,6 +184,7 @@ def test_first_pass_is_on_policy(tmp_path):
     assert stats2["clip_sum"] > 0
 
 
+@pytest.mark.usefixtures("reference_kernels")
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_loss_does_not_depend_on_micro_batch_size(tmp_path, loss_type):
     runs = []
@@ -193,6 +195,7 @@ def test_loss_does_not_depend_on_micro_batch_size(tmp_path, loss_type):
     assert any(abs(v) > 1e-6 for v in runs[0])
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_fit_writes_metrics_and_learns_something(tmp_path):
     trainer = make_trainer(tmp_path, loss={"beta": 0.04})
     before = [p.detach().clone() for p in trainer.policy.parameters()]
@@ -227,6 +230,7 @@ def test_fit_writes_metrics_and_learns_something(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_non_finite_gradient_stops_before_the_weights_move(tmp_path):
     trainer = make_trainer(tmp_path)
     param = trainer.policy.get_output_embeddings().weight
@@ -239,6 +243,7 @@ def test_non_finite_gradient_stops_before_the_weights_move(tmp_path):
     handle.remove()
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_non_finite_skip_mode_drops_the_update_and_goes_on(tmp_path):
     trainer = make_trainer(tmp_path, train={"on_nonfinite": "skip", "steps": 2})
     param = trainer.policy.get_output_embeddings().weight
@@ -262,6 +267,7 @@ def test_prompt_order_is_a_permutation_per_epoch_and_resumable():
     assert again.next() == order.next()
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_warmup_teaches_the_format(tmp_path):
     """The supervised warm-up alone makes the tiny model write the templated answer."""
     trainer = make_trainer(
