@@ -304,22 +304,17 @@ def test_throughput_benchmark_smoke_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path, monkeypatch):
+@pytest.mark.usefixtures("reference_kernels")  # as `make demo` runs on CPU
+def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path):
     """The default run's warm-up (preset ``tiny``) makes the tiny VLM read the prompt and both images.
 
     The GRPO phase of ``make demo`` only has something to work with when the reasoning it samples says
     what the images show: with the old 120-step warm-up the model wrote one fixed text whatever the
     images (it did not even copy the prompt) and answered "1" on every held-out pair.
     """
-    from lgrpo.kernels import _common
-
     from lgrpo.prompts import parse_completion
     from lgrpo.synthetic import reference_reasoning
     from lgrpo.train import build
-
-    # The CPU fallback, as `make demo` runs: the Triton interpreter (switched on for the kernel tests)
-    # would make the 1250 warm-up steps take many minutes. The kernels have their own tests.
-    monkeypatch.setattr(_common, "INTERPRET", False)
 
     cfg = build_config("tiny", {"run": {"progress": False}, "train": {"steps": 0}})
     dist = D.init("cpu")
