@@ -27,6 +27,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+bench-cpu: install
+	for b in bench/bench_*.py; do $(PY) $$b --smoke || exit 1; done
+
 lint: install
 	$(PY) -m ruff check .
 

@@ -227,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
             ]
             trainer.copy_policy_into(*frozen)
         reports["before"] = held_out("held-out, before GRPO")
-    trainer.fit()
+
+    def periodic_eval(tr: Trainer, _metrics: dict) -> None:
+        every = cfg.train.eval_every
+        if every and tr.step % every == 0 and tr.step < cfg.train.steps:  # the last step gets "after"
+            held_out(f"held-out, step {tr.step}")
+
+    trainer.fit(on_step=periodic_eval)
     reports["after"] = held_out("held-out, after GRPO")
     if cfg.checkpoint.export:
         out = export_pretrained(

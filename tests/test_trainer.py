@@ -335,3 +335,20 @@ def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path):
     print(f"held-out: reasoning as the template {exact:.3f}, accuracy {accuracy:.3f}")
     assert exact >= 0.7 and accuracy >= 0.7, (exact, accuracy, out.texts[:4])
     assert answers == {1, 2}, answers  # not one constant answer
+
+
+@pytest.mark.usefixtures("reference_kernels")
+def test_train_main_runs_end_to_end_with_periodic_eval(tmp_path):
+    """`python -m lgrpo.train` on the built-in task, shortened: every stage runs and leaves its files."""
+    from lgrpo.train import main
+
+    argv = ["--run.dir", str(tmp_path), "--run.name", "smoke", "--run.progress", "false",
+            "--sft.steps", "2", "--train.steps", "2", "--train.eval_every", "1", "--data.eval_size", "4",
+            "--data.synthetic_train_size", "16", "--train.prompts_per_step", "2", "--rollout.group_size", "2"]
+    assert main(argv) == 0
+    run = tmp_path / "smoke"
+    stages = [json.loads(line)["stage"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert stages == ["held-out, initial weights", "held-out, before GRPO", "held-out, step 1",
+                      "held-out, after GRPO"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "config.json").is_file() and (run / "final" / "config.json").is_file()
