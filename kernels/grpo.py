@@ -33,7 +33,7 @@ from . import reference
 from ._api import GRPOLossOutput
 from ._common import next_pow2, on_device, tl, triton, use_triton
 from ._inputs import grpo_inputs, start_target_check
-from .logprobs import addressable, launch_row_grad, launch_row_stats
+from .logprobs import _live_rows, _row_ids, addressable, launch_row_grad, launch_row_stats
 
 LOSS_TYPE_CODE = {"grpo": 0, "bnpo": 1, "dapo": 2, "dr_grpo": 3}
 
@@ -141,13 +141,8 @@ def _token_loss_kernel(
             for k in range(start, end, BLOCK):
                 rows = k + offs
                 inb = rows < end
-                if ROW_MAP:
-                    idx = tl.load(row_idx_ptr + rows, mask=inb, other=0).to(tl.int64)
-                else:
-                    idx = rows
-                live = inb
-                if HAS_MASK:
-                    live = live & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+                idx = _row_ids(row_idx_ptr, rows, inb, ROW_MAP)
+                live = _live_rows(mask_ptr, idx, inb, HAS_MASK)
                 logp = tl.load(logp_ptr + idx, mask=live, other=0.0)
                 old = tl.load(old_ptr + idx, mask=live, other=0.0).to(tl.float32)
                 acc += tl.where(live, logp - old, 0.0)
@@ -157,13 +152,8 @@ def _token_loss_kernel(
     for k in range(start, end, BLOCK):
         rows = k + offs
         inb = rows < end
-        if ROW_MAP:
-            idx = tl.load(row_idx_ptr + rows, mask=inb, other=0).to(tl.int64)
-        else:
-            idx = rows
-        live = inb
-        if HAS_MASK:
-            live = live & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+        idx = _row_ids(row_idx_ptr, rows, inb, ROW_MAP)
+        live = _live_rows(mask_ptr, idx, inb, HAS_MASK)
         logp = tl.load(logp_ptr + idx, mask=live, other=0.0)
         adv = tl.load(adv_ptr + idx, mask=live, other=0.0).to(tl.float32)
         if SEQ_LEVEL:
@@ -196,13 +186,8 @@ def _token_loss_kernel(
         for k in range(start, end, BLOCK):
             rows = k + offs
             inb = rows < end
-            if ROW_MAP:
-                idx = tl.load(row_idx_ptr + rows, mask=inb, other=0).to(tl.int64)
-            else:
-                idx = rows
-            live = inb
-            if HAS_MASK:
-                live = live & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+            idx = _row_ids(row_idx_ptr, rows, inb, ROW_MAP)
+            live = _live_rows(mask_ptr, idx, inb, HAS_MASK)
             g = tl.zeros([BLOCK], tl.float32) + q
             if USE_KL:
                 logp = tl.load(logp_ptr + idx, mask=live, other=0.0)

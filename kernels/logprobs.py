@@ -38,6 +38,25 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
+def _row_ids(row_idx_ptr, rows, in_range, ROW_MAP: tl.constexpr):
+    """Storage index of each logical row: through the live-row map when there is one."""
+    if ROW_MAP:
+        idx = tl.load(row_idx_ptr + rows, mask=in_range, other=0).to(tl.int64)
+    else:
+        idx = rows
+    return idx
+
+
+@triton.jit
+def _live_rows(mask_ptr, idx, in_range, HAS_MASK: tl.constexpr):
+    """Rows in range whose mask (when there is one) is set."""
+    live = in_range
+    if HAS_MASK:
+        live = live & (tl.load(mask_ptr + idx, mask=in_range, other=0) != 0)
+    return live
+
+
+@triton.jit
 def _row_stats_kernel(
     x_ptr, rows_per_batch, stride_b, stride_t,
     row_idx_ptr, tgt_ptr, mask_ptr,
@@ -48,13 +67,8 @@ def _row_stats_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_range = rows < n_rows
-    if ROW_MAP:
-        idx = tl.load(row_idx_ptr + rows, mask=in_range, other=0).to(tl.int64)
-    else:
-        idx = rows
-    live = in_range
-    if HAS_MASK:
-        live = live & (tl.load(mask_ptr + idx, mask=in_range, other=0) != 0)
+    idx = _row_ids(row_idx_ptr, rows, in_range, ROW_MAP)
+    live = _live_rows(mask_ptr, idx, in_range, HAS_MASK)
     base = (rows // rows_per_batch) * stride_b + (rows % rows_per_batch) * stride_t
 
     # Running statistics per row, relative to the running max m (base-2 units):
@@ -109,10 +123,7 @@ def _row_grad_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_range = rows < n_rows
-    if ROW_MAP:
-        idx = tl.load(row_idx_ptr + rows, mask=in_range, other=0).to(tl.int64)
-    else:
-        idx = rows
+    idx = _row_ids(row_idx_ptr, rows, in_range, ROW_MAP)
     g = tl.load(coef_ptr + idx, mask=in_range, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr).to(tl.float32)
