@@ -1,11 +1,8 @@
 """Rollouts: G sampled completions per prompt, stopped at the stop string or EOS.
 
-Sampling is a pure function of ``(seed, step, row id, position)`` and the logits: each row draws one
-counter-based uniform number per position and inverts the CDF of ``softmax(logits / T)`` (after
-top-p). The same prompt therefore gets the same completions on any number of ranks, in any batch
-composition, and after a resume — which is what makes "2 ranks == 1 rank" and "N steps == K steps +
-resume" exact. It samples exactly from the policy's distribution (no bias), and costs one cumsum per
-row and step.
+Sampling is a pure function of ``(seed, step, row id, position)`` and the logits (lgrpo.sampling): the
+same prompt gets the same completions on any number of ranks, in any batch composition, and after a
+resume.
 
 The prompt batches are dicts of tensors as the processor/collator makes them: ``input_ids`` and
 ``attention_mask`` [N, P] (left padded), and for a VLM ``pixel_values`` [patches, D] with
@@ -18,13 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from .sampling import BanTokens, CounterSampler, placeholder_token_ids
 
 # --- batches of prompts with images -------------------------------------------------------------------
 
@@ -126,103 +119,6 @@ def model_inputs(batch: dict, model=None) -> dict:
             if k in out and out[k].is_floating_point() and dtype.is_floating_point:
                 out[k] = out[k].to(dtype)
     return out
-
-
-# --- the sampler --------------------------------------------------------------------------------------
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2^32.
-
-    The multipliers are below 2^31 so every product stays below 2^63: no signed overflow, hence the
-    same bits on CPU and CUDA.
-    """
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK32
-    return x ^ (x >> 16)
-
-
-def counter_uniform(seed: int, step: int, row_ids: torch.Tensor, position: int) -> torch.Tensor:
-    """Uniform numbers in (0, 1), float64, one per row, determined by (seed, step, row id, position)."""
-    h = _mix32(
-        torch.full_like(row_ids, seed & _MASK32) ^ _mix32(torch.full_like(row_ids, (seed >> 32) + 0x9E3779B9))
-    )
-    h = _mix32(h ^ _mix32(torch.full_like(row_ids, step & _MASK32) + 0x632BE5AB))
-    h = _mix32(h ^ _mix32(row_ids & _MASK32) ^ _mix32((row_ids >> 32) + 0x85EBCA6B))
-    h = _mix32(h ^ _mix32(torch.full_like(row_ids, position & _MASK32) + 0xC2B2AE35))
-    return (h.double() + 0.5) / 2**32
-
-
-def sample_from_logits(
-    logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float = 1.0
-) -> torch.Tensor:
-    """Token ids [B]: inverse-CDF sampling of ``softmax(logits / temperature)`` restricted to top-p.
-
-    ``u`` [B] uniform in (0, 1). With top_p < 1 the smallest set of most likely tokens whose mass
-    reaches top_p is kept (the most likely token always). Exact: P(id = v) = p_v (renormalised).
-    """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
-        sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-        cdf = sorted_p.double().cumsum(-1)
-    else:
-        order = None
-        cdf = probs.double().cumsum(-1)
-    target = (u.to(cdf.device).double() * cdf[:, -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
-    return idx if order is None else order.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-
-
-class CounterSampler(LogitsProcessor):
-    """Turns HF greedy decoding into seeded sampling: the chosen token gets 0, every other -inf."""
-
-    def __init__(
-        self, seed: int, step: int, row_ids: torch.Tensor, temperature: float, top_p: float, prompt_len: int
-    ):
-        self.seed, self.step, self.temperature, self.top_p = seed, step, temperature, top_p
-        self.row_ids = row_ids.long()
-        self.prompt_len = prompt_len
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # The index within the completion, not the padded length: padding depends on the batch.
-        position = input_ids.shape[1] - self.prompt_len
-        u = counter_uniform(self.seed, self.step, self.row_ids.to(scores.device), position)
-        ids = sample_from_logits(scores, u, self.temperature, self.top_p)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, ids.unsqueeze(1), 0.0)
-        return out
-
-
-class BanTokens(LogitsProcessor):
-    """Never emit these ids (a VLM's image/video placeholders: one in a completion breaks the next forward,
-    which counts placeholders against image features). Applied before sampling, so the sampler draws from
-    the policy renormalised without them; a trained model gives them ~0 mass anyway."""
-
-    def __init__(self, ids: list[int]):
-        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        ids = self.ids[self.ids < scores.shape[-1]].to(scores.device)
-        return scores.index_fill(-1, ids, float("-inf"))
-
-
-def placeholder_token_ids(config) -> list[int]:
-    """The vision placeholder / delimiter ids of a (V)LM config (empty for a text model)."""
-    names = (
-        "image_token_id",
-        "video_token_id",
-        "vision_start_token_id",
-        "vision_end_token_id",
-        "vision_token_id",
-    )
-    ids = [getattr(config, n, None) for n in names]
-    return [int(i) for i in ids if isinstance(i, int)]
 
 
 class StopOnString(StoppingCriteria):
@@ -351,8 +247,10 @@ def generate(
             banned = placeholder_token_ids(getattr(model, "config", None))
             if banned:
                 processors.append(BanTokens(banned))
+            sampler = None
             if not greedy:
-                processors.append(CounterSampler(seed, step, row_ids[rows], temperature, top_p, prompt_len))
+                sampler = CounterSampler(seed, step, row_ids[rows], temperature, top_p, prompt_len, max_new_tokens)
+                processors.append(sampler)
             criteria = StoppingCriteriaList()
             stopper = StopOnString(tokenizer, stop, prompt_len) if stop else None
             if stopper is not None:
@@ -360,6 +258,8 @@ def generate(
             out = model.generate(
                 **part, generation_config=gen_cfg, logits_processor=processors, stopping_criteria=criteria
             )
+            if sampler is not None:
+                sampler.check()
             completion = out[:, prompt_len:].cpu()
             mask, trunc = _completion_mask(completion, stopper.stop_len if stopper else None, eos_ids)
             completions.append(completion)

@@ -1,0 +1,121 @@
+"""The rollout sampler's cost per decoding step, beside what plain HF sampling does.
+
+One decoding step of a rollout turns the fp32 logits of the last position, ``[B, V]``, into one
+token per row. Rows, B = 16 and 64 (rollout batches), V = 152064 (Qwen2.5-VL):
+  ours                 lgrpo.sampling.sample_from_logits: fixed-point CDF, blocked scan, T = 1
+  ours, top_p=0.95     the same with a nucleus (adds a sort and a second scan)
+  ours, per step       the whole CounterSampler call of a step (sample + the -inf/0 scores HF takes)
+  flat fp64 cumsum     the sampler before it (<= commit be58fd6): one ``cumsum`` over each fp64 row,
+                       which torch runs on a single thread block for few long rows (pytorch#122170)
+  torch.multinomial    what HF's ``do_sample=True`` does after its warpers: softmax + multinomial
+  floor                one read of the logits at this run's copy bandwidth
+
+time = do_bench median (GPU time of a call); ``step`` in the note = wall time of a call followed by a
+synchronize, median of 50: what a decoding loop that syncs every token (HF generate does) pays.
+
+    python bench/bench_sampler.py [--out DIR] [--smoke]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.common` from any working directory
+
+from bench.common import (  # noqa: E402
+    Row,
+    arg_parser,
+    bench_ms,
+    copy_bandwidth_gbs,
+    environment,
+    print_table,
+    run_guarded,
+    sync,
+    write_json,
+)
+from lgrpo.sampling import CounterSampler, counter_uniform, sample_from_logits  # noqa: E402
+
+QWEN_V = 152064
+
+
+def flat_fp64_cumsum(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The previous sampler (T = 1, no top-p), kept here as the 'before' of this benchmark."""
+    cdf = torch.softmax(logits.float(), dim=-1).double().cumsum(-1)
+    target = (u.double() * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def step_ms(fn, reps: int = 50) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(name: str, fn, n_bytes: int, copy_gbs: float, smoke: bool) -> Row:
+    ms = bench_ms(fn)
+    floor_ms = n_bytes / (copy_gbs * 1e9) * 1e3 if copy_gbs == copy_gbs else None
+    step = step_ms(fn, reps=5 if smoke else 50)
+    return Row(name, ms, gbs=n_bytes / (ms * 1e-3) / 1e9, ratio=ms / floor_ms if floor_ms else None,
+               note=f"step {step:.3f} ms", extra={"step_ms": step})
+
+
+def run_case(rows_b: int, vocab: int, device: str, copy_gbs: float, smoke: bool) -> list[Row]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(rows_b, vocab, generator=gen, device=device) * 3
+    u = counter_uniform(1, 2, torch.arange(rows_b), 3).to(device)
+    sampler = CounterSampler(1, 2, torch.arange(rows_b), 1.0, 1.0, prompt_len=0, max_new_tokens=8)
+    input_ids = torch.zeros(rows_b, 3, dtype=torch.long, device=device)
+    n_bytes = logits.numel() * logits.element_size()
+    label = f"[{rows_b},V]"
+
+    # Same draws from the old and the new sampler on these logits (up to a token at a CDF boundary).
+    ids, _ = sample_from_logits(logits, u, 1.0)
+    agree = (ids == flat_fp64_cumsum(logits, u)).float().mean().item()
+    if agree < 0.99:
+        raise AssertionError(f"{label}: old and new samplers agree on only {agree:.0%} of rows")
+
+    peers = [
+        ("ours", lambda: sample_from_logits(logits, u, 1.0)),
+        ("ours, top_p=0.95", lambda: sample_from_logits(logits, u, 1.0, 0.95)),
+        ("ours, per step (CounterSampler)", lambda: sampler(input_ids, logits)),
+        ("flat fp64 cumsum (before)", lambda: flat_fp64_cumsum(logits, u)),
+        ("torch.multinomial (HF do_sample)", lambda: torch.multinomial(torch.softmax(logits, -1), 1)),
+    ]
+    return [
+        run_guarded(f"{label} {name}", lambda n=name, f=fn: measure(f"{label} {n}", f, n_bytes, copy_gbs, smoke))
+        for name, fn in peers
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    smoke = args.smoke or not torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = environment()
+    copy_gbs = copy_bandwidth_gbs()
+    vocab = 5000 if smoke else QWEN_V
+    rows = []
+    for rows_b in (16, 64):
+        rows += run_case(rows_b, vocab, device, copy_gbs, smoke)
+    title = f"rollout sampler, one decoding step, V={vocab}, fp32 logits"
+    print_table(title, rows, env)
+    print(f"copy bandwidth (read+write) {copy_gbs:.0f} GB/s; x floor = time / (one read of the logits)")
+    payload = {"title": title, "env": env, "rows": rows, "copy_gbs": copy_gbs,
+               "notes": "time: do_bench median; extra.step_ms: wall time of a call + synchronize"}
+    write_json(args.out, "bench_sampler", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
