@@ -67,8 +67,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def main() -> None:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
     B, T, V = (2, 8, 96) if smoke else (8, 1024, 152064)

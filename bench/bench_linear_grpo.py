@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lgrpo.kernels import linear_grpo_loss  # noqa: E402
 from lgrpo.kernels.linear_grpo import default_chunk_rows  # noqa: E402
+from lgrpo.kernels.logprobs import launch_row_grad, launch_row_stats  # noqa: E402
 
 from bench.common import (  # noqa: E402
     GiB,
@@ -60,8 +61,48 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def main() -> None:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args()
+def chunk_breakdown(chunk: int, live_rows: int, H: int, V: int, device: str) -> Row:
+    """What one chunk of ``ours`` costs, piece by piece, times the number of chunks: the model of the
+    gap to the floor. Pieces: the logits GEMM ``[c,H]x[H,V]``, the two Triton vocabulary passes
+    (stats; gradient in place), the grad_hidden GEMM ``[c,V]x[V,H]`` (few output tiles: K = V is long,
+    M x N is small), and the weight-gradient GEMM ``[V,c]x[c,H]`` added into the bf16 gradient
+    (beta = 1: reads and writes all of grad_W) or written (beta = 0, the first chunk)."""
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    h = torch.randn(chunk, H, **bf16)
+    w = torch.randn(V, H, **bf16) / H**0.5
+    z = torch.empty(chunk, V, **bf16)
+    acc = torch.zeros(V, H, **bf16)
+    targets = torch.randint(0, V, (chunk,), device=device)
+    f32 = dict(device=device, dtype=torch.float32)
+    logp, lse, ent, coef = (torch.zeros(chunk, **f32) for _ in range(4))
+    coef.normal_()
+    torch.mm(h, w.t(), out=z)
+    pieces = {
+        "logits": lambda: torch.mm(h, w.t(), out=z),
+        "stats": lambda: launch_row_stats(z, targets, 1.0, logp, lse, entropy=ent),
+        "grad pass": lambda: launch_row_grad(z, z, targets, lse, coef, 1.0),
+        "grad_h": lambda: torch.mm(z, w),
+        "grad_W b=1": lambda: acc.addmm_(z.t(), h),
+        "grad_W b=0": lambda: acc.addmm_(z.t(), h, beta=0.0),
+    }
+    ms = {}
+    for name, fn in pieces.items():
+        if name == "grad pass":  # keep z finite: the in-place pass turns logits into gradients
+            torch.mm(h, w.t(), out=z)
+        ms[name] = bench_ms(fn, warmup_ms=10, rep_ms=50)
+    n_chunks = -(-live_rows // chunk)
+    per_chunk = sum(v for k, v in ms.items() if k != "grad_W b=0")
+    total = n_chunks * per_chunk - ms["grad_W b=1"] + ms["grad_W b=0"]  # the first chunk writes
+    flops = 2 * chunk * H * V
+    note = ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
+    note += "; TFLOP/s " + ", ".join(f"{k} {flops / (ms[k] * 1e-3) / 1e12:.0f}"
+                                      for k in ("logits", "grad_h", "grad_W b=1", "grad_W b=0"))
+    return Row(f"model: {n_chunks} chunks of {chunk} rows, summed", total, note=f"ms per chunk: {note}",
+               extra={"per_chunk_ms": ms, "n_chunks": n_chunks})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
     B, T, H, V = (2, 8, 32, 96) if smoke else (8, 1024, 3584, 152064)
@@ -148,6 +189,15 @@ def main() -> None:
     for chunk_rows in (768, 896, 1024):  # the speed / memory trade-off around the default
         record(run_guarded(f"ours {chunk_rows}", lambda c=chunk_rows: measure(f"ours (chunk {c} rows)",
                                                                                ours(chunk_size=c))))
+    live = int(mask.sum())
+    for chunk_rows in sorted({min(chunk, live), min(1024, live)}):  # where a chunk's time goes (vs the floor)
+        def model(c=chunk_rows) -> Row:
+            row = chunk_breakdown(c, live, H, V, device)
+            row.ratio = row.ms / floor_ms if floor_ms else None
+            return row
+        record(run_guarded(f"model {chunk_rows}", model))
+    if cuda:
+        torch.cuda.empty_cache()
     record(run_guarded("eager", lambda: measure("eager matmul + loss", eager)))
 
     def liger():

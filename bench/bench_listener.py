@@ -16,13 +16,15 @@ Three timings per implementation, in µs per call:
 GB/s = bytes the op must read / time; "x floor" = time / (bytes / copy bandwidth of this run).
 ``ours`` is timed with check_indices=False (one asynchronous launch); ``ours, checked`` is the
 default call, whose index check adds a device-to-host copy and a sync (loop timing only: a graph
-cannot sync).
+cannot sync). The note of ``ours`` gives the launcher's row split (lgrpo.ops.listener_launch_plan);
+``ours, <= N block(s)/row`` rows time the splits it did not choose (LGRPO_LISTENER_MAX_CHUNKS=N).
 
     python bench/bench_listener.py [--out DIR] [--smoke]
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -134,11 +136,21 @@ def run_case(label: str, inputs: list[tuple], n_bytes: int, copy_gbs: float, smo
         full = f"{label} {name}"
         return run_guarded(full, lambda: measure(full, fn, inputs, n_bytes, copy_gbs, **kw))
 
+    plan = ops.listener_launch_plan(*inputs[0])
+    plan_note = (f"{plan['blocks_per_row']} block(s)/row{' (cluster)' if plan['blocks_per_row'] > 1 else ''}, "
+                 f"{plan['resident_blocks_per_sm']} blocks/SM" if plan else "")
     rows = [
-        row("ours", ours),
+        row("ours", ours, note=plan_note),
         row("ours, checked", ours_checked, graph=False, note="check_indices=True: + D2H copy and sync"),
         row("torch eager", torch_eager),
     ]
+    if plan:  # the row split the launcher did not choose, for comparison (LGRPO_LISTENER_MAX_CHUNKS)
+        for cap in sorted({1, 4} - {plan["blocks_per_row"]}):
+            os.environ["LGRPO_LISTENER_MAX_CHUNKS"] = str(cap)
+            try:
+                rows.append(row(f"ours, <= {cap} block(s)/row", ours))
+            finally:
+                del os.environ["LGRPO_LISTENER_MAX_CHUNKS"]
     if not smoke:  # a CPU inductor compile alone would take longer than the whole smoke run
         def compiled_row() -> Row:
             compiled = torch.compile(torch_eager, fullgraph=True, dynamic=False)

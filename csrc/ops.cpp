@@ -217,6 +217,9 @@ TORCH_LIBRARY(lgrpo, m) {
   m.def(
       "listener_confidence(Tensor logits, Tensor? positions, Tensor candidate_ids, float temperature=1.0, *, "
       "bool check_indices=True) -> (Tensor probs, Tensor logp)");
+  // How the CUDA kernel would split these arguments' work on their device: [blocks per row,
+  // SMs, resident blocks per SM, clusters usable (0/1)]. CUDA only; for benchmarks and tests.
+  m.def("listener_launch_plan(Tensor logits, Tensor? positions, Tensor candidate_ids) -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(lgrpo, CPU, m) { m.impl("listener_confidence", &listener_confidence_cpu); }

@@ -44,7 +44,7 @@ if not HAS_EXTENSION:
 
 _warned_devices: set[str] = set()
 
-__all__ = ["HAS_EXTENSION", "NATIVE_DEVICES", "listener_confidence"]
+__all__ = ["HAS_EXTENSION", "NATIVE_DEVICES", "listener_confidence", "listener_launch_plan"]
 
 
 def listener_confidence(
@@ -85,6 +85,20 @@ def listener_confidence(
         why = "lgrpo._C is not loaded" if not HAS_EXTENSION else f"lgrpo._C has no {kind} kernel"
         warnings.warn(f"{why}: listener_confidence runs the PyTorch reference", RuntimeWarning, stacklevel=2)
     return reference.listener_confidence(logits, positions, candidate_ids, temperature)
+
+
+def listener_launch_plan(
+    logits: torch.Tensor, positions: torch.Tensor | None, candidate_ids: torch.Tensor
+) -> dict | None:
+    """How the CUDA kernel splits the work of ``listener_confidence(logits, positions, candidate_ids)``
+    on the logits' device: ``blocks_per_row`` (a thread-block cluster when > 1), ``sms``,
+    ``resident_blocks_per_sm``, ``clusters`` (whether the device and the loaded binary can run
+    them). None where no CUDA kernel would run. ``LGRPO_LISTENER_MAX_CHUNKS`` (1..8) caps
+    ``blocks_per_row`` at every launch: a tuning knob for benchmarks."""
+    if logits.device.type != "cuda" or "cuda" not in NATIVE_DEVICES:
+        return None
+    chunks, sms, per_sm, clusters = torch.ops.lgrpo.listener_launch_plan(logits, positions, candidate_ids)
+    return {"blocks_per_row": chunks, "sms": sms, "resident_blocks_per_sm": per_sm, "clusters": bool(clusters)}
 
 
 def _check_layout(logits, positions, candidate_ids, temperature) -> None:

@@ -38,3 +38,27 @@ def reference_kernels(monkeypatch):
     import lgrpo.kernels._common as common
 
     monkeypatch.setattr(common, "INTERPRET", False)
+
+
+@pytest.fixture
+def run_bench(tmp_path):
+    """Run ``bench/NAME.py`` in this process at smoke sizes; returns the JSON it wrote, parsed."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+
+    def run(name: str, json_name: str, *args: str) -> dict:
+        spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(bench_dir))
+        try:
+            spec.loader.exec_module(module)
+            module.main(["--smoke", "--out", str(tmp_path), *args])
+        finally:
+            sys.path.remove(str(bench_dir))
+        return json.loads((tmp_path / f"{json_name}.json").read_text())
+
+    return run

@@ -393,3 +393,10 @@ def test_gpu_token_logprobs_and_advantages():
     rewards = torch.rand(64, generator=gen).cuda()
     torch.testing.assert_close(group_advantages(rewards, 8).double(),
                                ref.group_advantages(rewards.double(), 8), rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_smoke(run_bench):
+    """bench/bench_grpo_loss.py at smoke sizes through the interpreter: every row of ours is measured."""
+    data = run_bench("bench_grpo_loss", "grpo_loss")
+    ours = [r for r in data["rows"] if r["name"].startswith("ours")]
+    assert ours and all(r["ms"] == r["ms"] and r["ms"] > 0 for r in ours), data["rows"]

@@ -292,3 +292,17 @@ def test_gpu_linear_memory_bound():
     peak = torch.cuda.max_memory_allocated() - base
     assert peak <= expected, f"peak extra {peak / 2**20:.1f} MiB > {expected / 2**20:.1f} MiB"
     assert peak < B * T * V * 2, "never N x V"
+
+
+def test_benchmark_smoke(run_bench):
+    """bench/bench_linear_grpo.py at smoke sizes: ours agrees with eager, the per-chunk model is written."""
+    data = run_bench("bench_linear_grpo", "linear_grpo")
+    rows = {r["name"]: r for r in data["rows"]}
+    ours = [r for name, r in rows.items() if name.startswith("ours (chunk")]
+    assert ours and all(r["ms"] > 0 for r in ours)
+    for r in ours:  # "loss diff X, grad_h relerr Y, grad_W relerr Z"
+        errs = [float(part.split()[-1]) for part in r["note"].split(";")[0].split(",")]
+        assert errs[0] < 1e-4 and max(errs[1:]) < 2e-2, r["note"]
+    model = [r for name, r in rows.items() if name.startswith("model:")]
+    assert model and set(model[0]["extra"]["per_chunk_ms"]) >= {"logits", "stats", "grad pass", "grad_h"}
+    assert rows["eager matmul + loss"]["ms"] > 0

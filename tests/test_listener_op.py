@@ -350,16 +350,13 @@ def test_fallback_to_reference_warns(gen, monkeypatch):
         ops.listener_confidence(logits, torch.tensor([0, 4, 1]), cand)
 
 
-def test_benchmark_smoke(tmp_path):
-    """bench/bench_listener.py end to end at smoke sizes: the JSON gpu_check.sh collects."""
-    import importlib.util
-    import json
+def test_launch_plan_is_none_off_cuda():
+    assert ops.listener_launch_plan(torch.zeros(2, 8), None, torch.tensor([1])) is None
 
-    spec = importlib.util.spec_from_file_location("bench_listener", ROOT / "bench" / "bench_listener.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--smoke", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "bench_listener.json").read_text())
+
+def test_benchmark_smoke(run_bench):
+    """bench/bench_listener.py end to end at smoke sizes: the JSON gpu_check.sh collects."""
+    data = run_bench("bench_listener", "bench_listener")
     names = [r["name"] for r in data["rows"]]
     for case in ("[4,V]", "[2,8,V]@pos"):
         for impl in ("ours", "ours, checked", "torch eager"):
@@ -431,6 +428,26 @@ def test_gpu_row_split(gen, dtype, batch, vocab):
     logits = randn((batch, vocab), gen, dtype=dtype, device="cuda")
     cand = torch.randint(0, vocab, (batch, 3), generator=gen).cuda()
     assert_matches(ops.listener_confidence(logits, None, cand, 0.9), expect(logits, None, cand, 0.9))
+
+
+@pytest.mark.gpu
+def test_gpu_launch_plan_and_its_cap(gen, monkeypatch):
+    """The plan reports the row split (a cluster of 2 blocks per row for [256, V] on an sm_90 part with
+    >= 128 SMs), and every cap of LGRPO_LISTENER_MAX_CHUNKS gives the same, correct result."""
+    cand = torch.tensor([16, 17], device="cuda")
+    for rows in (256, 16):
+        logits = randn((rows, QWEN_V), gen, dtype=torch.bfloat16, device="cuda")
+        plan = ops.listener_launch_plan(logits, None, cand)
+        assert plan["sms"] == torch.cuda.get_device_properties(0).multi_processor_count
+        assert 1 <= plan["blocks_per_row"] <= 8 and plan["resident_blocks_per_sm"] >= 1
+        if torch.cuda.get_device_capability() >= (9, 0) and plan["sms"] >= 128:
+            assert plan["clusters"] and plan["blocks_per_row"] == (2 if rows == 256 else 8), plan
+        want = expect(logits, None, cand)
+        for cap in (1, 2, 3, 8):
+            monkeypatch.setenv("LGRPO_LISTENER_MAX_CHUNKS", str(cap))
+            assert ops.listener_launch_plan(logits, None, cand)["blocks_per_row"] <= cap
+            assert_matches(ops.listener_confidence(logits, None, cand), want)
+        monkeypatch.delenv("LGRPO_LISTENER_MAX_CHUNKS")
 
 
 @pytest.mark.gpu

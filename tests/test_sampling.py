@@ -170,18 +170,9 @@ def test_ban_tokens_ignores_ids_beyond_the_vocabulary():
     assert torch.isinf(out[0, 99])
 
 
-def test_bench_sampler_smoke(tmp_path):
+def test_bench_sampler_smoke(run_bench):
     """bench/bench_sampler.py end to end at smoke sizes: the JSON gpu_check.sh collects."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_sampler.py"
-    spec = importlib.util.spec_from_file_location("bench_sampler", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--smoke", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "bench_sampler.json").read_text())
+    data = run_bench("bench_sampler", "bench_sampler")
     names = [r["name"] for r in data["rows"]]
     assert len(names) == 10 and all(r["ms"] == r["ms"] and r["ms"] > 0 for r in data["rows"]), data["rows"]
     assert "[64,V] flat fp64 cumsum (before)" in names

@@ -258,22 +258,9 @@ def test_warmup_teaches_the_format(tmp_path):
     assert rewards["format"].mean() == 1.0, out.texts
 
 
-def test_throughput_benchmark_smoke_runs(tmp_path):
+def test_throughput_benchmark_smoke_runs(run_bench):
     """bench/bench_train_step.py runs its every phase on a tiny Qwen2.5-VL (images included) on CPU."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-        assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
-    finally:
-        sys.path.remove(str(path.parent))
-    result = json.loads((tmp_path / "train_step.json").read_text())
+    result = run_bench("bench_train_step", "train_step")
     assert result["phases"]["grpo_step"]["completion_len"] == 8
     assert all(r["ms"] > 0 for r in result["rows"])
 

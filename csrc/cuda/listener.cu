@@ -17,5 +17,14 @@ cudaError_t launch(LogitsDType dtype, const Params& p, cudaStream_t stream, int 
   return cudaErrorInvalidValue;
 }
 
+cudaError_t plan(LogitsDType dtype, const Params& p, int device, LaunchPlan* out) {
+  switch (dtype) {
+    case LogitsDType::F32: return make_plan<F32>(p, device, out);
+    case LogitsDType::F16: return make_plan<F16>(p, device, out);
+    case LogitsDType::BF16: return make_plan<BF16>(p, device, out);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace listener
 }  // namespace lgrpo

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <vector>
 
 #include "../ops.h"
 #include "listener_launch.h"
@@ -20,6 +21,12 @@ bool is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   return status != cudaStreamCaptureStatusNone;
+}
+
+listener::LogitsDType logits_dtype(const at::Tensor& logits) {  // the dtype is checked by listener_params
+  return logits.scalar_type() == at::kFloat  ? listener::LogitsDType::F32
+         : logits.scalar_type() == at::kHalf ? listener::LogitsDType::F16
+                                             : listener::LogitsDType::BF16;
 }
 
 std::tuple<at::Tensor, at::Tensor> listener_confidence_cuda(const at::Tensor& logits,
@@ -44,11 +51,7 @@ std::tuple<at::Tensor, at::Tensor> listener_confidence_cuda(const at::Tensor& lo
     p.status = status.data_ptr<int32_t>();  // every row's entry is written by the kernel: no memset
   }
 
-  const int device = logits.device().index();
-  const auto dtype = logits.scalar_type() == at::kFloat ? listener::LogitsDType::F32
-                     : logits.scalar_type() == at::kHalf  ? listener::LogitsDType::F16
-                                                          : listener::LogitsDType::BF16;  // checked above
-  C10_CUDA_CHECK(listener::launch(dtype, p, stream, device));
+  C10_CUDA_CHECK(listener::launch(logits_dtype(logits), p, stream, logits.device().index()));
 
   if (check) {
     // One copy of B int32 to the host; it waits for the kernel on this stream.
@@ -58,8 +61,22 @@ std::tuple<at::Tensor, at::Tensor> listener_confidence_cuda(const at::Tensor& lo
   return out;
 }
 
+std::vector<int64_t> listener_launch_plan_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& positions,
+                                               const at::Tensor& candidate_ids) {
+  const listener::Params p = listener_params(logits, positions, candidate_ids, 1.0);
+  TORCH_CHECK_VALUE(logits.is_cuda(), "logits must be on a CUDA device here, got ", txt(logits.device()));
+  if (p.batch == 0) return {0, 0, 0, 0};
+  const c10::cuda::CUDAGuard guard(logits.device());
+  listener::LaunchPlan plan{};
+  C10_CUDA_CHECK(listener::plan(logits_dtype(logits), p, logits.device().index(), &plan));
+  return {plan.chunks, plan.sms, plan.blocks_per_sm, plan.clusters ? 1 : 0};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lgrpo, CUDA, m) { m.impl("listener_confidence", &listener_confidence_cuda); }
+TORCH_LIBRARY_IMPL(lgrpo, CUDA, m) {
+  m.impl("listener_confidence", &listener_confidence_cuda);
+  m.impl("listener_launch_plan", &listener_launch_plan_cuda);
+}
 
 }  // namespace lgrpo

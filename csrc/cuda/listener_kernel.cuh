@@ -18,6 +18,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../listener.h"
 #include "listener_launch.h"
@@ -295,28 +296,45 @@ inline cudaError_t device_facts(int device, DeviceFacts* out) {
   return cudaSuccess;
 }
 
+// The cap on blocks per row: kMaxChunks (the portable cluster size), or LGRPO_LISTENER_MAX_CHUNKS
+// when that holds a number in 1..kMaxChunks (listener_launch.h).
+inline int max_chunks() {
+  const char* env = std::getenv("LGRPO_LISTENER_MAX_CHUNKS");
+  const int v = env != nullptr ? std::atoi(env) : 0;
+  return v >= 1 && v <= kMaxChunks ? v : kMaxChunks;
+}
+
 // Blocks per row: enough to fill one wave of resident blocks (B = 16 rows -> 8 blocks each on a
 // 132-SM H100; B = 256 -> 2), never more than the row has full unrolled sweeps of work, never more
-// than the portable cluster size; 1 without clusters.
-inline int choose_chunks(const DeviceFacts& f, int64_t batch, int64_t row_work_vectors, int unroll) {
+// than the cap; 1 without clusters.
+inline int choose_chunks(const DeviceFacts& f, int64_t batch, int64_t row_work_vectors, int unroll, int cap) {
   if (!f.clusters || batch <= 0) return 1;
   const int64_t slots = static_cast<int64_t>(f.sms) * f.blocks_per_sm;
   int64_t chunks = slots / batch;
   const int64_t by_work = (row_work_vectors + kThreads * unroll - 1) / (kThreads * unroll);
   if (chunks > by_work) chunks = by_work;
-  if (chunks > kMaxChunks) chunks = kMaxChunks;
+  if (chunks > cap) chunks = cap;
   return chunks < 1 ? 1 : static_cast<int>(chunks);
+}
+
+template <class Tag>
+cudaError_t make_plan(const Params& p, int device, LaunchPlan* out) {
+  DeviceFacts f;
+  const cudaError_t err = device_facts<Tag>(device, &f);
+  if (err != cudaSuccess) return err;
+  const int64_t work = p.stride_v == 1 ? p.vocab / Tag::kVec : p.vocab;
+  *out = {choose_chunks(f, p.batch, work, unroll<Tag>(), max_chunks()), f.sms, f.blocks_per_sm, f.clusters};
+  return cudaSuccess;
 }
 
 // Launch on `stream` (the caller's current stream). Host-side only; returns the CUDA error.
 // Requires p.batch >= 1 and p.batch * kMaxChunks <= INT_MAX (checked by the caller).
 template <class Tag>
 cudaError_t launch_listener(const Params& p, cudaStream_t stream, int device) {
-  DeviceFacts f;
-  cudaError_t err = device_facts<Tag>(device, &f);
+  LaunchPlan plan;
+  cudaError_t err = make_plan<Tag>(p, device, &plan);
   if (err != cudaSuccess) return err;
-  const int64_t work = p.stride_v == 1 ? p.vocab / Tag::kVec : p.vocab;
-  const int chunks = choose_chunks(f, p.batch, work, unroll<Tag>());
+  const int chunks = plan.chunks;
 
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(p.batch * chunks), 1, 1);
@@ -337,8 +355,7 @@ cudaError_t launch_listener(const Params& p, cudaStream_t stream, int device) {
     // A cluster launch the device refuses (a configuration error, not a sticky fault): clear it,
     // stop using clusters on this device, and run one block per row instead.
     (void)cudaGetLastError();
-    f.clusters = false;
-    store_facts<Tag>(device, f);
+    store_facts<Tag>(device, DeviceFacts{plan.sms, plan.blocks_per_sm, false});
     cfg.gridDim = dim3(static_cast<unsigned>(p.batch), 1, 1);
     cfg.attrs = nullptr;
     cfg.numAttrs = 0;
