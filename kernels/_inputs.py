@@ -268,36 +268,79 @@ def check_group_rewards(rewards: torch.Tensor, group_size: int, scale: str) -> N
         raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
 
 
-def check_listener_inputs(
-    logits: torch.Tensor, positions: torch.Tensor | None, candidate_ids: torch.Tensor, temperature: float
-) -> None:
-    """Checks of listener_confidence's arguments (the C++ op repeats them with TORCH_CHECK)."""
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"logits must be fp32, fp16 or bf16, got {logits.dtype}")
+def check_logprob_args(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    """Shapes and temperature of token_logprobs (the target id range is checked where the data is read)."""
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [..., V], got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_listener_layout(
+    logits: torch.Tensor, positions: torch.Tensor | None, candidate_ids: torch.Tensor, temperature: float,
+    *, native: bool = True,
+) -> None:
+    """The data-free checks of listener_confidence's arguments (ranks, dtypes, shapes, devices,
+    temperature), with the messages of the C++ op's ``listener_params`` (csrc/ops.cpp).
+
+    ``native``: the op's rules (fp32/fp16/bf16 logits, int32/int64 indices), which its fake kernel
+    must apply without looking at data; False: the fp64 reference's, which also takes fp64 logits
+    and indices of any integer dtype.
+    """
+    floats = (torch.float32, torch.float16, torch.bfloat16) + (() if native else (torch.float64,))
+    if native:
+        index_kind = "an int32 or int64 tensor"
+
+        def is_index(t: torch.Tensor) -> bool:
+            return t.dtype in (torch.int32, torch.int64)
+    else:
+        index_kind = "an integer tensor"
+
+        def is_index(t: torch.Tensor) -> bool:
+            return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+    if logits.dtype not in floats:
+        raise ValueError(f"logits must be fp32, fp16 or bf16, got {logits.dtype}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] or [B, V], got rank {logits.dim()}")
+    batch = logits.shape[0]
+    if logits.shape[-1] < 1:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
     if logits.dim() == 3:
         if positions is None:
             raise ValueError("positions [B] is required for logits of shape [B, T, V]")
-        if positions.shape != (logits.shape[0],) or positions.is_floating_point():
-            raise ValueError(f"positions must be an integer tensor of shape [{logits.shape[0]}], "
-                             f"got {tuple(positions.shape)} {positions.dtype}")
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= logits.shape[1]):
-            raise IndexError(f"positions must lie in [0, {logits.shape[1]}), got "
-                             f"[{int(positions.min())}, {int(positions.max())}]")
-    elif logits.dim() == 2:
-        if positions is not None:
-            raise ValueError("positions must be None for logits of shape [B, V]")
-    else:
-        raise ValueError(f"logits must be [B, T, V] or [B, V], got rank {logits.dim()}")
-    batch, vocab = logits.shape[0], logits.shape[-1]
-    if candidate_ids.is_floating_point() or candidate_ids.dim() not in (1, 2):
-        raise ValueError(f"candidate_ids must be an integer tensor [K] or [B, K], got "
-                         f"{tuple(candidate_ids.shape)} {candidate_ids.dtype}")
+        if positions.dim() != 1 or positions.shape[0] != batch or not is_index(positions):
+            raise ValueError(f"positions must be {index_kind} of shape [{batch}], got "
+                             f"{list(positions.shape)} {positions.dtype}")
+    elif positions is not None:
+        raise ValueError("positions must be None for logits of shape [B, V]")
+    if candidate_ids.dim() not in (1, 2) or not is_index(candidate_ids):
+        raise ValueError(f"candidate_ids must be {index_kind} [K] or [B, K], got "
+                         f"{list(candidate_ids.shape)} {candidate_ids.dtype}")
     if candidate_ids.dim() == 2 and candidate_ids.shape[0] != batch:
         raise ValueError(f"candidate_ids [B, K] must have B = {batch} rows, got {candidate_ids.shape[0]}")
     if candidate_ids.shape[-1] < 1:
         raise ValueError("candidate_ids must hold at least one candidate (K >= 1)")
+    for name, t in (("positions", positions), ("candidate_ids", candidate_ids)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+
+
+def check_listener_inputs(
+    logits: torch.Tensor, positions: torch.Tensor | None, candidate_ids: torch.Tensor, temperature: float
+) -> None:
+    """All checks of the reference listener_confidence: the layout, then the index ranges (reads data)."""
+    check_listener_layout(logits, positions, candidate_ids, temperature, native=False)
+    if positions is not None and positions.numel() and (
+        int(positions.min()) < 0 or int(positions.max()) >= logits.shape[1]
+    ):
+        raise IndexError(f"positions must lie in [0, {logits.shape[1]}), got "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
+    vocab = logits.shape[-1]
     if candidate_ids.numel() and (int(candidate_ids.min()) < 0 or int(candidate_ids.max()) >= vocab):
         raise IndexError(f"candidate_ids must lie in [0, {vocab}), got "
                          f"[{int(candidate_ids.min())}, {int(candidate_ids.max())}]")

@@ -26,7 +26,7 @@ import torch
 
 from . import _common, reference
 from ._common import LN2, LOG2E, on_device, row_launch, tl, triton, use_triton
-from ._inputs import start_target_check
+from ._inputs import check_logprob_args, start_target_check
 
 # Globals a @triton.jit function reads must be constexpr objects.
 _LN2 = tl.constexpr(LN2)
@@ -293,10 +293,5 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """
     if not use_triton(logits):
         return reference.token_logprobs(logits, targets, temperature)
-    if logits.dim() < 2:
-        raise ValueError(f"logits must be [..., V], got shape {tuple(logits.shape)}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_logprob_args(logits, targets, temperature)
     return _token_logprobs_fwd(logits, targets, float(temperature))[0]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._api import GRPOLossOutput
-from ._inputs import check_group_rewards, check_listener_inputs, check_targets, grpo_inputs
+from ._inputs import check_group_rewards, check_listener_inputs, check_logprob_args, check_targets, grpo_inputs
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -23,12 +23,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
     Differentiable w.r.t. ``logits``; row ``t`` of the logits predicts ``targets[t]`` (no shift).
     """
-    if logits.dim() < 2:
-        raise ValueError(f"logits must be [..., V], got shape {tuple(logits.shape)}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_logprob_args(logits, targets, temperature)
     check_targets(targets, logits.shape[-1])
     z = logits.to(_compute_dtype(logits)) / temperature
     return z.log_softmax(-1).gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)

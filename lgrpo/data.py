@@ -80,7 +80,8 @@ class PreferenceExample:
 
 @dataclass(frozen=True)
 class PairRecord:
-    """One manifest row, checked but not decoded. ``line`` is 1-based in ``source``."""
+    """One pair, images not decoded: a manifest row (checked), or a converter's pair before its check.
+    ``line`` is 1-based in ``source`` (the manifest, or the converted file)."""
 
     prompt: str
     image_1: Path
@@ -348,19 +349,6 @@ def take_examples(dataset, sampler: EpochSampler, k: int) -> list[PreferenceExam
 # Converters
 # ----------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Pair:
-    """A converted pair before it is a record: image paths are final, ``where`` locates its source."""
-
-    prompt: str
-    image_1: Path
-    image_2: Path
-    preferred: int
-    id: str
-    votes: tuple[float, float] | None
-    where: tuple[str, int]
-
-
 def convert(fmt: str, src: str | os.PathLike, dst: str | os.PathLike, *,
             image_root: str | os.PathLike | None = None, criterion: str = "preference",
             skip_bad: bool = False, limit: int | None = None) -> DataReport:
@@ -398,7 +386,7 @@ def convert(fmt: str, src: str | os.PathLike, dst: str | os.PathLike, *,
                    "votes": None if item.votes is None else list(item.votes)}
             fields, reason = _check_row({k: v for k, v in row.items() if v is not None}, Path("/"))
             if reason is not None:
-                bad = BadRow(item.where[0], item.where[1], reason)
+                bad = BadRow(str(item.source), item.line, reason)
                 if not skip_bad:
                     raise DataError(str(bad))
                 report.bad.append(bad)
@@ -441,7 +429,7 @@ def _image_bytes(value) -> tuple[bytes | None, str | None]:
 
 
 def _rapidata_pairs(src: Path, image_dir: Path, criterion: str,
-                    report: DataReport) -> Iterator[_Pair | BadRow]:
+                    report: DataReport) -> Iterator[PairRecord | BadRow]:
     try:
         import pyarrow.parquet as pq
     except ImportError as err:  # an optional dependency: only this converter needs it
@@ -464,7 +452,7 @@ def _rapidata_pairs(src: Path, image_dir: Path, criterion: str,
                                          f"{file.stem}-{row_index:07d}")
 
 
-def _rapidata_row(row, v1, v2, where, image_dir, report, rid) -> Iterator[_Pair | BadRow]:
+def _rapidata_row(row, v1, v2, where, image_dir, report, rid) -> Iterator[PairRecord | BadRow]:
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         yield BadRow(*where, "empty or missing prompt")
         return
@@ -490,9 +478,9 @@ def _rapidata_row(row, v1, v2, where, image_dir, report, rid) -> Iterator[_Pair 
         out = image_dir / f"{rid}_{slot}.{ext or 'bin'}"
         out.write_bytes(data)
         paths.append(out.resolve())
-    yield _Pair(prompt=row["prompt"], image_1=paths[0], image_2=paths[1],
-                preferred=1 if votes[0] > votes[1] else 2, id=rid, votes=(float(votes[0]), float(votes[1])),
-                where=where)
+    yield PairRecord(prompt=row["prompt"], image_1=paths[0], image_2=paths[1],
+                     preferred=1 if votes[0] > votes[1] else 2, id=rid, votes=(float(votes[0]), float(votes[1])),
+                     source=Path(where[0]), line=where[1])
 
 
 # -- JSON (HPDv2, ImageReward) -----------------------------------------------------------------------
@@ -524,7 +512,7 @@ def _first(entry: dict, keys: Sequence[str]):
     return None
 
 
-def _json_pairs(src: Path, root: Path, report: DataReport, fmt: str) -> Iterator[_Pair | BadRow]:
+def _json_pairs(src: Path, root: Path, report: DataReport, fmt: str) -> Iterator[PairRecord | BadRow]:
     if src.is_dir():
         raise DataError(f"{src}: the {fmt} converter reads one JSON/JSONL file, got a folder")
     image_keys = ("file_path", "image_path", "images", "generations") if fmt == "hpdv2" else \
@@ -554,7 +542,7 @@ def _json_pairs(src: Path, root: Path, report: DataReport, fmt: str) -> Iterator
                 yield BadRow(*where, "human_preference must mark one of two images, e.g. [1, 0]; "
                                      f"got {preference!r}")
                 continue
-            yield _Pair(prompt, paths[0], paths[1], preferred, rid, None, where)
+            yield PairRecord(prompt, paths[0], paths[1], preferred, rid, None, Path(where[0]), where[1])
             continue
         ranks = _first(entry, ("ranking", "rank"))
         if not isinstance(ranks, list) or len(ranks) != len(images) or not all(_is_number(r) for r in ranks):
@@ -571,7 +559,7 @@ def _pair_preference(value) -> int | None:
     return None
 
 
-def _ranked_pairs(prompt, paths, ranks, rid, where, report) -> Iterator[_Pair]:
+def _ranked_pairs(prompt, paths, ranks, rid, where, report) -> Iterator[PairRecord]:
     """Every pair (i < j) with different ranks, the lower rank number preferred; ties dropped and counted."""
     for i in range(len(paths)):
         for j in range(i + 1, len(paths)):
@@ -579,7 +567,7 @@ def _ranked_pairs(prompt, paths, ranks, rid, where, report) -> Iterator[_Pair]:
                 report.dropped["tie"] = report.dropped.get("tie", 0) + 1
                 continue
             preferred = 1 if ranks[i] < ranks[j] else 2
-            yield _Pair(prompt, paths[i], paths[j], preferred, f"{rid}:{i}-{j}", None, where)
+            yield PairRecord(prompt, paths[i], paths[j], preferred, f"{rid}:{i}-{j}", None, Path(where[0]), where[1])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from lgrpo.kernels import reference
+from lgrpo.kernels._inputs import check_listener_layout
 
 try:
     from lgrpo import _C  # noqa: F401 - imported for its op registrations
@@ -101,43 +102,11 @@ def listener_launch_plan(
     return {"blocks_per_row": chunks, "sms": sms, "resident_blocks_per_sm": per_sm, "clusters": bool(clusters)}
 
 
-def _check_layout(logits, positions, candidate_ids, temperature) -> None:
-    """The data-free checks of csrc/ops.cpp (listener_params), for traced calls: same messages."""
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"logits must be fp32, fp16 or bf16, got {logits.dtype}")
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, V] or [B, V], got rank {logits.dim()}")
-    batch = logits.shape[0]
-    if logits.shape[-1] < 1:
-        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    index_dtypes = (torch.int32, torch.int64)
-    if logits.dim() == 3:
-        if positions is None:
-            raise ValueError("positions [B] is required for logits of shape [B, T, V]")
-        if positions.dim() != 1 or positions.shape[0] != batch or positions.dtype not in index_dtypes:
-            raise ValueError(f"positions must be an int32 or int64 tensor of shape [{batch}], got "
-                             f"{list(positions.shape)} {positions.dtype}")
-    elif positions is not None:
-        raise ValueError("positions must be None for logits of shape [B, V]")
-    if candidate_ids.dim() not in (1, 2) or candidate_ids.dtype not in index_dtypes:
-        raise ValueError(f"candidate_ids must be an int32 or int64 tensor [K] or [B, K], got "
-                         f"{list(candidate_ids.shape)} {candidate_ids.dtype}")
-    if candidate_ids.dim() == 2 and candidate_ids.shape[0] != batch:
-        raise ValueError(f"candidate_ids [B, K] must have B = {batch} rows, got {candidate_ids.shape[0]}")
-    if candidate_ids.shape[-1] < 1:
-        raise ValueError("candidate_ids must hold at least one candidate (K >= 1)")
-    for name, t in (("positions", positions), ("candidate_ids", candidate_ids)):
-        if t is not None and t.device != logits.device:
-            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
-
-
 if HAS_EXTENSION:
 
     @torch.library.register_fake("lgrpo::listener_confidence")
     def _listener_confidence_fake(logits, positions, candidate_ids, temperature=1.0, *, check_indices=True):
         # Index ranges need the data, so a traced call checks them when it runs, in the kernel.
-        _check_layout(logits, positions, candidate_ids, temperature)
+        check_listener_layout(logits, positions, candidate_ids, temperature)
         shape = (logits.shape[0], candidate_ids.shape[-1])
         return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.float32)
