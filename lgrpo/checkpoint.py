@@ -2,12 +2,12 @@
 
 Layout of a run's ``checkpoints/`` folder::
 
-    step_000010/            complete: has DONE
+    step_0000010/           complete: has DONE
       .metadata, __*.distcp   model + optimizer (torch.distributed.checkpoint, sharded, any world size)
       trainer_state.json      step, scheduler, data position, world size
       rng_rank{r}.pt          torch / cuda / python / numpy RNG of rank r
-      DONE                    written last; the folder was renamed from step_000010.tmp after it
-    step_000020.tmp/        a save in progress or killed mid-way: ignored and cleaned up
+      DONE                    written last; the folder was renamed from step_0000010.tmp after it
+    step_0000020.tmp/       a save in progress or killed mid-way: ignored and cleaned up
 
 Writes go to ``step_N.tmp`` and are renamed to ``step_N`` only after every rank finished and DONE
 was written, so a crash at any moment leaves the previous complete checkpoint loadable. The folder

@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             held_out(f"held-out, step {tr.step}")
 
     trainer.fit(on_step=periodic_eval)
+    if trainer.stopped_by is not None:  # preempted or Ctrl-C: the checkpoint is saved, nothing else to do
+        D.close()
+        return 128 + trainer.stopped_by
     reports["after"] = held_out("held-out, after GRPO")
     if cfg.checkpoint.export:
         out = export_pretrained(

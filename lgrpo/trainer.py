@@ -31,6 +31,7 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import Checkpointer, latest_checkpoint
 from .config import JobConfig
+from .interrupt import GracefulStop
 from .kernels import group_advantages, grpo_loss, linear_grpo_loss, token_logprobs
 from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory
 from .optim import build_optimizer, build_scheduler
@@ -313,6 +314,7 @@ class Trainer:
         self.order = PromptOrder(task.num_prompts("train"), cfg.train.prompts_per_step, cfg.train.seed)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist)
         self.step = 0  # completed GRPO steps
+        self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
         self.skipped_in_a_row = 0
         self.logger: MetricsLogger | None = None
 
@@ -678,7 +680,11 @@ class Trainer:
         return True
 
     def fit(self, on_step=None) -> list[dict]:
-        """Run to ``train.steps``: log every step, checkpoint every ``checkpoint.interval`` and at the end."""
+        """Run to ``train.steps``: log every step, checkpoint every ``checkpoint.interval`` and at the end.
+
+        On SIGTERM, SIGUSR1 or Ctrl-C (lgrpo.interrupt) the step in progress is finished, a checkpoint
+        is saved and fit returns early with ``stopped_by`` set to the signal number.
+        """
         cfg = self.cfg
         self.logger = MetricsLogger(
             self.run_dir,
@@ -691,18 +697,29 @@ class Trainer:
         )
         history = []
         try:
-            while self.step < cfg.train.steps:
-                metrics = self.train_step()
-                self.step += 1
-                history.append(metrics)
-                self.logger.log(self.step, metrics)
-                if self.step % cfg.run.log_every == 0:
-                    self.logger.write(format_step(self.step, cfg.train.steps, metrics))
-                interval = cfg.checkpoint.interval
-                if (interval and self.step % interval == 0) or self.step == cfg.train.steps:
-                    self.save()
-                if on_step is not None:
-                    on_step(self, metrics)
+            with GracefulStop() as stop:
+                while self.step < cfg.train.steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    history.append(metrics)
+                    self.logger.log(self.step, metrics)
+                    if self.step % cfg.run.log_every == 0:
+                        self.logger.write(format_step(self.step, cfg.train.steps, metrics))
+                    self.stopped_by = stop.agreed(self.dist)
+                    interval = cfg.checkpoint.interval
+                    if (
+                        (interval and self.step % interval == 0)
+                        or self.step == cfg.train.steps
+                        or self.stopped_by is not None
+                    ):
+                        path = self.save()
+                        if self.stopped_by is not None and self.dist.is_main:
+                            print(f"[stop] saved step {self.step} to {path}; run the same command again "
+                                  f"to resume", flush=True)
+                    if self.stopped_by is not None:
+                        break
+                    if on_step is not None:
+                        on_step(self, metrics)
         finally:
             self.logger.close()
         return history

@@ -1,0 +1,82 @@
+"""A stop signal ends training at a step boundary with a checkpoint saved; rerunning resumes from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from lgrpo import distributed as D
+from lgrpo.checkpoint import complete_checkpoints, step_dir_name
+from lgrpo.interrupt import GracefulStop
+from tests.test_trainer import make_trainer
+
+# Trainer logic, many steps: the kernels run as the reference (see conftest.reference_kernels).
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+
+def test_first_signal_is_recorded_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        assert stop.signum is None and stop.agreed(D.Dist()) is None
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread before kill returns here
+        assert stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGUSR1)  # a later, different signal does not replace the first
+        assert stop.agreed(D.Dist()) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_second_ctrl_c_aborts_at_once():
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _signal_during_step(trainer, at_step: int, signum: int) -> None:
+    step = trainer.train_step
+
+    def train_step():
+        if trainer.step + 1 == at_step:
+            os.kill(os.getpid(), signum)  # mid-step: the step must still finish
+        return step()
+
+    trainer.train_step = train_step
+
+
+def test_sigterm_mid_step_saves_that_step_and_resume_finishes_the_run(tmp_path):
+    trainer = make_trainer(tmp_path, train={"steps": 4}, checkpoint={"interval": 0})
+    _signal_during_step(trainer, at_step=2, signum=signal.SIGTERM)
+    history = trainer.fit()
+    assert trainer.stopped_by == signal.SIGTERM and trainer.step == 2 and len(history) == 2
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == [step_dir_name(2)]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after fit
+
+    again = make_trainer(tmp_path, train={"steps": 4}, checkpoint={"interval": 0})
+    assert again.resume() and again.step == 2
+    assert len(again.fit()) == 2 and again.stopped_by is None and again.step == 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_train_main_exits_128_plus_the_signal_without_the_final_stages(tmp_path, monkeypatch):
+    from lgrpo.train import main
+    from lgrpo.trainer import Trainer
+
+    fit = Trainer.fit
+
+    def fit_with_signal(self, on_step=None):
+        _signal_during_step(self, at_step=1, signum=signal.SIGUSR1)
+        return fit(self, on_step)
+
+    monkeypatch.setattr(Trainer, "fit", fit_with_signal)
+    argv = ["--run.dir", str(tmp_path), "--run.name", "stopped", "--run.progress", "false",
+            "--sft.steps", "0", "--train.steps", "3", "--data.eval_size", "4",
+            "--data.synthetic_train_size", "16", "--train.prompts_per_step", "2", "--rollout.group_size", "2"]
+    assert main(argv) == 128 + signal.SIGUSR1
+    run = tmp_path / "stopped"
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == [step_dir_name(1)]
+    assert not (run / "final").exists() and not (run / "eval_after.json").exists()
