@@ -432,16 +432,19 @@ def test_gpu_row_split(gen, dtype, batch, vocab):
 
 @pytest.mark.gpu
 def test_gpu_launch_plan_and_its_cap(gen, monkeypatch):
-    """The plan reports the row split (a cluster of 2 blocks per row for [256, V] on an sm_90 part with
-    >= 128 SMs), and every cap of LGRPO_LISTENER_MAX_CHUNKS gives the same, correct result."""
+    """The plan reports the launcher's row split (on an H100: a cluster of 2 blocks per row for
+    [256, V], 8 for [16, V]), and every cap of LGRPO_LISTENER_MAX_CHUNKS gives the same, correct result."""
     cand = torch.tensor([16, 17], device="cuda")
     for rows in (256, 16):
         logits = randn((rows, QWEN_V), gen, dtype=torch.bfloat16, device="cuda")
         plan = ops.listener_launch_plan(logits, None, cand)
         assert plan["sms"] == torch.cuda.get_device_properties(0).multi_processor_count
         assert 1 <= plan["blocks_per_row"] <= 8 and plan["resident_blocks_per_sm"] >= 1
-        if torch.cuda.get_device_capability() >= (9, 0) and plan["sms"] >= 128:
-            assert plan["clusters"] and plan["blocks_per_row"] == (2 if rows == 256 else 8), plan
+        if torch.cuda.get_device_capability() >= (9, 0):
+            # one wave of resident blocks, at most one block per 256 threads x 32 bf16 of the row, at most 8
+            by_work = -(-(QWEN_V // 8) // (256 * 4))
+            want_chunks = max(1, min(plan["sms"] * plan["resident_blocks_per_sm"] // rows, by_work, 8))
+            assert plan["clusters"] and plan["blocks_per_row"] == want_chunks, plan
         want = expect(logits, None, cand)
         for cap in (1, 2, 3, 8):
             monkeypatch.setenv("LGRPO_LISTENER_MAX_CHUNKS", str(cap))
