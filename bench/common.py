@@ -58,6 +58,36 @@ def bench_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float =
     return statistics.median(times)
 
 
+def bench_ms_after_setup(fn: Callable[[], object], setup: Callable[[], object], *, reps: int = 20) -> float:
+    """Median time of ``fn`` in ms, ``setup`` run before each call and left out of the timing.
+
+    For calls that destroy their input (in-place kernels): ``setup`` restores it. CUDA: events around
+    ``fn`` alone, after ``setup`` and an L2 flush (as do_bench flushes before each call). CPU: wall
+    clock, for smoke runs only.
+    """
+    setup()
+    fn()  # warm-up: compilation, autotuning, allocator
+    times = []
+    if torch.cuda.is_available():
+        flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(reps):
+            setup()
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    for _ in range(max(3, reps // 5)):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
     """Peak device memory allocated while ``fn`` runs, above what was allocated before (0 on CPU)."""
     if not torch.cuda.is_available():
