@@ -9,7 +9,9 @@ Phases, each guarded (a failing phase prints why; the others still report):
    with linear_grpo_loss and AdamW; time per phase, tokens/s, peak memory;
 3. update at 8 x 1024 text tokens (forward+backward through the scorer with linear_grpo_loss), to
    compare with SPEC §4: 349 ms backbone-only / 391 ms with full logits (HF transformers 5.17, SDPA);
-4. generate 16 prompts x 256 new tokens, text only, to compare with SPEC §4: 337 tok/s.
+4. generate 16 prompts x 256 new tokens, text only, to compare with SPEC §4: 337 tok/s; the same with
+   rollout.static_cache (on CUDA a compiled decode step: SPEC §4 measured 1690 tok/s, first call 60 s);
+   plain HF do_sample on the same prompts, which separates HF's per-step cost from our sampler's.
 
 TFLOP/s counts 6 x (language-model parameters) x tokens for forward+backward (the vision tower is
 left out). Without CUDA (or with --smoke) a tiny model runs the same code for a few seconds.
@@ -358,14 +360,18 @@ def main(argv=None) -> int:
 
     guarded("update_8x1024", update_8x1024)
 
+    def text_prompts():
+        """The generate phases' prompts: n rows of 64 random text tokens, and the new tokens to make."""
+        n, new = (16, 256) if not smoke else (4, 8)
+        gen = torch.Generator().manual_seed(1)
+        return n, new, torch.randint(100, 150000 if not smoke else 900, (n, 64), generator=gen).to(device)
+
     def generate_16x256():
         from lgrpo.rollout import clean_generation_config, generate
 
         tok = StubTokenizer()
         clean_generation_config(policy, tok)
-        n, new = (16, 256) if not smoke else (4, 8)
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(100, 150000 if not smoke else 900, (n, 64), generator=gen).to(device)
+        n, new, ids = text_prompts()
         prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         generate(policy, tok, prompt, max_new_tokens=4, stop=None, seed=0)  # warm-up
         if cuda:
@@ -388,13 +394,37 @@ def main(argv=None) -> int:
 
     guarded("generate_16x256", generate_16x256)
 
+    def generate_static_16x256():
+        """The same rollout with rollout.static_cache: on CUDA transformers compiles the decode step."""
+        from lgrpo.rollout import generate
+
+        tok = StubTokenizer()
+        n, new, ids = text_prompts()
+        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        kw = dict(max_new_tokens=new, stop=None, seed=0, row_ids=torch.arange(n), static_cache=True)
+        t0 = time.perf_counter()
+        generate(policy, tok, prompt, **kw)  # the first call compiles (same shapes as the timed one)
+        if cuda:
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = generate(policy, tok, prompt, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        tok_s = float(out.completion_mask.sum()) / secs
+        phases["generate_static_16x256"] = {"s": secs, "tok_s": tok_s, "first_call_s": first}
+        rows.append(Row(f"generate {n} x {new}, static KV cache", secs * 1e3,
+                        ratio=ANCHORS["generate_tok_s"] / tok_s if not smoke else None,
+                        note=f"{tok_s:.0f} tok/s; first call {first:.0f} s; SPEC: 1690 tok/s compiled"))
+
+    guarded("generate_static_16x256", generate_static_16x256)
+
     def hf_generate_16x256():
         """Plain HF sampling on the same prompts: separates HF's per-step cost from our sampler's."""
         from transformers import GenerationConfig
 
-        n, new = (16, 256) if not smoke else (4, 8)
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(100, 150000 if not smoke else 900, (n, 64), generator=gen).to(device)
+        n, new, ids = text_prompts()
         cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0,
                                top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=None)
         policy.eval()

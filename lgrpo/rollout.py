@@ -214,11 +214,15 @@ def generate(
     step: int = 0,
     row_ids: torch.Tensor | None = None,
     batch_size: int | None = None,
+    static_cache: bool = False,
 ) -> Rollout:
     """Complete every row of ``prompt`` (already repeated G times); returns a :class:`Rollout`.
 
     ``row_ids`` [N]: global ids of the rows (prompt index x G + sample) for the seeded sampler;
     ``greedy`` ignores temperature/top_p (evaluation). Rows are generated ``batch_size`` at a time.
+    ``static_cache``: a preallocated KV cache instead of a growing one; on CUDA transformers then
+    compiles the decode step (a minute for the first call, and again when a call needs a longer cache
+    or another batch size). Same tokens either way.
     """
     n_rows, prompt_len = prompt["input_ids"].shape
     device = prompt["input_ids"].device
@@ -234,6 +238,7 @@ def generate(
         eos_token_id=sorted(eos_ids) or None,
         pad_token_id=pad,
         use_cache=True,
+        **({"cache_implementation": "static"} if static_cache else {}),
     )
     chunk = batch_size or n_rows
     was_training = model.training

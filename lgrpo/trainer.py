@@ -365,6 +365,7 @@ class Trainer:
                 step=self.step,
                 row_ids=row_ids,
                 batch_size=r.batch_size,
+                static_cache=r.static_cache,
             )
 
     def policy_update(self, rollout: Rollout, advantages: torch.Tensor, timer: Timer) -> dict:

@@ -85,6 +85,42 @@ def test_rollouts_do_not_depend_on_batch_composition():
     assert other_step.texts != full.texts
 
 
+def test_static_kv_cache_gives_the_same_rollouts(monkeypatch):
+    """rollout.static_cache only changes where keys/values live: the same tokens, for a text model and
+    for the tiny Qwen2.5-VL with two images per prompt."""
+    from transformers import cache_utils
+
+    from lgrpo.train import build
+
+    made = []
+    init = cache_utils.StaticCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.StaticCache, "__init__", counting_init)
+
+    tok = char_tokenizer()
+    model = tiny_lm(tok)
+    clean_generation_config(model, tok)
+    batch = repeat_rows(dict(tok(["pick 1:", "pick 22:"], return_tensors="pt", padding=True)), 2)
+    kw = dict(max_new_tokens=8, stop="</answer>", seed=3, step=5, row_ids=torch.arange(4))
+    dynamic = generate(model, tok, batch, **kw)
+    assert not made
+    static = generate(model, tok, batch, static_cache=True, **kw)
+    assert made, "no StaticCache was built"
+    assert torch.equal(static.completion_ids, dynamic.completion_ids) and static.texts == dynamic.texts
+
+    cfg = build_config("tiny", {"run": {"progress": False}, "train": {"steps": 0}})
+    task, models, _ = build(cfg, D.init("cpu"))
+    prompts = repeat_rows(task.prompts("eval", [0, 1, 2]), 2)
+    kw = dict(max_new_tokens=12, stop=None, seed=1, step=2, row_ids=torch.arange(6))
+    dynamic = generate(models.policy, task.tokenizer, prompts, **kw)
+    static = generate(models.policy, task.tokenizer, prompts, static_cache=True, **kw)
+    assert "pixel_values" in prompts and torch.equal(static.completion_ids, dynamic.completion_ids)
+
+
 def test_stop_string_and_eos_set_the_mask():
     tok = char_tokenizer()
     text = "<think>x</think><answer>2</answer>zz"
@@ -262,6 +298,7 @@ def test_throughput_benchmark_smoke_runs(run_bench):
     """bench/bench_train_step.py runs its every phase on a tiny Qwen2.5-VL (images included) on CPU."""
     result = run_bench("bench_train_step", "train_step")
     assert result["phases"]["grpo_step"]["completion_len"] == 8
+    assert {"generate_16x256", "generate_static_16x256", "hf_generate_16x256"} <= set(result["phases"])
     assert all(r["ms"] > 0 for r in result["rows"])
 
 
