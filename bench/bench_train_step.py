@@ -224,6 +224,9 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
             return None
+        finally:  # what is measured so far survives a timeout of a later phase
+            write_json(args.out, "train_step", {"title": "GRPO train step", "env": env, "rows": rows,
+                                                "phases": phases})
 
     cfg = qwen25vl_3b_config(smoke)
 
@@ -394,31 +397,6 @@ def main(argv=None) -> int:
 
     guarded("generate_16x256", generate_16x256)
 
-    def generate_static_16x256():
-        """The same rollout with rollout.static_cache: on CUDA transformers compiles the decode step."""
-        from lgrpo.rollout import generate
-
-        tok = StubTokenizer()
-        n, new, ids = text_prompts()
-        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        kw = dict(max_new_tokens=new, stop=None, seed=0, row_ids=torch.arange(n), static_cache=True)
-        t0 = time.perf_counter()
-        generate(policy, tok, prompt, **kw)  # the first call compiles (same shapes as the timed one)
-        if cuda:
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = generate(policy, tok, prompt, **kw)
-        if cuda:
-            torch.cuda.synchronize()
-        secs = time.perf_counter() - t0
-        tok_s = float(out.completion_mask.sum()) / secs
-        phases["generate_static_16x256"] = {"s": secs, "tok_s": tok_s, "first_call_s": first}
-        rows.append(Row(f"generate {n} x {new}, static KV cache", secs * 1e3,
-                        ratio=ANCHORS["generate_tok_s"] / tok_s if not smoke else None,
-                        note=f"{tok_s:.0f} tok/s; first call {first:.0f} s; SPEC: 1690 tok/s compiled"))
-
-    guarded("generate_static_16x256", generate_static_16x256)
 
     def hf_generate_16x256():
         """Plain HF sampling on the same prompts: separates HF's per-step cost from our sampler's."""
@@ -445,6 +423,32 @@ def main(argv=None) -> int:
                         note=f"{tok_s:.0f} tok/s (same run: our sampler's overhead = the row above / this)"))
 
     guarded("hf_generate_16x256", hf_generate_16x256)
+
+    def generate_static_16x256():
+        """The same rollout with rollout.static_cache: on CUDA transformers compiles the decode step."""
+        from lgrpo.rollout import generate
+
+        tok = StubTokenizer()
+        n, new, ids = text_prompts()
+        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        kw = dict(max_new_tokens=new, stop=None, seed=0, row_ids=torch.arange(n), static_cache=True)
+        t0 = time.perf_counter()
+        generate(policy, tok, prompt, **kw)  # the first call compiles (same shapes as the timed one)
+        if cuda:
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = generate(policy, tok, prompt, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        tok_s = float(out.completion_mask.sum()) / secs
+        phases["generate_static_16x256"] = {"s": secs, "tok_s": tok_s, "first_call_s": first}
+        rows.append(Row(f"generate {n} x {new}, static KV cache", secs * 1e3,
+                        ratio=ANCHORS["generate_tok_s"] / tok_s if not smoke else None,
+                        note=f"{tok_s:.0f} tok/s; first call {first:.0f} s; SPEC: 1690 tok/s compiled"))
+
+    guarded("generate_static_16x256", generate_static_16x256)
 
     title = "GRPO train step, Qwen2.5-VL-3B-sized (random weights)" + (" [smoke]" if smoke else "")
     print_table(title, rows, env)
