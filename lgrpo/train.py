@@ -269,4 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C outside the GRPO loop (or a second one inside it): no traceback
+        print("\n[stop] interrupted: nothing saved since the last checkpoint", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -80,3 +80,52 @@ def test_train_main_exits_128_plus_the_signal_without_the_final_stages(tmp_path,
     run = tmp_path / "stopped"
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == [step_dir_name(1)]
     assert not (run / "final").exists() and not (run / "eval_after.json").exists()
+
+
+def _start_training(tmp_path, *extra: str):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # CPU: the reference kernels
+    argv = [sys.executable, "-m", "lgrpo.train", "--run.dir", str(tmp_path), "--run.name", "cli",
+            "--run.progress", "false", "--checkpoint.interval", "0", "--data.eval", "none",
+            "--data.synthetic_train_size", "16", "--train.prompts_per_step", "2", "--rollout.group_size", "2",
+            "--rollout.max_new_tokens", "8", *extra]
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, timeout_s: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the run did not get there in time"
+        time.sleep(0.1)
+
+
+def test_cli_sigterm_during_grpo_saves_and_exits_143(tmp_path):
+    """`python -m lgrpo.train` in its own process: SIGTERM mid-run -> a checkpoint of the last finished
+    step, metrics for exactly those steps, exit status 128 + 15."""
+    proc = _start_training(tmp_path, "--sft.steps", "0", "--train.steps", "1000")
+    metrics = tmp_path / "cli" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    saved = complete_checkpoints(tmp_path / "cli" / "checkpoints")
+    steps = len(metrics.read_text().splitlines())
+    assert [p.name for p in saved] == [step_dir_name(steps)], (saved, steps)
+    assert "[stop] SIGTERM received" in out and "run the same command again" in out
+
+
+def test_cli_ctrl_c_during_the_warmup_exits_130_without_a_traceback(tmp_path):
+    proc = _start_training(tmp_path, "--sft.steps", "100000", "--train.steps", "1")
+    _wait_for(lambda: (tmp_path / "cli" / "config.json").exists(), proc)
+    import time
+
+    time.sleep(3)  # into model building or the warm-up
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "[stop] interrupted" in out and "Traceback" not in out
