@@ -131,6 +131,9 @@ class StubTokenizer:
     def batch_decode(self, ids, skip_special_tokens=True):
         return [""] * len(ids)
 
+    def get_vocab(self):
+        return {}  # no special tokens, so no stop tokens: lgrpo.prompts.stop_token_ids is empty
+
 
 class BenchTask:
     """Prompts with two images each; rewards from a listener-style forward of the frozen model."""

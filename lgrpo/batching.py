@@ -26,6 +26,7 @@ from .prompts import (
     PromptFormat,
     render_listener_prompt,
     render_reasoner_prompt,
+    stop_token_ids,
 )
 
 
@@ -170,11 +171,7 @@ class VLBatcher:
             raise ValueError("the tokenizer needs a pad token")
         self.pad_id = tokenizer.pad_token_id
         self.merge_size = int(image_processor.merge_size)
-        # Generation stops at the end of the assistant turn (<|im_end|>) or at <|endoftext|>.
-        self.eos_ids = sorted({i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                           tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                                           tokenizer.eos_token_id)
-                               if i is not None and i != tokenizer.unk_token_id})
+        self.eos_ids = list(stop_token_ids(tokenizer))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "tiny", fmt: PromptFormat = DEFAULT_FORMAT, *,

@@ -49,8 +49,10 @@ class ModelConfig:
     dtype: str = "float32"
     """Parameter dtype: float32 or bfloat16 (bf16 for real models on GPUs)."""
 
-    attn_implementation: str = "sdpa"
-    """Attention backend passed to from_pretrained: sdpa, eager or flash_attention_2."""
+    attn_implementation: str = "auto"
+    """Attention backend of the policy, the reference and the listener: auto (flash_attention_2 when
+    flash_attn imports and the device is CUDA, else sdpa), sdpa, eager or flash_attention_2. The run's
+    log and config.json name the one that ran."""
 
     master_weights: str = "float32"
     """Dtype of the trainable policy weights and optimizer state: float32 (compute in model.dtype through
@@ -63,7 +65,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
         _one_of(self.master_weights, ("float32", "compute"), "model.master_weights")
-        _one_of(self.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation")
+        _one_of(
+            self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation"
+        )
 
 
 @dataclass
@@ -84,7 +88,17 @@ class DataConfig:
     """Evaluate on at most this many held-out pairs (None: all)."""
 
     swap_augment: bool = True
-    """Randomly swap the two images (and the label) of each training pair: counters position bias."""
+    """Randomly swap the two images (and the label) of each training pair, in GRPO and the warm-up:
+    counters position bias. false: every pair in its manifest order."""
+
+    min_pixels: int | None = None
+    """Smallest area (pixels) an image is resized to before patchifying (None: the model folder's
+    preprocessor_config.json). The value used is written to the run's config.json."""
+
+    max_pixels: int | None = None
+    """Largest area (pixels) an image is resized to: the main cost knob, each 28x28 area is one visual
+    token (None: the folder's value, for Qwen2.5-VL 12845056, i.e. ~1.3k tokens for a 1024x1024 image;
+    e.g. 262144 caps an image at 334 tokens). The value used is written to the run's config.json."""
 
     def __post_init__(self) -> None:
         _check(
@@ -104,6 +118,14 @@ class DataConfig:
             self.eval_size is None or self.eval_size >= 1,
             "data.eval_size",
             f"must be >= 1, got {self.eval_size}",
+        )
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"data.{name}", f"must be >= 1 or none, got {value}")
+        _check(
+            self.min_pixels is None or self.max_pixels is None or self.min_pixels <= self.max_pixels,
+            "data.min_pixels",
+            f"({self.min_pixels}) must be <= data.max_pixels ({self.max_pixels})",
         )
 
 

@@ -3,12 +3,34 @@
 ``python -m lgrpo.train`` runs without a process group (world size 1). Under ``torchrun`` (RANK and
 WORLD_SIZE in the environment) a group is started: nccl on GPUs, gloo on CPU. Multi-node is
 torchrun's job; nothing here knows about nodes.
+
+Equal collectives, by construction. A collective that one rank issues and another does not hangs
+both forever, and every forward of an FSDP-sharded module is a series of collectives (one
+all-gather per block). So every phase follows one of two rules, whatever its data:
+
+- **same count**: the number of forwards is a function of the config alone, never of the data. The
+  step gives each rank ``prompts_per_step / world`` prompts and G completions of each, so the
+  reference and old-log-prob passes, the policy update and the warm-up run the same micro-batches
+  on every rank. Where the count does depend on the data, it is padded to the maximum over ranks
+  with dummy work (:func:`max_over_ranks`): the listener scores only completions with a think
+  block, so it runs ``max_over_ranks(its chunks)`` forwards, dummy chunks included
+  (lgrpo/listener.py).
+- **gathered for the phase**: ``generate`` runs a data-dependent number of forwards (it stops when
+  its rows are done), so the sharded policy is unsharded once for the whole phase
+  (:func:`gathered`: one all-gather per block on every rank) and its forwards then communicate
+  nothing. Rollouts and held-out evaluation follow this rule.
+
+Evaluation splits the pairs evenly (``ceil(n / world)`` per rank, padded with repeats that are
+dropped), so the per-batch listener calls, and their padding all-reduce, are equal in number too.
+Checkpoint saves, exports and the per-step metric all-reduces run on every rank unconditionally.
+Tests: tests/test_distributed.py (2 processes, gloo, with a timeout so a hang fails).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +107,16 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest ``n`` over all ranks (a count every rank pads to); ``n`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def broadcast_object(obj, src: int = 0):
@@ -171,3 +203,43 @@ def shard(
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a DTensor (gathered), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any part of ``module`` is an FSDP2 module (its forwards are collectives)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextmanager
+def gathered(module: nn.Module):
+    """Hold every FSDP2 group of ``module`` unsharded (e.g. for ``generate``); a no-op without FSDP.
+
+    ``generate`` runs the HF model's forward once per token and stops when its rows are done: a
+    data-dependent count. Left sharded, every decode step would all-gather every layer, and ranks
+    whose rows finish earlier would stop issuing those all-gathers (a hang); and the root group's
+    weights (embeddings, lm_head) are only gathered by the root's own forward, which generate never
+    calls. So: gather everything once (the same collectives on every rank), keep it for the whole
+    phase, reshard after. Pass the FSDP root (e.g. the trainer's scorer) so its weights come too.
+    This holds a full (compute-dtype) copy of the model on every rank for the phase: fine up to ~7B
+    on 80 GB cards; larger policies want a dedicated inference engine.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not groups:
+        yield
+        return
+    settable = hasattr(FSDPModule, "set_reshard_after_forward")  # torch >= 2.6
+    for m in groups:
+        if settable:
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            if settable:
+                m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()

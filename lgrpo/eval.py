@@ -42,8 +42,13 @@ def judge(
     batch_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    fsdp_root: torch.nn.Module | None = None,
 ) -> dict:
-    """Greedy completions for ``indices`` (images swapped or not) and the task's per-row judgements."""
+    """Greedy completions for ``indices`` (images swapped or not) and the task's per-row judgements.
+
+    Under FSDP ``fsdp_root`` (the module ``fully_shard`` was applied to last, e.g. the trainer's
+    scorer) is gathered around each ``generate`` (lgrpo/distributed.py, "gathered for the phase").
+    """
     keys = ("accuracy", "format", "contradiction", "answer", "listener")
     out: dict[str, list] = {k: [] for k in keys}
     texts = []
@@ -51,7 +56,7 @@ def judge(
     for lo in range(0, len(indices), batch_size):
         part = indices[lo : lo + batch_size]
         prompts = to_device(task.prompts(split, part, [swap] * len(part)), device)
-        with ctx:
+        with ctx, D.gathered(fsdp_root if fsdp_root is not None else policy):
             rollout = generate(
                 policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, greedy=True
             )
@@ -112,37 +117,52 @@ def evaluate(
     swap_check: bool = True,
     dist: D.Dist | None = None,
     autocast_dtype: torch.dtype | None = None,
+    fsdp_root: torch.nn.Module | None = None,
 ) -> dict:
-    """Evaluate ``policy`` on a task split; each rank judges its share, rank 0 gets the whole report."""
+    """Evaluate ``policy`` on a task split; every rank gets the whole report (rank 0 writes it).
+
+    Collective under torchrun: the pairs are split into equal contiguous shares of ``ceil(n / world)``,
+    the last shares padded with repeats of a pair, so every rank runs the same batches (and the same
+    listener calls); the repeats are dropped and the shares gathered in order, so the report is the
+    one a single process would write.
+    """
     dist = dist or D.Dist()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = task.num_prompts(split)
-    indices = list(range(n if limit is None else min(n, limit)))
-    mine = indices[dist.rank :: dist.world_size]
+    n = n if limit is None else min(n, limit)
+    if n < 1:
+        raise ValueError(f"nothing to evaluate: the {split!r} split holds {task.num_prompts(split)} pairs "
+                         f"and limit is {limit}")
+    share = -(-n // dist.world_size)
+    mine = list(range(min(dist.rank * share, n), min((dist.rank + 1) * share, n)))
+    padded = mine + [mine[-1] if mine else 0] * (share - len(mine))
     kw = dict(
         max_new_tokens=max_new_tokens,
         stop=stop,
         batch_size=batch_size,
         device=dist.device,
         autocast_dtype=autocast_dtype,
+        fsdp_root=fsdp_root,
     )
-    plain = judge(policy, task, split, mine, swap=False, **kw) if mine else None
-    swapped = judge(policy, task, split, mine, swap=True, **kw) if (mine and swap_check) else None
-    parts = D.all_gather_objects((mine, plain, swapped))
-
-    def merged(which: int) -> dict | None:
-        pieces = [p[which] for p in parts if p[which] is not None]
-        if not pieces:
-            return None
-        order = torch.tensor(sum((p[0] for p in parts if p[which] is not None), [])).argsort()
-        out = {k: torch.cat([p[k] for p in pieces])[order] for k in pieces[0] if k != "texts"}
-        texts = sum((p["texts"] for p in pieces), [])
-        out["texts"] = [texts[i] for i in order.tolist()]
-        return out
-
-    plain_all, swapped_all = merged(1), merged(2)
+    passes = [False, True] if swap_check else [False]
+    results = [_first_rows(judge(policy, task, split, padded, swap=s, **kw), len(mine)) for s in passes]
+    shares = D.all_gather_objects(results)  # rank order = pair order
+    merged = [_concat([rank_results[i] for rank_results in shares]) for i in range(len(passes))]
+    plain_all, swapped_all = merged[0], (merged[1] if swap_check else None)
     report = summarize(plain_all, swapped_all)
     report["examples"] = [{"index": i, "completion": t} for i, t in enumerate(plain_all["texts"][:8])]
     return report
+
+
+def _first_rows(res: dict, k: int) -> dict:
+    return {key: v[:k] for key, v in res.items()}
+
+
+def _concat(parts: list[dict]) -> dict:
+    out = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "texts"}
+    out["texts"] = [t for p in parts for t in p["texts"]]
+    return out
 
 
 def format_report(report: dict, title: str = "evaluation") -> str:

@@ -8,6 +8,11 @@ computed by ``lgrpo.ops.listener_confidence``.
 Cost: one forward per rollout batch (optionally in micro-batches), left-padded so every row's answer
 position is the last one; the lm_head runs at that position only (``logits_to_keep=1``), never over
 the whole sequence.
+
+Under FSDP (``--parallel.listener shard``) each forward is a series of all-gathers, and how many rows
+have a think block differs between ranks: a sharded listener runs the largest chunk count of any rank,
+the missing chunks as one dummy row each (lgrpo/distributed.py, "same count"). So ``score`` is a
+collective then: every rank calls it the same number of times.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed as D
 from . import ops
 from .batching import ImageLike, VLBatcher
 from .prompts import choice_token_ids
@@ -66,13 +72,23 @@ class Listener:
         logp = torch.zeros(n, 2)
         rows = [b for b, r in enumerate(reasonings) if r is not None]
         step = self.micro_batch_size or max(len(rows), 1)
+        chunks = [rows[i: i + step] for i in range(0, len(rows), step)]
+        if D.is_sharded(self.model):
+            missing = D.max_over_ranks(len(chunks)) - len(chunks)
+            if missing and n == 0:
+                raise ValueError("a sharded listener needs at least one row on every rank (its dummy "
+                                 "forwards reuse a row's prompt and images)")
+            chunks += [None] * missing  # dummy forwards: same all-gathers as the other ranks, no output
         device = _model_device(self.model)
         dtype = _vision_dtype(self.model)
-        for start in range(0, len(rows), step):
-            chunk = rows[start: start + step]
-            batch = self.batcher.listener_batch([prompts[b] for b in chunk], [images[b] for b in chunk],
-                                                [reasonings[b] for b in chunk]).to(device, dtype)
+        for chunk in chunks:
+            rows_in = chunk if chunk is not None else [0]
+            texts = [reasonings[b] for b in chunk] if chunk is not None else [""]
+            batch = self.batcher.listener_batch([prompts[b] for b in rows_in], [images[b] for b in rows_in],
+                                                texts).to(device, dtype)
             logits = self.model(**batch.model_inputs(), logits_to_keep=1, use_cache=False).logits
+            if chunk is None:
+                continue
             p, lp = ops.listener_confidence(logits[:, -1], None, self.candidate_ids.to(device),
                                             self.temperature)
             index = torch.tensor(chunk)

@@ -128,6 +128,23 @@ def choice_token_ids(tokenizer, fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[int
     return ids[0], ids[1]
 
 
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The token ids that end a completion: the one stop set for rollouts, masks, eval and the warm-up.
+
+    The tokenizer's EOS plus Qwen's two end markers when the vocabulary has them: ``<|im_end|>`` ends an
+    assistant turn (the Instruct tokenizers' EOS) and ``<|endoftext|>`` ends a document (the base
+    tokenizers' EOS, and what Qwen2.5-VL's own generation_config also stops on). A model that writes
+    either has finished; anything after it is never sampled, scored or shown to the listener. Empty
+    for a tokenizer with none of them: completions then run to ``max_new_tokens`` (the benchmarks'
+    fixed workload).
+    """
+    eos = tokenizer.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    vocab = tokenizer.get_vocab()  # membership, not convert_tokens_to_ids: that maps a miss to unk
+    ids |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+    return tuple(sorted(ids))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parsing completions
 # ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .prompts import stop_token_ids
 from .sampling import BanTokens, CounterSampler, placeholder_token_ids
 
 # --- batches of prompts with images -------------------------------------------------------------------
@@ -174,9 +175,9 @@ def clean_generation_config(model, tokenizer) -> None:
     Rollouts must sample from exactly the policy's distribution at the configured temperature: any
     inherited logits processor would make the sampler differ from the distribution the loss scores.
     """
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=None)
+    stops = list(stop_token_ids(tokenizer)) or None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [None])[0]
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad, bos_token_id=None)
 
 
 def _completion_mask(completion: torch.Tensor, stop_len: torch.Tensor | None, eos_ids: set[int]) -> tuple:
@@ -228,9 +229,8 @@ def generate(
     device = prompt["input_ids"].device
     if row_ids is None:
         row_ids = torch.arange(n_rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    eos_ids = set(stop_token_ids(tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=None)
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,

@@ -130,7 +130,7 @@ def build(cfg: JobConfig, dist: D.Dist):
     policy = load_policy(name, dtype=master, **common)
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    batcher = VLBatcher.from_pretrained(name)
+    batcher = VLBatcher.from_pretrained(name, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     clean_generation_config(policy, batcher.tokenizer)
     reference = (
         load_reference(cfg.model.reference or name, dtype=cfg.model.dtype, **common)
@@ -167,6 +167,19 @@ def build_eval_task(model: str, data: str, listener: str | None, *, dtype: str |
 # --- the program -----------------------------------------------------------------------------------------
 
 
+def resolve_auto(cfg: JobConfig, dist: D.Dist) -> JobConfig:
+    """Replace what "auto" and None stand for on this machine (in place), so that the log and the run's
+    config.json name what actually ran: the attention backend and the image-size bounds."""
+    from .model import load_image_processor, resolve_attn_implementation
+
+    cfg.model.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation, dist.device)
+    size = load_image_processor(
+        cfg.model.policy or "tiny", min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels
+    ).size
+    cfg.data.min_pixels, cfg.data.max_pixels = int(size["shortest_edge"]), int(size["longest_edge"])
+    return cfg
+
+
 def run_folder(cfg: JobConfig) -> Path:
     name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
     return Path(cfg.run.dir) / D.broadcast_object(name)
@@ -176,10 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     dist = D.init(cfg.train.device, cfg.parallel.backend)
     cfg.validate_world(dist.world_size)
+    resolve_auto(cfg, dist)
     run_dir = run_folder(cfg)
     if dist.is_main:
         save_config(cfg, run_dir / "config.json")
-        print(f"run folder: {run_dir}  ({dist.world_size} rank(s), {dist.device})", flush=True)
+        print(
+            f"run folder: {run_dir}  ({dist.world_size} rank(s), {dist.device}, attention "
+            f"{cfg.model.attn_implementation}, images {cfg.data.min_pixels}..{cfg.data.max_pixels} pixels)",
+            flush=True,
+        )
     seed_everything(cfg.train.seed + dist.rank)
     t0 = time.perf_counter()
     task, models, listener = build(cfg, dist)
@@ -198,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=max(cfg.loss.micro_batch_size, 8),
             dist=dist,
             autocast_dtype=autocast,
+            fsdp_root=trainer.scorer,
         )
         if dist.is_main:
             print(format_report(report, title), flush=True)

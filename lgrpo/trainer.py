@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -77,13 +77,14 @@ class PromptOrder:
     """Global prompt order: a seeded permutation per epoch, consumed ``per_step`` prompts at a time.
 
     The order depends only on (seed, epoch), never on the number of ranks; the state is two ints.
-    ``swap`` flags (image-position augmentation) are a seeded function of (seed, epoch, index).
+    ``swap`` flags (image-position augmentation) are a seeded function of (seed, epoch, index), or
+    all False with ``swap=False``.
     """
 
-    def __init__(self, n: int, per_step: int, seed: int):
+    def __init__(self, n: int, per_step: int, seed: int, swap: bool = True):
         if n < 1:
             raise ValueError("the training split holds no prompts")
-        self.n, self.per_step, self.seed = n, per_step, seed
+        self.n, self.per_step, self.seed, self.swap = n, per_step, seed, swap
         self.epoch, self.offset = 0, 0
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -99,7 +100,7 @@ class PromptOrder:
             g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch + 1)
             flips = torch.rand(self.n, generator=g) < 0.5
             idx += chunk
-            swaps += [bool(flips[i]) for i in chunk]
+            swaps += [bool(flips[i]) and self.swap for i in chunk]
             self.offset += take
             if self.offset == self.n:
                 self.epoch, self.offset = self.epoch + 1, 0
@@ -141,12 +142,14 @@ class CompletionScorer(nn.Module):
         *,
         fused: bool = True,
         chunk_rows: int = 2048,
+        chunk_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.model = model
         self.fused = fused
         self.chunk_rows = chunk_rows
+        self.chunk_size = chunk_size  # linear_grpo_loss's row chunk (None: its default)
         self.autocast_dtype = autocast_dtype
         head = model.get_output_embeddings()
         if fused and getattr(head, "bias", None) is not None:
@@ -195,7 +198,9 @@ class CompletionScorer(nn.Module):
             return self._logprobs(hidden, weight, completion_ids, temperature)
         kwargs = dict(loss, temperature=temperature)
         if self.fused:
-            out = linear_grpo_loss(hidden, weight, completion_ids, mask=completion_mask, **kwargs)
+            out = linear_grpo_loss(
+                hidden, weight, completion_ids, mask=completion_mask, chunk_size=self.chunk_size, **kwargs
+            )
         else:
             logits = F.linear(hidden, weight.to(hidden.dtype))
             out = grpo_loss(logits, completion_ids, mask=completion_mask, **kwargs)
@@ -217,35 +222,6 @@ class CompletionScorer(nn.Module):
             for i in range(0, flat.shape[0], self.chunk_rows)
         ]
         return torch.cat(parts).view(n, c)
-
-
-@contextmanager
-def gathered(module: nn.Module):
-    """Hold every FSDP2 group of ``module`` unsharded (e.g. for ``generate``); a no-op without FSDP.
-
-    ``generate`` runs the HF model's forward once per token. Left sharded, every decode step would
-    all-gather every layer; and the root group's weights (embeddings, lm_head) are only gathered by
-    the root's own forward, which generate never calls. So: gather everything once, keep it for the
-    whole rollout, reshard after. This holds a full (compute-dtype) copy of the policy on every rank
-    during rollouts: fine up to ~7B on 80 GB cards; larger policies want a dedicated inference engine.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    groups = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    if not groups:
-        yield
-        return
-    for m in groups:
-        if hasattr(m, "set_reshard_after_forward"):
-            m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in groups:
-            if hasattr(m, "set_reshard_after_forward"):
-                m.set_reshard_after_forward(True, recurse=False)
-            m.reshard()
 
 
 def trim(prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor):
@@ -288,6 +264,7 @@ class Trainer:
         self.scorer = CompletionScorer(
             self.policy,
             fused=cfg.loss.fused,
+            chunk_size=cfg.loss.chunk_size,
             autocast_dtype=compute if (compute and params_fp32 and not self.fsdp) else None,
         )
         if self.fsdp:
@@ -311,7 +288,9 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.optimizer, max(cfg.train.steps * self.updates_per_step, 1), cfg.optim
         )
-        self.order = PromptOrder(task.num_prompts("train"), cfg.train.prompts_per_step, cfg.train.seed)
+        self.order = PromptOrder(
+            task.num_prompts("train"), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.swap_augment
+        )
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist)
         self.step = 0  # completed GRPO steps
         self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
@@ -352,7 +331,7 @@ class Trainer:
         r = self.cfg.rollout
         batch = repeat_rows(prompts, self.G)
         row_ids = prompt_ids.repeat_interleave(self.G) * self.G + torch.arange(self.G).repeat(len(prompt_ids))
-        with gathered(self.scorer):
+        with D.gathered(self.scorer):
             return generate(
                 self.policy,
                 self.task.tokenizer,
@@ -595,7 +574,9 @@ class Trainer:
         if cfg.steps == 0:
             return []
         optimizer = build_optimizer(self.policy, self.cfg.optim, lr=cfg.lr)
-        order = PromptOrder(self.task.num_prompts("train"), cfg.batch_size, self.cfg.train.seed + 1)
+        order = PromptOrder(
+            self.task.num_prompts("train"), cfg.batch_size, self.cfg.train.seed + 1, self.cfg.data.swap_augment
+        )
         logger = None
         if self.dist.is_main and self.cfg.run.progress:
             from tqdm.auto import tqdm

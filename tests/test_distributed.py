@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import torchrun
+
 OVERRIDES = {
     "train": {"steps": 3, "prompts_per_step": 4},
     "loss": {"beta": 0.04, "epochs": 2, "minibatches": 2, "micro_batch_size": 3},
@@ -66,20 +66,7 @@ def test_two_ranks_match_one_process(tmp_path):
     one = run(tmp_path / "one")
     assert one["world"] == 1 and not one["fsdp"]
 
-    env = dict(
-        os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
-        TRITON_INTERPRET="0",  # the ranks, like the in-process run, use the reference kernels
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        __file__,
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(__file__, str(tmp_path / "two"), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert two["world"] == 2 and two["fsdp"]
