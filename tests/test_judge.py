@@ -3,10 +3,12 @@ ranking evaluation. Model tests run the tiny model on CPU; "a judge whose prefer
 pure stub comparator (ranking schemes) or the tiny model with hooks on its choice logits (the whole pipeline).
 """
 
+import io
 import itertools
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ MAX_NEW = 4  # the untrained tiny model writes noise: a few tokens exercise gene
 
 @pytest.fixture(scope="module")
 def judge():
-    return Judge.from_pretrained("tiny", max_new_tokens=MAX_NEW, batch_size=64)
+    return Judge.from_pretrained("tiny", device="cpu", max_new_tokens=MAX_NEW, batch_size=64)
 
 
 def gray(level: int, size=(56, 56)) -> Image.Image:
@@ -311,7 +313,7 @@ def test_cli_judges_good_rows_and_reports_bad_ones(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out" / "judged.jsonl"
     rc = J.main(["--model", "tiny", "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
-                 "--max-new-tokens", str(MAX_NEW)])
+                 "--max-new-tokens", str(MAX_NEW), "--device", "cpu"])
     assert rc == 1  # some rows were bad; every row still has its output line
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["row"] for g in got] == [1, 2, 3, 4, 5, 7, 8, 9]
@@ -325,9 +327,26 @@ def test_cli_judges_good_rows_and_reports_bad_ones(tmp_path, capsys):
                    (bad_json, "row 5: invalid JSON"), (broken, "row 7: image 1 unreadable"),
                    (no_prompt, 'row 8: needs a non-empty "prompt"')):
         assert why in g["error"] and set(g) == {"row", "error"}
-    io = capsys.readouterr()
-    assert "it/s" not in io.out and "row/s" not in io.out  # stdout is not a terminal: no progress bar
-    assert "3 rows judged, 5 bad rows" in io.err
+    printed = capsys.readouterr()
+    assert "row/s" not in printed.out  # stdout is not a terminal: no progress bar
+    assert "3 rows judged, 5 bad rows" in printed.err
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    class Screen(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    for tty, enabled, drawn in ((True, True, True), (False, True, False), (True, False, False)):
+        screen = Screen(tty)
+        monkeypatch.setattr(sys, "stdout", screen)
+        with J._progress(3, enabled) as bar:
+            bar.update(3)
+        assert ("3/3" in screen.getvalue()) == drawn
 
 
 def test_cli_usage_errors(tmp_path, capsys):
