@@ -344,6 +344,9 @@ class Judge:
         """Rank several lists; each round of every list goes into one batched comparison."""
         if len(prompts) != len(image_lists):
             raise ValueError(f"got {len(prompts)} prompts but {len(image_lists)} image lists")
+        for k, images in enumerate(image_lists):
+            if len(images) < 2:
+                raise ValueError(f"image_lists[{k}]: ranking needs at least 2 images, got {len(images)}")
         schemes = [make_scheme(len(images), method, probes) for images in image_lists]
         cache: dict[int, ProcessedImage] = {}
         processed = [[self._processed(img, f"image_lists[{k}][{i}]", cache) for i, img in enumerate(images)]
@@ -651,17 +654,22 @@ def _nanmean(values: Sequence[float]) -> float:
 def evaluate_ranking(judge: Judge, data_path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
                      methods: Sequence[str] = METHODS, both_orders: bool = True, probes: int = 3,
                      limit: int | None = None, lists_per_batch: int = 8, progress: bool = True) -> dict:
-    """Rank every list of an ImageReward-style file with each method; metrics against the true ranking."""
+    """Rank every list of an ImageReward-style file with each method; metrics against the true ranking.
+
+    Images are decoded ``lists_per_batch`` lists at a time (a whole test set of patchified images would not
+    fit in memory), and each batch is ranked by every method before the next is read.
+    """
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods must be among {METHODS}, got {m!r}")
+    if lists_per_batch < 1:
+        raise ValueError(f"lists_per_batch must be >= 1, got {lists_per_batch}")
     data_path = Path(data_path)
     root = Path(image_root) if image_root is not None else data_path.resolve().parent
-    good: list[tuple[_Row, list[float]]] = []
-    bad: list[str] = []
-    entries = _read_rows(data_path)
-    for number, entry in entries:
-        if limit is not None and len(good) >= limit:
+    parsed: list[tuple[_Row, list[float]]] = []
+    bad: list[tuple[int, str]] = []  # (row, message): parse errors now, image errors batch by batch
+    for number, entry in _read_rows(data_path):
+        if limit is not None and len(parsed) >= limit:
             break
         try:
             if isinstance(entry, RowError):
@@ -671,40 +679,50 @@ def evaluate_ranking(judge: Judge, data_path: str | os.PathLike, *, image_root: 
             if not isinstance(ranks, list) or len(ranks) != len(row.paths) or \
                     not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ranks):
                 raise RowError(f"row {number}: needs a \"ranking\" (or \"rank\") list of {len(row.paths)} numbers")
-            _load_images(row, judge.batcher)
         except RowError as err:
-            bad.append(str(err))
+            bad.append((number, str(err)))
             continue
-        good.append((row, [-float(r) for r in ranks]))  # rank 1 = best: higher truth = better
-    per_method: dict[str, dict] = {}
-    with _progress(len(good) * len(methods), progress) as bar:
-        for method in methods:
-            lists = []
-            for lo in range(0, len(good), lists_per_batch):
-                part = good[lo: lo + lists_per_batch]
+        parsed.append((row, [-float(r) for r in ranks]))  # rank 1 = best: higher truth = better
+    lists: dict[str, list[dict]] = {m: [] for m in methods}
+    sizes = []
+    with _progress(len(parsed), progress) as bar:
+        for lo in range(0, len(parsed), lists_per_batch):
+            part = []
+            for row, truth in parsed[lo: lo + lists_per_batch]:
+                try:
+                    _load_images(row, judge.batcher)
+                except RowError as err:
+                    bad.append((row.line, str(err)))
+                    continue
+                part.append((row, truth))
+                sizes.append(len(truth))
+            for method in methods if part else ():
                 rankings = judge.rank_many([r.prompt for r, _ in part], [r.images for r, _ in part], method=method,
                                            both_orders=both_orders, probes=probes)
                 for (row, truth), ranking in zip(part, rankings):
-                    lists.append({"row": row.line, "n": len(truth), "comparisons": ranking.comparisons,
-                                  "pairwise_accuracy": pairwise_accuracy(ranking.scores, truth),
-                                  "kendall_tau": kendall_tau(ranking.scores, truth),
-                                  "spearman_rho": spearman_rho(ranking.scores, truth),
-                                  "order": ranking.order})
-                bar.update(len(part))
-            comparisons = sum(x["comparisons"] for x in lists)
-            per_method[method] = {
-                "pairwise_accuracy": _nanmean([x["pairwise_accuracy"] for x in lists]),
-                "kendall_tau": _nanmean([x["kendall_tau"] for x in lists]),
-                "spearman_rho": _nanmean([x["spearman_rho"] for x in lists]),
-                "comparisons": comparisons,
-                "comparisons_per_list": comparisons / len(lists) if lists else float("nan"),
-                "generations": comparisons * (2 if both_orders else 1),
-                "lists": lists,
-            }
-    sizes = [len(t) for _, t in good]
-    return {"data": str(data_path), "n_lists": len(good), "images_min": min(sizes, default=0),
+                    lists[method].append({"row": row.line, "n": len(truth), "comparisons": ranking.comparisons,
+                                          "pairwise_accuracy": pairwise_accuracy(ranking.scores, truth),
+                                          "kendall_tau": kendall_tau(ranking.scores, truth),
+                                          "spearman_rho": spearman_rho(ranking.scores, truth),
+                                          "order": ranking.order})
+            for row, _ in part:
+                row.images = None  # let the patches go before the next batch is read
+            bar.update(min(lists_per_batch, len(parsed) - lo))
+    per_method = {}
+    for method, done in lists.items():
+        comparisons = sum(x["comparisons"] for x in done)
+        per_method[method] = {
+            "pairwise_accuracy": _nanmean([x["pairwise_accuracy"] for x in done]),
+            "kendall_tau": _nanmean([x["kendall_tau"] for x in done]),
+            "spearman_rho": _nanmean([x["spearman_rho"] for x in done]),
+            "comparisons": comparisons,
+            "comparisons_per_list": comparisons / len(done) if done else float("nan"),
+            "generations": comparisons * (2 if both_orders else 1),
+            "lists": done,
+        }
+    return {"data": str(data_path), "n_lists": len(sizes), "images_min": min(sizes, default=0),
             "images_max": max(sizes, default=0), "both_orders": both_orders, "probes": probes,
-            "methods": per_method, "bad": bad}
+            "methods": per_method, "bad": [message for _, message in sorted(bad)]}
 
 
 def format_rank_report(report: dict, title: str = "ranking evaluation") -> str:

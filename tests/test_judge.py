@@ -367,6 +367,7 @@ def test_rank_evaluation_anchor_against_round_robin(judge, tmp_path, monkeypatch
         {"prompt": "a bright square", "generations": names[:3][::-1],
          "ranking": [rank_of[v] for v in levels[:3]][::-1]},
         {"prompt": "a bright square", "generations": names[:3], "ranking": [1, 2]},
+        {"prompt": "a bright square", "images": [names[0], "gone.png"], "ranking": [1, 2]},
     ]
     data = tmp_path / "ranked.json"
     data.write_text(json.dumps(lists))  # a JSON list, as ImageReward ships it
@@ -374,12 +375,14 @@ def test_rank_evaluation_anchor_against_round_robin(judge, tmp_path, monkeypatch
     with KnownPreference(judge, gain=3.0, bias=2.0):
         assert J.main(["eval-rank", "--model", "tiny", "--data", str(data), "--out", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["n_lists"] == 2 and len(report["bad"]) == 1 and "row 3" in report["bad"][0]
+    assert report["n_lists"] == 2 and len(report["bad"]) == 2
+    assert report["bad"][0].startswith("row 3: needs a \"ranking\"")
+    assert report["bad"][1].startswith("row 4: image 1 not found")
     anchor, rr = report["methods"]["anchor"], report["methods"]["round_robin"]
     for m in (anchor, rr):
         assert m["pairwise_accuracy"] == m["kendall_tau"] == m["spearman_rho"] == 1.0
     assert (anchor["comparisons"], rr["comparisons"]) == (4 + 3, 6 + 3)
     assert anchor["generations"] == 2 * anchor["comparisons"]
     printed = capsys.readouterr().out
-    assert "Kendall tau-b" in printed and "round_robin" in printed and "row 3" in printed
+    assert "Kendall tau-b" in printed and "round_robin" in printed and "2 bad rows skipped" in printed
 
