@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lgrpo import judge as J
-from lgrpo.judge import Judge, kendall_tau, pairwise_accuracy, rank_with, spearman_rho
+from lgrpo.judge import Judge, cli, kendall_tau, pairwise_accuracy, rank_with, spearman_rho, verdicts
 from lgrpo.prompts import choice_token_ids, render_listener_prompt
 
 MAX_NEW = 4  # the untrained tiny model writes noise: a few tokens exercise generate as well as 512 would
@@ -178,7 +178,7 @@ def test_position_bias_averaging_is_exact_for_a_stub(judge, monkeypatch):
     strength = {}
 
     def stub_rows(prompts, images):
-        return [J._Judged("", None, None, (sigmoid(strength[id(x)] - strength[id(y)] + 5.0),
+        return [verdicts._Judged("", None, None, (sigmoid(strength[id(x)] - strength[id(y)] + 5.0),
                                           1 - sigmoid(strength[id(x)] - strength[id(y)] + 5.0))) for x, y in images]
 
     monkeypatch.setattr(judge, "_judge_rows", stub_rows)
@@ -344,7 +344,7 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     for tty, enabled, drawn in ((True, True, True), (False, True, False), (True, False, False)):
         screen = Screen(tty)
         monkeypatch.setattr(sys, "stdout", screen)
-        with J._progress(3, enabled) as bar:
+        with cli._progress(3, enabled) as bar:
             bar.update(3)
         assert ("3/3" in screen.getvalue()) == drawn
 
