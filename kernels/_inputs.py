@@ -57,6 +57,7 @@ def check_hparams(
     loss_type: str,
     importance_level: str,
     ref_logp: torch.Tensor | None,
+    kl_bias_correction: bool = False,
 ) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -74,6 +75,8 @@ def check_hparams(
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp (the reference model's per-token log-probs)")
+    if not isinstance(kl_bias_correction, bool):
+        raise ValueError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
 
 
 def check_targets(targets: torch.Tensor, vocab: int, mask: torch.Tensor | None = None) -> None:
@@ -155,6 +158,7 @@ def grpo_inputs(
     importance_level: str,
     max_len: int | None,
     num_items: int | float | torch.Tensor | None,
+    kl_bias_correction: bool = False,
     name: str = "logits",
     check_target_ids: bool = True,
 ) -> GRPOInputs:
@@ -174,6 +178,7 @@ def grpo_inputs(
         loss_type=loss_type,
         importance_level=importance_level,
         ref_logp=ref_logp,
+        kl_bias_correction=kl_bias_correction,
     )
     if vocab < 1:
         raise ValueError(f"{name} has an empty vocabulary dimension")

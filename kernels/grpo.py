@@ -3,8 +3,9 @@
 With ``z = logits / tau``, ``logp = log_softmax(z)[y]``, ``r = exp(logp - old)`` (token level) or
 ``r_i = exp(sum_t m (logp - old) / max(n_i, 1))`` (sequence level, one ratio per sequence),
 
-    L_it = -min(r̂ A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * kl_it,
+    L_it = -min(r̂ A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * c_it * kl_it,
     r̂ = min(r, delta) when delta is set,   kl_it = exp(ref - logp) - (ref - logp) - 1,
+    c_it = r_it with kl_bias_correction (TRL's use_bias_correction_kl), else 1,
 
 and the loss is ``inv_denom * sum_it w_i m_it L_it`` where ``w_i = 1 / max(n_i, 1)`` for ``grpo``
 (else 1) and ``inv_denom`` is ``1/B`` (grpo), ``1/max(sum m, 1)`` (bnpo), ``1/max(num_items, 1)``
@@ -22,7 +23,9 @@ Gradient conventions are those of autograd on the reference: ``torch.minimum`` s
 gradient at ties (inside the clip range the two terms tie and the full gradient flows),
 ``clamp`` passes it at its bounds, ``min(r, delta)`` stops it above delta, the sequence-level
 ratio passes it through the per-sequence mean, and the KL term contributes
-``beta * (1 - exp(ref - logp))``.
+``beta * (1 - exp(ref - logp))``; with ``kl_bias_correction`` it is ``beta * r * kl``, whose
+derivative with respect to the token's own log-prob is ``beta * r * (kl + 1 - exp(d)) = -beta * r * d``
+(``d = ref - logp``; no cancellation), plus, at sequence level, ``beta * r * kl`` through the mean.
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ def _token_loss_kernel(
     wloss_ptr, dlogp_ptr, kl_ptr, clip_ptr,
     lo, hi, delta, beta,
     SEG_TABLE: tl.constexpr, SEG_SEQ: tl.constexpr, ROW_MAP: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
-    SEQ_LEVEL: tl.constexpr, SEQ_MEAN: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, USE_KL: tl.constexpr, KL_IS: tl.constexpr,
+    HAS_DELTA: tl.constexpr, SEQ_LEVEL: tl.constexpr, SEQ_MEAN: tl.constexpr, COUNT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program per segment: rows ``[seg[s], seg[s+1])`` (or ``[s*seg_len, (s+1)*seg_len)``)
     of sequence ``seg_seq[s]`` (or ``s``). Writes per row: ``wloss = w_i m L`` (the loss before
@@ -101,7 +105,8 @@ def _token_loss_kernel(
 
     ``COUNT``: the segment is a whole sequence; count its live rows into ``counts[seq]``.
     Otherwise ``counts`` holds every sequence's live-row count. ``SEQ_LEVEL`` needs whole
-    sequences: the ratio is the exponential of the sequence's mean log-ratio.
+    sequences: the ratio is the exponential of the sequence's mean log-ratio. ``KL_IS``: the KL
+    term is weighted by that (unclipped) ratio, gradient through it (``kl_bias_correction``).
     """
     pid = tl.program_id(0)
     if SEG_TABLE:
@@ -166,17 +171,24 @@ def _token_loss_kernel(
         loss = surr
         d_kl = tl.zeros([BLOCK], tl.float32)
         kl = tl.zeros([BLOCK], tl.float32)
+        d_kl_ratio = tl.zeros([BLOCK], tl.float32)  # d(KL term)/d(log-ratio), through the ratio
         if HAS_REF:
             diff = tl.load(ref_ptr + idx, mask=live, other=0.0).to(tl.float32) - logp
             kl = _k3(diff)
             if USE_KL:
-                loss = loss + beta * kl
-                d_kl = -beta * (diff + kl)  # beta * (1 - exp(diff)) = -beta * expm1(diff)
+                if KL_IS:
+                    r_kl = beta * tl.exp(log_ratio)
+                    loss = loss + r_kl * kl
+                    d_kl_ratio = r_kl * kl  # sequence level: through the mean (q below)
+                    d_kl = -r_kl * diff  # token level, in total: beta r (kl + 1 - exp(diff))
+                else:
+                    loss = loss + beta * kl
+                    d_kl = -beta * (diff + kl)  # beta * (1 - exp(diff)) = -beta * expm1(diff)
         tl.store(wloss_ptr + idx, tl.where(live, w * loss, 0.0), mask=inb)
         tl.store(kl_ptr + idx, tl.where(live, kl, 0.0), mask=inb)
         tl.store(clip_ptr + idx, (live & clip).to(tl.uint8), mask=inb)
         if SEQ_LEVEL:
-            q_vec += tl.where(live, w * d_surr, 0.0)
+            q_vec += tl.where(live, w * (d_surr + d_kl_ratio), 0.0)
         else:
             tl.store(dlogp_ptr + idx, tl.where(live, w * (d_surr + d_kl), 0.0), mask=inb)
 
@@ -192,7 +204,10 @@ def _token_loss_kernel(
             if USE_KL:
                 logp = tl.load(logp_ptr + idx, mask=live, other=0.0)
                 diff = tl.load(ref_ptr + idx, mask=live, other=0.0).to(tl.float32) - logp
-                g += -w * beta * (diff + _k3(diff))
+                if KL_IS:  # the direct part, beta r (1 - exp(diff)); the ratio's part is in q
+                    g += -w * beta * tl.exp(seq_log_ratio) * (diff + _k3(diff))
+                else:
+                    g += -w * beta * (diff + _k3(diff))
             tl.store(dlogp_ptr + idx, tl.where(live, g, 0.0), mask=inb)
 
 
@@ -235,6 +250,7 @@ def launch_token_loss(
     seg_seq: torch.Tensor | None = None, row_idx: torch.Tensor | None = None,
     mask: torch.Tensor | None = None, count: bool, eps_low: float, eps_high: float,
     delta: float | None, beta: float, sequence_level: bool, per_seq_mean: bool, max_seg_len: int,
+    kl_bias_correction: bool = False,
 ) -> None:
     """Per-token loss terms over ``n_segments`` segments (see ``_token_loss_kernel``).
 
@@ -255,7 +271,8 @@ def launch_token_loss(
             1.0 - eps_low, 1.0 + eps_high, 0.0 if delta is None else delta, beta,
             SEG_TABLE=seg_bounds is not None, SEG_SEQ=seg_seq is not None, ROW_MAP=row_idx is not None,
             HAS_MASK=mask is not None, HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None,
-            USE_KL=beta > 0, HAS_DELTA=delta is not None, SEQ_LEVEL=sequence_level, SEQ_MEAN=per_seq_mean,
+            USE_KL=beta > 0, KL_IS=kl_bias_correction, HAS_DELTA=delta is not None,
+            SEQ_LEVEL=sequence_level, SEQ_MEAN=per_seq_mean,
             COUNT=count, BLOCK=block, num_warps=4,
         )
 
@@ -296,6 +313,7 @@ def _grpo_fwd(
     old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
     num_items: torch.Tensor, temperature: float, eps_low: float, eps_high: float, delta: float | None,
     beta: float, loss_type: str, sequence_level: bool, max_len: int, n_seqs: int, inplace_grad: bool,
+    kl_bias_correction: bool,
 ) -> _FWD_OUT:
     """Flat inputs from ``grpo_inputs``. Returns (loss, logp, entropy, kl, clipped, lse, dlogp,
     inv_denom); the last three are kept for the backward."""
@@ -316,6 +334,7 @@ def _grpo_fwd(
         seg_bounds=cu_seqlens, mask=mask, count=True, eps_low=eps_low, eps_high=eps_high, delta=delta,
         beta=beta, sequence_level=sequence_level, per_seq_mean=loss_type == "grpo",
         max_seg_len=seg_len if cu_seqlens is None else max(n_rows // n_seqs, 1),
+        kl_bias_correction=kl_bias_correction,
     )
     loss = torch.empty((), dtype=torch.float32, device=device)
     inv_denom = torch.empty_like(loss)
@@ -326,7 +345,7 @@ def _grpo_fwd(
 
 @_grpo_fwd.register_fake
 def _(logits, targets, mask, advantages, old_logp, ref_logp, cu_seqlens, num_items, temperature, eps_low,
-      eps_high, delta, beta, loss_type, sequence_level, max_len, n_seqs, inplace_grad):
+      eps_high, delta, beta, loss_type, sequence_level, max_len, n_seqs, inplace_grad, kl_bias_correction):
     n = targets.numel()
     f = logits.new_empty(n, dtype=torch.float32)
     scalar = logits.new_empty((), dtype=torch.float32)
@@ -372,7 +391,7 @@ def _grpo_setup(ctx, inputs, output):
 
 
 def _grpo_backward(ctx, grad_loss, *_unused):
-    nones = (None,) * 17
+    nones = (None,) * 18
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None, *nones)
     logits, targets, lse, dlogp, inv_denom = ctx.saved_tensors
@@ -410,6 +429,7 @@ def grpo_loss(
     importance_level: str = "token",
     max_len: int | None = None,
     num_items: int | float | torch.Tensor | None = None,
+    kl_bias_correction: bool = False,
     inplace_grad: bool = False,
 ) -> GRPOLossOutput:
     """GRPO clipped-surrogate loss (SPEC §2) from logits ``[B, T, V]`` (mask ``[B, T]``) or packed
@@ -417,6 +437,10 @@ def grpo_loss(
 
     Returns ``GRPOLossOutput``: ``.loss`` (fp32 scalar, differentiable w.r.t. ``logits``) and the
     detached per-token ``.logp``, ``.entropy``, ``.kl``, ``.clipped`` (0/False where mask is 0).
+
+    ``kl_bias_correction=True`` weights the KL term by the importance ratio, ``beta * r * kl`` (TRL
+    1.16's default ``use_bias_correction_kl``; ``r`` unclipped, at ``importance_level``, gradient
+    through it: even on-policy, where ``r = 1``, the KL gradient changes). ``.kl`` stays the plain k3.
 
     ``inplace_grad=True`` writes the gradient into the logits' own buffer during backward and
     hands that buffer to autograd as ``d loss / d logits``: no gradient buffer is allocated, and
@@ -433,18 +457,20 @@ def grpo_loss(
             logits, targets, advantages, mask, old_logp, ref_logp, cu_seqlens=cu_seqlens,
             temperature=temperature, eps_low=eps_low, eps_high=eps_high, delta=delta, beta=beta,
             loss_type=loss_type, importance_level=importance_level, max_len=max_len, num_items=num_items,
+            kl_bias_correction=kl_bias_correction,
         )
     inp = grpo_inputs(
         logits.shape[:-1], logits.shape[-1], logits.device, targets, advantages, mask, old_logp, ref_logp,
         cu_seqlens=cu_seqlens, temperature=temperature, eps_low=eps_low, eps_high=eps_high, delta=delta,
         beta=beta, loss_type=loss_type, importance_level=importance_level, max_len=max_len,
-        num_items=num_items, check_target_ids=False,  # checked inside the op, without idling the GPU
+        num_items=num_items, kl_bias_correction=kl_bias_correction,
+        check_target_ids=False,  # checked inside the op, without idling the GPU
     )
     loss, logp, entropy, kl, clipped, *_ = _grpo_fwd(
         addressable(logits), inp.targets, inp.mask, inp.advantages, inp.old_logp, inp.ref_logp,
         cu_seqlens, inp.num_items, float(temperature), float(eps_low), float(eps_high),
         None if delta is None else float(delta), float(beta), loss_type, importance_level == "sequence",
-        inp.max_len, inp.n_seqs, bool(inplace_grad),
+        inp.max_len, inp.n_seqs, bool(inplace_grad), bool(kl_bias_correction),
     )
     shape = inp.token_shape
     return GRPOLossOutput(loss=loss, logp=logp.view(shape), entropy=entropy.view(shape), kl=kl.view(shape),

@@ -130,6 +130,7 @@ def _linear_fwd(
     seq_id: torch.Tensor, num_items: torch.Tensor, temperature: float, eps_low: float, eps_high: float,
     delta: float | None, beta: float, loss_type: str, sequence_level: bool, max_len: int, n_seqs: int,
     chunk_size: int, fp32_weight_grad: bool, need_grad_hidden: bool, need_grad_weight: bool,
+    kl_bias_correction: bool,
 ) -> _FWD_OUT:
     """hidden [N, H], weight [V, H], flat per-token inputs from grpo_inputs. Returns (loss, logp,
     entropy, kl, clipped, grad_hidden, grad_weight, last_dlogits, last_hidden, accumulated) where
@@ -182,6 +183,7 @@ def _linear_fwd(
             row_idx=rows,
             count=False, eps_low=eps_low, eps_high=eps_high, delta=delta, beta=beta,
             sequence_level=sequence_level, per_seq_mean=loss_type == "grpo", max_seg_len=c1 - c0,
+            kl_bias_correction=kl_bias_correction,
         )
         if not need_grad:
             continue
@@ -206,7 +208,7 @@ def _linear_fwd(
 @_linear_fwd.register_fake
 def _(hidden, weight, targets, mask, advantages, old_logp, ref_logp, seq_id, num_items, temperature, eps_low,
       eps_high, delta, beta, loss_type, sequence_level, max_len, n_seqs, chunk_size, fp32_weight_grad,
-      need_grad_hidden, need_grad_weight):
+      need_grad_hidden, need_grad_weight, kl_bias_correction):
     n, (vocab, dim) = targets.numel(), weight.shape
     f = hidden.new_empty(n, dtype=torch.float32)
     grad_h = hidden.new_empty(n, dim) if need_grad_hidden else hidden.new_empty(0)
@@ -249,7 +251,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_loss, *_unused):
-    nones = (None,) * 20
+    nones = (None,) * 21
     if grad_loss is None:
         return (None, None, *nones)
     if ctx.consumed:
@@ -294,6 +296,7 @@ def linear_grpo_loss(
     importance_level: str = "token",
     max_len: int | None = None,
     num_items: int | float | torch.Tensor | None = None,
+    kl_bias_correction: bool = False,
     inplace_grad: bool = False,
 ) -> GRPOLossOutput:
     """``grpo_loss(hidden @ weight.T, ...)`` without materialising the logits (module docstring).
@@ -312,7 +315,7 @@ def linear_grpo_loss(
     del inplace_grad
     options = dict(cu_seqlens=cu_seqlens, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
                    delta=delta, beta=beta, loss_type=loss_type, importance_level=importance_level,
-                   max_len=max_len, num_items=num_items)
+                   max_len=max_len, num_items=num_items, kl_bias_correction=kl_bias_correction)
     if not use_triton(hidden, weight):
         return reference.linear_grpo_loss(hidden, weight, targets, advantages, mask, old_logp, ref_logp,
                                           chunk_size=chunk_size, **options)
@@ -337,7 +340,7 @@ def linear_grpo_loss(
         inp.ref_logp, inp.seq_id, inp.num_items, float(temperature), float(eps_low), float(eps_high),
         None if delta is None else float(delta), float(beta), loss_type, importance_level == "sequence",
         inp.max_len, inp.n_seqs, int(chunk), bool(fp32_weight_grad), grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
+        grad_on and weight.requires_grad, bool(kl_bias_correction),
     )
     shape = inp.token_shape
     return GRPOLossOutput(loss=loss, logp=logp.view(shape), entropy=entropy.view(shape), kl=kl.view(shape),

@@ -47,13 +47,15 @@ def grpo_loss(
     importance_level: str = "token",
     max_len: int | None = None,
     num_items: int | float | torch.Tensor | None = None,
+    kl_bias_correction: bool = False,
     inplace_grad: bool = False,
 ) -> GRPOLossOutput:
     """GRPO clipped-surrogate loss (SPEC §2) from logits ``[B, T, V]`` or packed ``[N, V]``.
 
     ``L_it = -min(r̂ A, clip(r, 1-eps_low, 1+eps_high) A) + beta * kl_it``, aggregated by
-    ``loss_type``. ``inplace_grad`` is accepted for signature parity with the Triton version and
-    ignored here.
+    ``loss_type``; with ``kl_bias_correction`` the KL term is ``beta * r_it * kl_it`` (TRL's
+    ``use_bias_correction_kl``: ``r`` the unclipped ratio at the chosen level, gradient through it).
+    ``inplace_grad`` is accepted for signature parity with the Triton version and ignored here.
     """
     del inplace_grad
     vocab = logits.shape[-1]
@@ -61,7 +63,7 @@ def grpo_loss(
         logits.shape[:-1], vocab, logits.device, targets, advantages, mask, old_logp, ref_logp,
         cu_seqlens=cu_seqlens, temperature=temperature, eps_low=eps_low, eps_high=eps_high, delta=delta,
         beta=beta, loss_type=loss_type, importance_level=importance_level, max_len=max_len,
-        num_items=num_items,
+        num_items=num_items, kl_bias_correction=kl_bias_correction,
     )
     dtype = _compute_dtype(logits)
     rows = inp.mask.nonzero().squeeze(-1)  # only masked-in rows are computed; the rest report 0
@@ -95,7 +97,7 @@ def grpo_loss(
         d = torch.where(inp.mask, inp.ref_logp.to(dtype) - logp, 0)
         kl = torch.exp(d) - d - 1
         if beta > 0:
-            per_token = per_token + beta * kl
+            per_token = per_token + beta * (ratio * kl if kl_bias_correction else kl)
     per_token = torch.where(inp.mask, per_token, 0)
 
     if loss_type == "grpo":

@@ -75,6 +75,22 @@ def test_packed_layout(gen, small_tiles, level):  # noqa: F811
         assert_matches_reference(out, grad, want, want_grad, torch.float32)
 
 
+@pytest.mark.parametrize("old", [True, False], ids=["off_policy", "on_policy"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_kl_bias_correction_matches_fp64(gen, small_tiles, loss_type, level, old):  # noqa: F811
+    # TRL's use_bias_correction_kl: beta * r * kl, gradient through the (unclipped) ratio r
+    case = grpo_case(gen, old=old)
+    opts = dict(OPTION_SETS["full"], beta=0.3, loss_type=loss_type, importance_level=level, kl_bias_correction=True)
+    out, grad = run_loss(grpo_loss, case, grad_scale=-1.3, **opts)
+    want, want_grad = run_reference64(case, grad_scale=-1.3, **opts)
+    assert_matches_reference(out, grad, want, want_grad, torch.float32)
+    plain, plain_grad = run_loss(grpo_loss, case, grad_scale=-1.3, **dict(opts, kl_bias_correction=False))
+    assert not torch.allclose(grad, plain_grad), "the switch must reach the kernel"
+    if not old:  # on-policy the ratio is 1: same loss, another gradient
+        assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+
+
 def test_overrides_num_items_and_max_len(gen, small_tiles):  # noqa: F811
     case = grpo_case(gen, B=2, T=4, V=20)
     for opts in (dict(loss_type="dapo", num_items=17), dict(loss_type="dapo", num_items=torch.tensor(0.5)),
@@ -293,6 +309,7 @@ ERROR_CASES = [
     (dict(max_len=0), ValueError, "max_len must be >= 1"),
     (dict(num_items=torch.ones(2)), ValueError, "num_items must be a scalar"),
     (dict(cu_seqlens=torch.tensor([0, 15])), ValueError, "cu_seqlens is only for packed"),
+    (dict(kl_bias_correction="yes"), ValueError, "kl_bias_correction must be a bool"),
 ]
 
 

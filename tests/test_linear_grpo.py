@@ -101,6 +101,19 @@ def test_linear_packed_default_chunk_and_on_policy(gen, small_tiles, level):  # 
         assert_linear_matches(run(linear_grpo_loss, c, **opts), run_ref64(c, **opts))
 
 
+@pytest.mark.parametrize("on_policy", [False, True])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_linear_kl_bias_correction(gen, small_tiles, level, on_policy):  # noqa: F811
+    case = linear_case(gen)
+    if on_policy:
+        case["old_logp"] = None
+    opts = dict(FULL, beta=0.3, loss_type="bnpo", importance_level=level, chunk_size=4, kl_bias_correction=True)
+    got = run(linear_grpo_loss, case, grad_scale=0.7, **opts)
+    assert_linear_matches(got, run_ref64(case, grad_scale=0.7, **opts))
+    plain = run(linear_grpo_loss, case, grad_scale=0.7, **dict(opts, kl_bias_correction=False))
+    assert not torch.allclose(got[1], plain[1]), "the switch must reach the kernel"
+
+
 def test_linear_sequence_longer_than_chunk(gen, small_tiles):  # noqa: F811
     # sequence level with chunk_size 2 < every sequence: each sequence gets a chunk of its own
     case = linear_case(gen, B=3, T=6, mask_p=0.9)

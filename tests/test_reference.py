@@ -12,7 +12,7 @@ from lgrpo.kernels import reference as ref
 
 
 def naive_grpo(logits, targets, adv, mask, old, refl, *, temperature, eps_low, eps_high, delta, beta,
-               loss_type, level, max_len=None, num_items=None):
+               loss_type, level, max_len=None, num_items=None, kl_bias_correction=False):
     """SPEC §2, token by token. Padded inputs: logits [B,T,V], everything else [B,T] / [B]."""
     B, T, _ = logits.shape
     logp = [[0.0] * T for _ in range(B)]
@@ -38,7 +38,7 @@ def naive_grpo(logits, targets, adv, mask, old, refl, *, temperature, eps_low, e
             loss = -min(r_hat * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
             if beta > 0:
                 d = float(refl[i, t]) - logp[i][t]
-                loss += beta * (math.exp(d) - d - 1)
+                loss += beta * (r if kl_bias_correction else 1.0) * (math.exp(d) - d - 1)
             per_tok[i][t] = loss
     total = sum(sum(row) for row in per_tok)
     n = sum(int(mask[i][t]) for i in range(B) for t in range(T))
@@ -51,9 +51,10 @@ def naive_grpo(logits, targets, adv, mask, old, refl, *, temperature, eps_low, e
     return total / (B * (max_len if max_len is not None else T))
 
 
+@pytest.mark.parametrize("kl_bias_correction", [False, True])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_reference_matches_scalar_formula(gen, loss_type, level):
+def test_reference_matches_scalar_formula(gen, loss_type, level, kl_bias_correction):
     B, T, V = 3, 5, 7
     logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64) * 2
     targets = torch.randint(0, V, (B, T), generator=gen)
@@ -62,10 +63,42 @@ def test_reference_matches_scalar_formula(gen, loss_type, level):
     old = torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3 - 2
     refl = torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3 - 2
     adv = torch.randn(B, generator=gen, dtype=torch.float64)
-    opts = dict(temperature=0.7, eps_low=0.2, eps_high=0.28, delta=1.5, beta=0.04, loss_type=loss_type)
+    opts = dict(temperature=0.7, eps_low=0.2, eps_high=0.28, delta=1.5, beta=0.04, loss_type=loss_type,
+                kl_bias_correction=kl_bias_correction)
     out = ref.grpo_loss(logits, targets, adv, mask, old, refl, importance_level=level, **opts)
     expect = naive_grpo(logits, targets, adv, mask.tolist(), old, refl, level=level, **opts)
     assert out.loss.item() == pytest.approx(expect, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_reference_kl_bias_correction_gradient(gen, level, on_policy):
+    """The ratio that weights the KL carries gradient (TRL multiplies by its differentiable coef_1):
+    autograd on the reference equals finite differences of the value, which it would not if the
+    ratio were detached; on-policy (ratio 1) the loss is unchanged but the gradient is not."""
+    B, T, V = 2, 3, 5
+    logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        lp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    old = None if on_policy else lp + 0.2 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    refl = lp + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    opts = dict(beta=0.3, importance_level=level, loss_type="grpo")
+    pinned = lp if on_policy else old  # on-policy, old = logp.detach() = lp at these logits
+
+    def loss(z, correction, old_logp=pinned):
+        return ref.grpo_loss(z, targets, adv, mask, old_logp, refl, kl_bias_correction=correction, **opts).loss
+
+    assert torch.autograd.gradcheck(lambda z: loss(z, True), (logits,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    (g_pinned,) = torch.autograd.grad(loss(logits, True), logits)
+    (g_plain,) = torch.autograd.grad(loss(logits, False), logits)
+    (g,) = torch.autograd.grad(loss(logits, True, old), logits)  # old=None when on-policy
+    torch.testing.assert_close(g, g_pinned, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(g, g_plain), "the correction must change the KL gradient"
+    if on_policy:  # ratio 1: same value, different gradient
+        torch.testing.assert_close(loss(logits, True, None), loss(logits, False, None), rtol=1e-12, atol=1e-12)
 
 
 def test_reference_per_token_advantages_and_overrides(gen):
