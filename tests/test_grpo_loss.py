@@ -76,8 +76,7 @@ def test_packed_layout(gen, small_tiles, level):  # noqa: F811
 
 
 @pytest.mark.parametrize("old", [True, False], ids=["off_policy", "on_policy"])
-@pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type,level", [("grpo", "sequence"), ("dapo", "token")])
 def test_kl_bias_correction_matches_fp64(gen, small_tiles, loss_type, level, old):  # noqa: F811
     # TRL's use_bias_correction_kl: beta * r * kl, gradient through the (unclipped) ratio r
     case = grpo_case(gen, old=old)

@@ -101,8 +101,7 @@ def test_linear_packed_default_chunk_and_on_policy(gen, small_tiles, level):  # 
         assert_linear_matches(run(linear_grpo_loss, c, **opts), run_ref64(c, **opts))
 
 
-@pytest.mark.parametrize("on_policy", [False, True])
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level,on_policy", [("token", True), ("sequence", False)])
 def test_linear_kl_bias_correction(gen, small_tiles, level, on_policy):  # noqa: F811
     case = linear_case(gen)
     if on_policy:

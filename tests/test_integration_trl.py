@@ -1,0 +1,326 @@
+"""LGRPOTrainer and ListenerReward against TRL 1.16.0 itself (``pip install -e .[trl]``; skipped without it).
+
+- ``train()``: two optimizer steps of ``LGRPOTrainer`` equal two of TRL's own ``GRPOTrainer`` (same seed,
+  fp32, CPU) in loss, gradient norm and TRL's loss metrics, for each loss type, with gradient accumulation,
+  a second iteration on the same rollouts (ratios away from 1, clipping active), β > 0 with and without
+  the bias-corrected KL, δ, asymmetric ε, sequence-level ratios and a temperature.
+- ``_compute_loss`` on fixed inputs: the settings a CPU run of ``train()`` cannot reach (vLLM importance
+  weights, ``tool_mask``) and the tiny Qwen2.5-VL with images (vision tower gradients included); fp32, the
+  Triton kernels through the interpreter.
+- every setting the kernel cannot honour raises ``ValueError`` naming it.
+- ``ListenerReward`` in ``reward_funcs``: TRL's per-completion rewards equal the listener's confidence.
+
+The models are tiny and run single-threaded: on a loaded 2-core machine two threads make each tiny
+matmul 10-70x slower than one.
+"""
+
+import copy
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+if trl.__version__ != "1.16.0":
+    pytest.skip(f"the adapter targets trl 1.16.0, found {trl.__version__}", allow_module_level=True)
+
+from datasets import Dataset  # noqa: E402  (after the importorskip)
+from toy_task import char_tokenizer, tiny_lm  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from lgrpo.integrations.trl import LGRPOTrainer, ListenerReward, unsupported_settings  # noqa: E402
+
+PROMPTS = ["a red circle", "two blue squares", "a green star", "one small triangle"]
+# TRL's loss metrics, filled by LGRPOTrainer from the kernel's per-token outputs.
+LOSS_METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    """The tiny char-level Qwen2 LM saved as a folder (TRL builds the reference model from its path).
+    Three end-of-completion ids make completion lengths vary from the first step."""
+    path = tmp_path_factory.mktemp("tiny-lm")
+    model = tiny_lm(tok, seed=0)
+    model.generation_config.eos_token_id = [tok.eos_token_id, *tok.convert_tokens_to_ids([".", ":"])]
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def diversity(completions, **_):
+    return [len(set(c)) / 10 + 0.1 * c.count("a") for c in completions]
+
+
+def config(tmp_path, **overrides) -> GRPOConfig:
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+              gradient_accumulation_steps=2, max_completion_length=8, max_steps=2, logging_steps=1,
+              learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, save_strategy="no", bf16=False,
+              disable_tqdm=True, gradient_checkpointing=False, beta=0.0)
+    kw.update(overrides)
+    return GRPOConfig(**kw)
+
+
+def assert_rel(got, want, rtol, what):
+    # relative to the value, floored at 1: on-policy grpo losses are 0 by construction (group-centred
+    # advantages), and then both sides hold rounding noise of the order of 1e-8
+    assert abs(got - want) <= rtol * max(abs(want), 1.0), f"{what}: {got} vs TRL {want}"
+
+
+# The second step is off-policy: it reuses the first step's rollouts (num_iterations=2), or, for dapo, the
+# second half of a generation batch made before the first update (steps_per_generation=4 > accumulation 2,
+# which also puts a factor 2/4 into TRL's dapo normaliser).
+TRAIN_CASES = {
+    "grpo": dict(importance_sampling_level="sequence", beta=0.1, delta=1.5, epsilon_high=0.28, num_iterations=2),
+    "bnpo": dict(beta=0.1, use_bias_correction_kl=False, temperature=0.7, num_iterations=2),
+    "dr_grpo": dict(epsilon=0.1, num_iterations=2),
+    "dapo": dict(beta=0.1, epsilon=0.02, epsilon_high=0.05, steps_per_generation=4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", list(TRAIN_CASES))
+def test_train_matches_trl(tmp_path, model_dir, tok, loss_type):
+    options = dict(TRAIN_CASES[loss_type], loss_type=loss_type)
+    data = Dataset.from_dict({"prompt": PROMPTS})
+    logs = {}
+    for cls in (GRPOTrainer, LGRPOTrainer):
+        trainer = cls(model=model_dir, reward_funcs=diversity, args=config(tmp_path / cls.__name__, **options),
+                      train_dataset=data, processing_class=tok)
+        trainer.train()
+        logs[cls] = [h for h in trainer.state.log_history if "grad_norm" in h]
+    want, got = logs[GRPOTrainer], logs[LGRPOTrainer]
+    assert len(want) == len(got) == 2
+    assert want[1]["clip_ratio/region_mean"] > 0, "the second step must be off-policy"
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.get("completions/mean_length") == w.get("completions/mean_length"), "same rollouts"
+        assert_rel(g["loss"], w["loss"], 1e-5, f"step {step} loss")
+        assert_rel(g["grad_norm"], w["grad_norm"], 1e-5, f"step {step} grad_norm")
+        for name in LOSS_METRICS:
+            if name in w:
+                assert_rel(g[name], w[name], 1e-5, f"step {step} {name}")
+        assert set(LOSS_METRICS) & set(w) == set(LOSS_METRICS) & set(g)
+
+
+# ---------------------------------------------------------------------------------------------------
+# _compute_loss on fixed inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def trainer_pair(tmp_path, model, tok, **options):
+    """TRL's trainer and ours on two identical copies of ``model``, in eval mode (normaliser 1)."""
+    args = config(tmp_path, **options)
+    model.save_pretrained(tmp_path / "model")  # TRL builds the reference model (beta > 0) from this path
+    model.config._name_or_path = str(tmp_path / "model")
+    data = Dataset.from_dict({"prompt": PROMPTS})
+    pair = []
+    for cls in (GRPOTrainer, LGRPOTrainer):
+        trainer = cls(model=copy.deepcopy(model), reward_funcs=diversity, args=args, train_dataset=data,
+                      processing_class=tok)
+        trainer.model.eval()
+        pair.append(trainer)
+    return pair
+
+
+def loss_inputs(gen, B, P, C, vocab, dtype, *, beta=True):
+    """What TRL's _generate_and_score_completions hands to _compute_loss: left-padded prompts,
+    right-padded completions, behaviour and reference log-probs near the policy's."""
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    completion_mask = (torch.rand(B, C, generator=gen) < 0.8).long().cummin(dim=1).values
+    completion_mask[:, 0] = 1
+    inputs = dict(prompt_ids=torch.randint(2, vocab, (B, P), generator=gen), prompt_mask=prompt_mask,
+                  completion_ids=torch.randint(2, vocab, (B, C), generator=gen), completion_mask=completion_mask,
+                  advantages=torch.randn(B, generator=gen, dtype=dtype),
+                  old_per_token_logps=-3.8 + 0.3 * torch.randn(B, C, generator=gen, dtype=dtype),
+                  num_items_in_batch=completion_mask.sum() + 5)
+    if beta:
+        inputs["ref_per_token_logps"] = -3.8 + 0.3 * torch.randn(B, C, generator=gen, dtype=dtype)
+    return inputs
+
+
+def compare_losses(pair, inputs, rtol):
+    """Loss, every parameter's gradient and the logged loss metrics of the two trainers."""
+    results = []
+    for trainer in pair:
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, dict(inputs))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+        results.append((loss.item(), grads, metrics))
+    (want, want_grads, want_metrics), (got, got_grads, got_metrics) = results
+    assert_rel(got, want, rtol, "loss")
+    assert got_grads.keys() == want_grads.keys() and want_grads
+    for name, w in want_grads.items():
+        torch.testing.assert_close(got_grads[name], w, rtol=rtol, atol=rtol * w.abs().max().item(),
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    assert got_metrics.keys() == want_metrics.keys()
+    for name, w in want_metrics.items():
+        assert_rel(got_metrics[name], w, max(rtol, 1e-6), name)
+    return want_grads
+
+
+@pytest.mark.parametrize("case", ["vllm_token", "vllm_sequence", "tool_mask"])
+def test_compute_loss_matches_trl(tmp_path, gen, tok, case):
+    dtype = torch.float32
+    model = tiny_lm(tok, seed=1)
+    options = dict(loss_type="dapo", beta=0.05, epsilon_high=0.28)
+    if case == "vllm_sequence":
+        options.update(loss_type="grpo", importance_sampling_level="sequence", delta=1.4)
+    pair = trainer_pair(tmp_path, model, tok, **options)
+    inputs = loss_inputs(gen, B=4, P=5, C=6, vocab=len(tok), dtype=dtype)
+    if case.startswith("vllm"):
+        # what TRL's vLLM path computes: truncated (token) or masked (sequence) sampling ratios, >= 0
+        for trainer in pair:
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        shape = (4, 6) if case == "vllm_token" else (4, 1)
+        ratio = torch.exp(0.4 * torch.randn(shape, generator=gen, dtype=dtype))
+        inputs["importance_sampling_ratio"] = ratio.clamp(max=1.3) if case == "vllm_token" else ratio * (ratio < 1.2)
+    else:
+        inputs["tool_mask"] = (torch.rand(4, 6, generator=gen) < 0.7).long()
+    compare_losses(pair, inputs, rtol=1e-5)
+
+
+def test_vlm_inputs_reach_the_backbone(tmp_path, gen):
+    """The tiny Qwen2.5-VL with two images per prompt: same loss and gradients as TRL (vision tower too)."""
+    from lgrpo.batching import VLBatcher
+    from lgrpo.model import load_policy
+    from lgrpo.synthetic import SyntheticTask
+
+    batcher = VLBatcher.from_pretrained("tiny")
+    model = load_policy("tiny", dtype=torch.float32, seed=2)
+    pair = trainer_pair(tmp_path, model, batcher.tokenizer, loss_type="bnpo", beta=0.05)
+    task = SyntheticTask(seed=0)
+    examples = [task.example("train", i) for i in range(2)]
+    prompts = batcher.reasoner_batch([e.prompt for e in examples], [list(e.images) for e in examples])
+    inputs = loss_inputs(gen, B=2, P=prompts.length, C=5, vocab=200, dtype=torch.float32)
+    inputs.update(prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
+                  pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+                  num_images=[2, 2])
+    inputs["mm_token_type_ids"] = torch.cat([prompts.mm_token_type_ids,
+                                            torch.zeros_like(inputs["completion_ids"])], dim=1)
+    grads = compare_losses(pair, inputs, rtol=1e-5)
+    vision = [g for n, g in grads.items() if "visual" in n]
+    assert vision and any(g.abs().sum() > 0 for g in vision), "the images must reach the loss"
+
+
+# ---------------------------------------------------------------------------------------------------
+# What it cannot honour
+# ---------------------------------------------------------------------------------------------------
+
+REJECTED = [
+    (dict(loss_type="cispo"), "loss_type='cispo'"),
+    (dict(loss_type="sapo"), "loss_type='sapo'"),
+    (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
+    (dict(entropy_coef=0.01), "entropy_coef=0.01"),
+    (dict(use_adaptive_entropy=True), "use_adaptive_entropy=True"),
+]
+
+
+@pytest.mark.parametrize("options,named", REJECTED, ids=[r[1] for r in REJECTED])
+def test_unsupported_settings_are_named(tmp_path, model_dir, tok, options, named):
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+        LGRPOTrainer(model=model_dir, reward_funcs=diversity, args=config(tmp_path, **options),
+                     train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok)
+
+
+def test_unsupported_models_are_named(tmp_path, tok):
+    model = tiny_lm(tok)
+    assert unsupported_settings(config(tmp_path), model) == []
+    model.config.final_logit_softcapping = 30.0
+    model.config.logit_scale = 0.5
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    found = "\n".join(unsupported_settings(config(tmp_path), model))
+    assert "final_logit_softcapping=30.0" in found and "logit_scale=0.5" in found and "bias" in found
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        LGRPOTrainer(model=model, reward_funcs=diversity, args=config(tmp_path),
+                     train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ListenerReward
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    from lgrpo.synthetic import SyntheticTask
+
+    task = SyntheticTask(seed=1)
+    return [task.example("train", i) for i in range(2)]
+
+
+def test_listener_reward_is_the_listeners_confidence(tmp_path, pairs):
+    from lgrpo.batching import VLBatcher
+    from lgrpo.listener import Listener
+    from lgrpo.model import load_listener
+
+    reward = ListenerReward("tiny", images_column="pair", caption_column="caption")
+    texts = ["<think>image 1 shows a red circle</think><answer>1</answer>", "<answer>2</answer>",
+             "<think>the second</think><answer>2</answer>"]
+    rows = [0, 1, 1]
+    paths = []
+    for i, image in enumerate(pairs[1].images):  # file paths work as well as PIL images
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    columns = dict(caption=[pairs[r].prompt for r in rows], preferred=[pairs[r].preferred for r in rows],
+                   pair=[list(pairs[0].images), paths, paths])
+    conversational = [[{"role": "assistant", "content": t}] for t in texts]
+    got = reward(["ignored"] * 3, conversational, **columns)
+
+    listener = Listener(load_listener("tiny"), VLBatcher.from_pretrained("tiny"))
+    scores = listener.score(columns["caption"], [list(pairs[r].images) for r in rows],
+                            ["image 1 shows a red circle", None, "the second"])
+    want = [float(scores.probs[b, columns["preferred"][b] - 1]) for b in range(3)]
+    want[1] = 0.0  # no think block
+    assert got == pytest.approx(want, abs=1e-6) and 0 < got[0] < 1 and got[1] == 0.0
+    with pytest.raises(ValueError, match="dataset column 'pair'"):
+        reward(["p"], ["c"], caption=["x"], preferred=[1])
+    with pytest.raises(ValueError, match="batcher"):
+        ListenerReward(load_listener("tiny"))
+
+
+@pytest.mark.slow
+def test_listener_reward_in_trl_reward_funcs(tmp_path, model_dir, tok, pairs):
+    """One LGRPOTrainer step with the listener as a reward: TRL's per-completion listener rewards equal
+    ListenerReward's on the logged completions, and some completions carry a think block."""
+    ids = tok.convert_tokens_to_ids
+    bias = {}  # make the random char-level policy write think tags now and then
+    for tag in ("<think>", "</think>"):
+        chars = [ids(c) for c in tag]
+        bias.update({tuple(chars[:k]): 12.0 for k in range(3, len(chars) + 1)})
+    bias.update({(ids("<"),): 3.0, (ids("<"), ids("t")): 10.0, (ids("<"), ids("/")): 9.0})
+    data = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "caption": [p.prompt for p in pairs],
+                              "pair": [list(p.images) for p in pairs], "preferred": [p.preferred for p in pairs]})
+    reward = ListenerReward("tiny", images_column="pair", caption_column="caption")
+    args = config(tmp_path, max_steps=1, gradient_accumulation_steps=1, per_device_train_batch_size=8,
+                  max_completion_length=48,
+                  log_completions=True, num_completions_to_print=0,
+                  generation_kwargs={"sequence_bias": bias, "eos_token_id": tok.eos_token_id})
+    trainer = LGRPOTrainer(model=model_dir, reward_funcs=[reward, diversity], args=args, train_dataset=data,
+                           processing_class=tok)
+    trainer.train()
+    logged = trainer._logs
+    completions, prompts = list(logged["completion"]), list(logged["prompt"])
+    got = list(logged["rewards"]["listener"])
+    rows = [[p.prompt for p in pairs].index(prompt) for prompt in prompts]
+    want = reward(prompts, completions, caption=[pairs[r].prompt for r in rows],
+                  pair=[list(pairs[r].images) for r in rows], preferred=[pairs[r].preferred for r in rows])
+    assert len(got) == len(want) == 8
+    assert got == pytest.approx(want, abs=1e-6)
+    assert any(w > 0 for w in want), f"no think block in {completions}"
+    assert "rewards/listener/mean" in trainer.state.log_history[0]
