@@ -5,8 +5,13 @@ VENV ?= .venv
 # wheel on local disk; a bare `torch` would pull a multi-GB CUDA build. Override on GPU hosts,
 # e.g. `make test TORCH_SPEC='torch==2.11.0'`. Skipped entirely when torch already imports.
 TORCH_SPEC ?= torch==2.13.0
+# Optional extras, comma-separated: `make test EXTRAS=trl,verl` also installs TRL 1.16.0 and verl 0.9.1
+# (verl without its dependencies: see pyproject.toml), so their integration tests run instead of skipping.
+EXTRAS ?=
+VERL_SPEC ?= verl==0.9.1
+comma := ,
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.lgrpo-installed
+STAMP := $(VENV)/.lgrpo-installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
 .PHONY: install demo test lint bench-cpu clean
@@ -18,7 +23,8 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	# No build isolation: the extension must build against the torch installed above.
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev$(if $(EXTRAS),$(comma)$(EXTRAS))]"
+	$(if $(findstring verl,$(EXTRAS)),$(PY) -m pip install -q --no-deps "$(VERL_SPEC)")
 	touch $@
 
 demo: install
@@ -34,4 +40,4 @@ lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf build *.egg-info lgrpo/_C*.so $(STAMP)
+	rm -rf build *.egg-info lgrpo/_C*.so $(VENV)/.lgrpo-installed*

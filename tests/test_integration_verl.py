@@ -11,6 +11,7 @@ importance weights and verl's data-parallel normalisers. The kernels run through
 import pytest
 import torch
 
+pytest.importorskip("tensordict")
 verl = pytest.importorskip("verl")
 if verl.__version__ != "0.9.1":
     pytest.skip(f"the adapter targets verl 0.9.1, found {verl.__version__}", allow_module_level=True)
