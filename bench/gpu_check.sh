@@ -7,6 +7,9 @@
 #
 # Peers (liger-kernel, cut-cross-entropy) are installed from .whl/ when that folder holds wheels
 # (machines without network), else whatever the environment already has is used.
+# bench_trl_step.py (TRL's GRPO update beside LGRPOTrainer's) needs trl 1.16.0 and its dependencies
+# (`pip install -e .[trl]`, or their wheels in .whl/: `pip download trl==1.16.0 -d .whl`); without them it
+# says it was skipped. ONLY=trl_step runs it alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-bench_results}" && cd "${1:-bench_results}" && pwd)

@@ -324,3 +324,12 @@ def test_listener_reward_in_trl_reward_funcs(tmp_path, model_dir, tok, pairs):
     assert got == pytest.approx(want, abs=1e-6)
     assert any(w > 0 for w in want), f"no think block in {completions}"
     assert "rewards/listener/mean" in trainer.state.log_history[0]
+
+
+def test_benchmark_smoke(run_bench, reference_kernels):
+    # the script runs end to end at smoke sizes and both trainers' losses agree (GPU numbers: bench/gpu_check.sh)
+    result = run_bench("bench_trl_step", "bench_trl_step")
+    losses = result["losses"]
+    assert [r["name"].split()[1] for r in result["rows"]] == ["GRPOTrainer", "LGRPOTrainer"]
+    assert all(r["ms"] > 0 for r in result["rows"])
+    assert losses["LGRPOTrainer"] == pytest.approx(losses["GRPOTrainer"], rel=1e-5)
