@@ -217,6 +217,22 @@ def test_vlm_inputs_reach_the_backbone(tmp_path, gen):
     assert vision and any(g.abs().sum() > 0 for g in vision), "the images must reach the loss"
 
 
+def test_peft_lora_matches_trl(tmp_path, gen, tok):
+    """A LoRA policy (TRL's peft_config): the head is added to the base model, as TRL adds its own."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    data = Dataset.from_dict({"prompt": PROMPTS})
+    pair = []
+    for cls in (GRPOTrainer, LGRPOTrainer):  # TRL seeds the LoRA init: the same adapters in both
+        trainer = cls(model=tiny_lm(tok, seed=1), reward_funcs=diversity, args=config(tmp_path, loss_type="bnpo"),
+                      train_dataset=data, processing_class=tok, peft_config=lora)
+        trainer.model.eval()
+        pair.append(trainer)
+    grads = compare_losses(pair, loss_inputs(gen, B=4, P=5, C=6, vocab=len(tok), dtype=torch.float32, beta=False),
+                           rtol=1e-5)
+    assert grads and all("lora_" in name for name in grads)
+
+
 # ---------------------------------------------------------------------------------------------------
 # What it cannot honour
 # ---------------------------------------------------------------------------------------------------
