@@ -447,7 +447,7 @@ def grpo_loss(
     **the logits are destroyed** (their values are replaced by the gradient). Use it only when
     nothing else reads the logits after the loss (their producer's backward, e.g. the lm_head
     matmul, does not). Padded logits may be any ``[B, T, V]`` view with a unit vocabulary stride
-    (e.g. ``logits[:, :-1]``); no copy is made.
+    (e.g. ``logits[:, P-1:-1]``, the rows that predict a completion after P prompt tokens); no copy is made.
 
     Falls back to ``reference.grpo_loss`` where the Triton kernels do not run (no CUDA and no
     interpreter, or fp64 logits).
