@@ -10,6 +10,11 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?=
 VERL_SPEC ?= verl==0.9.1
 comma := ,
+# verl's wheel also installs its own test suite as a top-level `tests` package, which shadows this
+# repository's tests/ (imported as `tests.*`): removed when verl's file list says it is verl's.
+DROP_VERL_TESTS := import importlib.metadata as md, shutil; d = md.distribution("verl"); \
+	t = d.locate_file("tests"); mine = any(str(f) == "tests/__init__.py" for f in d.files or []); \
+	shutil.rmtree(t) if mine and t.exists() else None
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lgrpo-installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
@@ -25,6 +30,7 @@ $(STAMP): $(SOURCES)
 	# No build isolation: the extension must build against the torch installed above.
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev$(if $(EXTRAS),$(comma)$(EXTRAS))]"
 	$(if $(findstring verl,$(EXTRAS)),$(PY) -m pip install -q --no-deps "$(VERL_SPEC)")
+	$(if $(findstring verl,$(EXTRAS)),$(PY) -c '$(DROP_VERL_TESTS)')
 	touch $@
 
 demo: install
