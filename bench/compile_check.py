@@ -72,7 +72,7 @@ def variants():
     yield ("row_grad short rows, no scale", logprobs._row_grad_kernel,
            dict(ROW, x_ptr="*fp32", d_ptr="*fp32"),
            dict(ROW_MAP=False, HAS_SCALE=False, rows_per_batch=1, **small), 8, True)
-    flags = ("SEG_TABLE", "SEG_SEQ", "ROW_MAP", "HAS_MASK", "HAS_OLD", "HAS_REF", "USE_KL", "HAS_DELTA",
+    flags = ("SEG_TABLE", "SEG_SEQ", "ROW_MAP", "HAS_MASK", "HAS_OLD", "HAS_REF", "USE_KL", "KL_IS", "HAS_DELTA",
              "SEQ_LEVEL", "SEQ_MEAN", "COUNT")
     loss_cases = {
         "token padded, all options": dict(HAS_MASK=1, HAS_OLD=1, HAS_REF=1, USE_KL=1, HAS_DELTA=1,
@@ -85,6 +85,10 @@ def variants():
                                       SEQ_MEAN=1),
         "sequence linear segments": dict(SEG_TABLE=1, SEG_SEQ=1, ROW_MAP=1, HAS_OLD=1, HAS_REF=1, USE_KL=1,
                                          HAS_DELTA=1, SEQ_LEVEL=1),
+        "token padded, bias-corrected kl": dict(HAS_MASK=1, HAS_OLD=1, HAS_REF=1, USE_KL=1, KL_IS=1, SEQ_MEAN=1,
+                                                COUNT=1),
+        "sequence linear, bias-corrected kl": dict(SEG_TABLE=1, SEG_SEQ=1, ROW_MAP=1, HAS_REF=1, USE_KL=1, KL_IS=1,
+                                                   HAS_DELTA=1, SEQ_LEVEL=1),
     }
     for label, on in loss_cases.items():
         consts = {f: bool(on.get(f, 0)) for f in flags}
