@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from PIL import Image
 
+from .images import to_rgb
 from .prompts import (
     DEFAULT_FORMAT,
     IMAGE_PLACEHOLDER,
@@ -188,7 +189,7 @@ class VLBatcher:
         """Patchify images (any sizes). Process a pair once and reuse it for all G completions."""
         if not images:
             return []
-        rgb = [_as_rgb(img) for img in images]
+        rgb = [to_rgb(img) for img in images]  # upright, 8-bit, transparency over white
         out = self.image_processor(images=rgb, return_tensors="pt")
         pixel_values, grids = torch.as_tensor(out["pixel_values"]), torch.as_tensor(out["image_grid_thw"])
         sizes = grids.prod(-1).tolist()
@@ -311,9 +312,3 @@ class VLBatcher:
             mm_token_type_ids=((input_ids == self.image_token_id) & attention_mask.bool()).to(torch.int32),
             pixel_values=pixel_values, image_grid_thw=grids,
             images_per_row=torch.tensor([len(row) for row in processed], dtype=torch.long))
-
-
-def _as_rgb(img) -> Image.Image:
-    if not isinstance(img, Image.Image):
-        raise TypeError(f"images must be PIL images or ProcessedImage, got {type(img).__name__}")
-    return img if img.mode == "RGB" else img.convert("RGB")
