@@ -99,10 +99,12 @@ def test_skip_bad_lists_every_bad_row(tmp_path, images):
 
 def test_decode_error_at_load_names_the_row(tmp_path, images):
     m = _bad_manifest(tmp_path, images)
-    ds = ManifestDataset(m, skip_bad=True)
+    ds = ManifestDataset(m, skip_bad=True, check_images="exists")
     assert [r.line for r in ds.records] == [1, 7, 10]
     with pytest.raises(DataError, match=r"bad\.jsonl:7: cannot read image"):
         ds[1]
+    # By default the image headers are read at start-up: the corrupt PNG is found there.
+    assert [r.line for r in ManifestDataset(m, skip_bad=True).records] == [1, 10]
 
 
 def test_manifest_without_usable_rows_is_an_error(tmp_path):
