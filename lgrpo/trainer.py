@@ -33,7 +33,7 @@ from .checkpoint import Checkpointer, latest_checkpoint
 from .config import JobConfig
 from .interrupt import GracefulStop
 from .kernels import group_advantages, grpo_loss, linear_grpo_loss, token_logprobs
-from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory
+from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
 from .rollout import (
     TOKEN_KEYS,
@@ -578,10 +578,12 @@ class Trainer:
             self.task.num_prompts("train"), cfg.batch_size, self.cfg.train.seed + 1, self.cfg.data.swap_augment
         )
         logger = None
-        if self.dist.is_main and self.cfg.run.progress:
+        # Piped output gets a line every tenth of the warm-up instead of a bar (lgrpo.metrics).
+        every = max(cfg.steps // 10, 1) if self.dist.is_main and self.cfg.run.progress else 0
+        if every and show_progress_bar(True):
             from tqdm.auto import tqdm
 
-            logger = tqdm(total=cfg.steps, desc="sft warm-up", dynamic_ncols=True)
+            logger, every = tqdm(total=cfg.steps, desc="sft warm-up", dynamic_ncols=True), 0
         losses = []
         for _ in range(cfg.steps):
             indices, swaps = order.next()
@@ -615,6 +617,8 @@ class Trainer:
             if logger is not None:
                 logger.update(1)
                 logger.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+            elif every and len(losses) % every == 0:
+                print(f"warm-up {len(losses)}/{cfg.steps} loss {loss_value:.3f}", flush=True)
         if logger is not None:
             logger.close()
         del optimizer
@@ -645,15 +649,13 @@ class Trainer:
         )
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load ``path``, or with ``checkpoint.resume = auto`` the run's latest complete checkpoint."""
-        mode = self.cfg.checkpoint.resume
-        if path is None:
-            if mode == "none":
-                return False
-            path = latest_checkpoint(self.checkpointer.folder) if mode == "auto" else Path(mode)
+        """Load ``path``, or what ``checkpoint.resume`` names (``auto``: the newest checkpoint that verifies)."""
+        verified = path is None
+        if path is None:  # verified against its manifest; a damaged latest one falls back to an older one
+            path = self.checkpointer.find(self.cfg.checkpoint.resume)
             if path is None:
                 return False
-        state = self.checkpointer.load(path, self.policy, self.optimizer, self.scheduler)
+        state = self.checkpointer.load(path, self.policy, self.optimizer, self.scheduler, verified=verified)
         self.step = state["step"]
         self.order.load_state_dict(state["data"])
         self.skipped_in_a_row = state.get("skipped_in_a_row", 0)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from lgrpo import distributed as D
 from lgrpo.checkpoint import (
+    CheckpointError,
     complete_checkpoints,
     export_pretrained,
     latest_checkpoint,
@@ -87,7 +88,7 @@ def test_incomplete_checkpoint_is_ignored_and_keep_k_prunes(tmp_path):
     (folder / "step_0000004.tmp").mkdir()
     (folder / "step_0000005").mkdir()
     assert latest_checkpoint(folder).name == "step_0000003"
-    with pytest.raises(FileNotFoundError, match="step_0000005.*not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="step_0000005.*interrupted while being written"):
         trainer.checkpointer.load(
             folder / "step_0000005", trainer.policy, trainer.optimizer, trainer.scheduler
         )
