@@ -100,6 +100,12 @@ class DataConfig:
     token (None: the folder's value, for Qwen2.5-VL 12845056, i.e. ~1.3k tokens for a 1024x1024 image;
     e.g. 262144 caps an image at 334 tokens). The value used is written to the run's config.json."""
 
+    on_bad_row: str = "skip"
+    """A manifest row that cannot be used (unreadable or truncated image, an image too large or too
+    elongated, a prompt holding a special token, too long for the model): skip (replace it by the next good
+    row and list it in the run's bad_rows.jsonl) or stop (fail, naming the file and line). Rows found at
+    start-up are checked from the image headers; the rest are found when first drawn."""
+
     def __post_init__(self) -> None:
         _check(
             bool(self.train) and self.train != "none", "data.train", "needs a manifest path or 'synthetic'"
@@ -127,6 +133,7 @@ class DataConfig:
             "data.min_pixels",
             f"({self.min_pixels}) must be <= data.max_pixels ({self.max_pixels})",
         )
+        _one_of(self.on_bad_row, ("skip", "stop"), "data.on_bad_row")
 
 
 @dataclass
@@ -416,6 +423,10 @@ class RunConfig:
     log_every: int = 1
     """Print a one-line summary every this many steps (JSONL gets every step regardless)."""
 
+    allow_config_change: bool = False
+    """Resume a run folder whose config.json differs from this config (the old one is kept as
+    config.<time>.json). Without it, reusing a run name with other values is refused."""
+
     def __post_init__(self) -> None:
         _one_of(self.tensorboard, ("auto", "on", "off"), "run.tensorboard")
         _check(self.log_every >= 1, "run.log_every", f"must be >= 1, got {self.log_every}")
@@ -458,6 +469,16 @@ class JobConfig:
             "data.synthetic_train_size",
             f"({self.data.synthetic_train_size}) must be >= train.prompts_per_step "
             f"({self.train.prompts_per_step})",
+        )
+        # The warm-up's targets are the synthetic task's templated reasoning, written from its captions of
+        # what each image shows; a manifest has no captions, so the warm-up would crash after minutes.
+        _check(
+            self.sft.steps == 0 or self.data.train == "synthetic",
+            "sft.steps",
+            f"({self.sft.steps}) > 0 with --data.train {self.data.train}: the supervised warm-up trains on the "
+            f"synthetic task's templated reasoning, which needs captions of what each image shows, and a "
+            f"manifest has none. Pass --sft.steps 0 and start from a policy that already writes the format "
+            f"(<think>...</think><answer>1|2</answer>), or train on --data.train synthetic",
         )
         # Minibatch m holds samples g with g % minibatches == m of every prompt: the same global
         # minibatch on any number of ranks, and equal sizes when G divides.
@@ -640,7 +661,19 @@ def build_config(preset: str = "tiny", overrides: dict | None = None) -> JobConf
 
 def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
     """A saved resolved config (config.json of a run), with optional overrides on top."""
-    values = json.loads(Path(path).read_text())
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot read it: {err}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"--config {path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object (a run's config.json), got "
+                          f"{type(values).__name__}")
     return _build(JobConfig, _merge(values, overrides or {}))
 
 
@@ -698,6 +731,31 @@ def help_text(cfg: JobConfig | None = None, prog: str = "python -m lgrpo.train")
     return "\n".join(lines)
 
 
+def option_names() -> list[str]:
+    """Every ``section.field`` the command line accepts."""
+    hints = _hints(JobConfig)
+    return [f"{name}.{sub.name}" for name, tp in hints.items() if dataclasses.is_dataclass(tp)
+            for sub in dataclasses.fields(tp)]
+
+
+def _check_option(key: str) -> None:
+    """An unknown ``--key`` is named as such (not as a missing value), with the closest known ones."""
+    import difflib
+
+    names = option_names()
+    if key in names:
+        return
+    sections = sorted({n.split(".")[0] for n in names})
+    if key in sections:
+        raise ConfigError(f"--{key}: is a section; set its fields as --{key}.FIELD (see --help)")
+    close = difflib.get_close_matches(key, names + ["preset", "config"], n=3, cutoff=0.6)
+    if not close and "." not in key:  # a bare field name: the sections that hold it
+        close = [n for n in names if n.endswith("." + key)]
+    hint = (f"the closest known: {', '.join('--' + c for c in close)}" if close
+            else f"known options are --SECTION.FIELD with SECTION one of {', '.join(sections)}")
+    raise ConfigError(f"unknown option --{key}; {hint} (--help lists every option)")
+
+
 def parse_args(argv: list[str] | None = None, prog: str = "python -m lgrpo.train") -> JobConfig:
     """``[--preset NAME | --config FILE] --section.field value ...`` → a validated JobConfig."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -711,6 +769,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m lgrpo.train
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options are --section.field VALUE")
         key, eq, value = arg[2:].partition("=")
+        if key not in ("preset", "config"):
+            _check_option(key)
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"--{key}: missing value")

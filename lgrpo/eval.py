@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -206,6 +207,23 @@ def write_report(report: dict, path: str | Path) -> Path:
 # --- the command line -----------------------------------------------------------------------------------
 
 
+def _checked_out_path(parser: argparse.ArgumentParser, args) -> Path:
+    """Check the counts and that the report can be written; ``parser.error`` (exit 2) names the option."""
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    out = Path(args.out) if args.out else (
+        Path(args.model) / "eval_report.json" if Path(args.model).is_dir() else Path("eval_report.json"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        parser.error(f"--out {out}: cannot write the report there ({err})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lgrpo.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="policy folder (an exported run's final/), or 'tiny'")
@@ -218,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="default: bf16 on GPU")
     p.add_argument("--out", default=None, help="JSON report path (default: eval_report.json beside --model)")
     args = p.parse_args(argv)
+    out = _checked_out_path(p, args)  # before any model loads: a bad argument fails in a second
 
     from .train import build_eval_task  # the model/data pipeline
 
@@ -234,9 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if dist.is_main:
         print(format_report(report, f"evaluation of {args.model} on {args.data}"))
-        out = args.out or (
-            Path(args.model) / "eval_report.json" if Path(args.model).is_dir() else "eval_report.json"
-        )
         print(f"report: {write_report(report, out)}")
     D.close()
     return 0

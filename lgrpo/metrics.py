@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +63,52 @@ def _jsonable(v):
     return v
 
 
+def show_progress_bar(progress: bool) -> bool:
+    """A tqdm bar only when asked for and both output streams are terminals: piped into a file or
+    ``tee``, a bar's redraws would interleave with the step lines as fragments."""
+    return progress and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def check_tensorboard(mode: str) -> None:
+    """``--run.tensorboard on`` needs the package: say so at start-up, not when the first step logs."""
+    if mode != "on":
+        return
+    from .config import ConfigError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--run.tensorboard on, but the tensorboard package is not installed: pip install tensorboard "
+            "(or --run.tensorboard auto: event files only when it is installed)"
+        ) from None
+
+
+def keep_steps_up_to(path: str | os.PathLike, step: int) -> int:
+    """Drop the rows of ``path`` (a metrics JSONL) after ``step``: the steps a resumed run will redo.
+
+    A run that crashed after logging steps it never checkpointed logs them again when resumed; without
+    this the file would hold them twice. Rewritten atomically; returns the number of rows dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
     """``log(step, metrics)`` appends a JSON line to ``metrics.jsonl`` (and TensorBoard scalars)."""
 
@@ -86,21 +133,18 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Append: a resumed run continues the same file (its lines carry the step, so a reader
-        # can keep the last line of each step if a crash repeated some).
+        # A resumed run continues the same file, from the step it resumed at: one line per step.
+        keep_steps_up_to(self.path, initial_step)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
         if tensorboard != "off":
+            check_tensorboard(tensorboard)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-            except ImportError:
-                if tensorboard == "on":
-                    raise RuntimeError(
-                        "--run.tensorboard on, but the tensorboard package is not installed "
-                        "(pip install tensorboard)"
-                    ) from None
-        if progress and total_steps > 0:
+            except ImportError:  # auto, without the package
+                self._tb = None
+        if show_progress_bar(progress) and total_steps > 0:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)

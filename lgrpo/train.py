@@ -17,8 +17,17 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .checkpoint import export_pretrained, seed_everything
-from .config import JobConfig, parse_args, save_config
+from . import preflight
+from .checkpoint import (
+    CheckpointError,
+    export_pretrained,
+    load_weights,
+    save_weights,
+    seed_everything,
+    weights_info,
+)
+from .config import ConfigError, JobConfig, parse_args, save_config
+from .data import DataError
 from .eval import evaluate, format_report, write_report
 from .rollout import Rollout, clean_generation_config
 from .trainer import Models, Trainer
@@ -103,12 +112,12 @@ def _datasets(cfg: JobConfig) -> dict:
     splits["train"] = (
         synthetic.dataset("train", cfg.data.synthetic_train_size)
         if cfg.data.train == "synthetic"
-        else ManifestDataset(cfg.data.train)
+        else ManifestDataset(cfg.data.train, on_bad_row=cfg.data.on_bad_row)
     )
     if cfg.data.eval == "synthetic":
         splits["eval"] = synthetic.dataset("heldout", cfg.data.synthetic_eval_size)
     elif cfg.data.eval != "none":
-        splits["eval"] = ManifestDataset(cfg.data.eval)
+        splits["eval"] = ManifestDataset(cfg.data.eval, on_bad_row=cfg.data.on_bad_row)
     return splits
 
 
@@ -166,6 +175,8 @@ def build_eval_task(model: str, data: str, listener: str | None, *, dtype: str |
 
 # --- the program -----------------------------------------------------------------------------------------
 
+WARMUP_DIR = "warmup"  # the warmed-up policy's weights, saved once (lgrpo.checkpoint.save_weights)
+
 
 def resolve_auto(cfg: JobConfig, dist: D.Dist) -> JobConfig:
     """Replace what "auto" and None stand for on this machine (in place), so that the log and the run's
@@ -185,13 +196,31 @@ def run_folder(cfg: JobConfig) -> Path:
     return Path(cfg.run.dir) / D.broadcast_object(name)
 
 
+def frozen_copies(cfg: JobConfig, models: Models, listener) -> list:
+    """The frozen models that start as copies of the warmed-up policy: the KL reference and the listener,
+    unless given as folders. For the tiny model, "the same base model, frozen" (SPEC §1) is the model that
+    knows the format."""
+    return [
+        m
+        for m, given in ((models.reference, cfg.model.reference), (listener.model if listener else None,
+                                                                    cfg.model.listener))
+        if m is not None and given is None
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     dist = D.init(cfg.train.device, cfg.parallel.backend)
     cfg.validate_world(dist.world_size)
     resolve_auto(cfg, dist)
     run_dir = run_folder(cfg)
+    changes = preflight.check_run(cfg, run_dir)  # before anything slow: every rank reads, none writes
+    D.barrier()
     if dist.is_main:
+        if changes:
+            kept = preflight.keep_previous_config(run_dir)
+            print(f"[config] {run_dir} continues with a changed config ({'; '.join(changes)}); the previous "
+                  f"one is kept as {kept.name}", flush=True)
         save_config(cfg, run_dir / "config.json")
         print(
             f"run folder: {run_dir}  ({dist.world_size} rank(s), {dist.device}, attention "
@@ -201,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(cfg.train.seed + dist.rank)
     t0 = time.perf_counter()
     task, models, listener = build(cfg, dist)
+    preflight.check_task(cfg, task, models.policy, run_dir, dist)
     trainer = Trainer(cfg, dist, task, models, run_dir)
     autocast = trainer.scorer.autocast_dtype
 
@@ -228,24 +258,37 @@ def main(argv: list[str] | None = None) -> int:
         return report
 
     reports = {}
+    frozen = frozen_copies(cfg, models, listener)
+    warm_dir = run_dir / WARMUP_DIR
     if not trainer.resume():
         if cfg.sft.steps:
-            reports["initial"] = held_out("held-out, initial weights")
-            losses = trainer.warmup()
-            if dist.is_main:
-                print(f"warm-up: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-            # The KL reference and the listener start from the warmed-up policy unless given as folders:
-            # for the tiny model, "the same base model, frozen" (SPEC §1) is the model that knows the format.
-            frozen = [
-                m
-                for m, given in (
-                    (models.reference, cfg.model.reference),
-                    (listener.model if listener else None, cfg.model.listener),
-                )
-                if m is not None and given is None
-            ]
+            info, _ = weights_info(warm_dir, dist)
+            if info is not None and info.get("steps") == cfg.sft.steps:
+                # A run stopped between the warm-up and its first checkpoint: the warm-up is not redone.
+                load_weights(warm_dir, [trainer.policy], verified=True)
+                if dist.is_main:
+                    print(f"[resume] warm-up weights from {warm_dir} ({info['steps']} steps); not redone",
+                          flush=True)
+            else:
+                reports["initial"] = held_out("held-out, initial weights")
+                losses = trainer.warmup()
+                if dist.is_main:
+                    print(f"warm-up: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+                # Saved once: a resumed run rebuilds the frozen copies below from these weights.
+                save_weights(warm_dir, trainer.policy, dist, {"steps": len(losses), "loss": losses[-1]})
             trainer.copy_policy_into(*frozen)
         reports["before"] = held_out("held-out, before GRPO")
+    elif cfg.sft.steps and frozen:
+        # The checkpoint holds the policy, not the frozen copies made of it after the warm-up.
+        try:
+            load_weights(warm_dir, frozen, dist=dist)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"cannot rebuild the KL reference / listener, which are copies of the warmed-up policy: {err}. "
+                f"Start a new run (--run.name), or give them as folders (--model.reference, --model.listener)"
+            ) from None
+        if dist.is_main:
+            print(f"[resume] reference/listener rebuilt from the warm-up weights in {warm_dir}", flush=True)
 
     def periodic_eval(tr: Trainer, _metrics: dict) -> None:
         every = cfg.train.eval_every
@@ -293,3 +336,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C outside the GRPO loop (or a second one inside it): no traceback
         print("\n[stop] interrupted: nothing saved since the last checkpoint", file=sys.stderr, flush=True)
         sys.exit(130)
+    except (ConfigError, DataError, CheckpointError) as err:  # the message says what to change: no traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)

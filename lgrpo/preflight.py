@@ -1,0 +1,170 @@
+"""Start-up checks of ``python -m lgrpo.train``: what would fail hours in, or go silently wrong, is refused
+or warned about in the first seconds.
+
+Before any model loads (:func:`check_run`): ``--run.tensorboard on`` without the package, a
+``--checkpoint.resume`` folder that does not exist, and a run folder reused with another config (refused
+unless ``--run.allow_config_change``; then both configs are kept). After the models and data are built
+(:func:`check_task`): bad manifest rows go to the run's ``bad_rows.jsonl``, prompts too long for the
+model's positions are bad rows too, and a ``--rollout.max_new_tokens`` shorter than the warm-up's answers
+(every rollout cut before ``</answer>``, every format reward 0) gets a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from .config import ConfigError, JobConfig
+from .metrics import check_tensorboard
+
+# Settings that change how a run is shown, saved, evaluated or sharded, not what it computes: a rerun
+# may change them freely.
+FREE_TO_CHANGE = (
+    "run.dir", "run.name", "run.allow_config_change", "run.progress", "run.log_every", "run.tensorboard",
+    "checkpoint.resume", "checkpoint.keep", "checkpoint.export", "train.eval_every", "data.eval_size",
+    "parallel.fsdp", "parallel.reference", "parallel.listener", "parallel.backend",
+)
+
+# The listener reads the prompt, the reasoning (at most max_new_tokens) and a few tokens of its own.
+LISTENER_MARGIN = 16
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``"section.field: old -> new"`` for every setting that differs and matters."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+            if k not in FREE_TO_CHANGE and a.get(k) != b.get(k)]
+
+
+def check_run(cfg: JobConfig, run_dir: Path) -> list[str]:
+    """Checks before anything is built; raises :class:`ConfigError` naming the option to change.
+
+    Returns the config changes against the run folder's ``config.json`` that ``--run.allow_config_change``
+    allowed (empty for a new folder or the same config). Reads only: safe on every rank.
+    """
+    check_tensorboard(cfg.run.tensorboard)
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).is_dir():
+        raise ConfigError(f"--checkpoint.resume {resume}: no such folder; pass a step folder "
+                          f"(runs/NAME/checkpoints/step_N), auto (the run's newest) or none")
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return []
+    try:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        changes = config_changes(old, cfg.to_dict()) if isinstance(old, dict) else ["(not a JSON object)"]
+    except (OSError, ValueError) as err:
+        changes = [f"(unreadable: {err})"]
+    if changes and not cfg.run.allow_config_change:
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise ConfigError(
+            f"--run.name {run_dir.name}: the run folder {run_dir} holds a run with another config "
+            f"({shown}). Rerun with its config (--config {saved}), pick a new --run.name, or pass "
+            f"--run.allow_config_change true to continue it with the new values (the old config is kept)"
+        )
+    return changes
+
+
+def keep_previous_config(run_dir: Path) -> Path:
+    """Move the run folder's ``config.json`` aside (``config.<time>.json``) before a changed one is saved."""
+    saved = run_dir / "config.json"
+    kept = run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.json"
+    n = 1
+    while kept.exists():
+        kept, n = run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}-{n}.json", n + 1
+    saved.replace(kept)
+    return kept
+
+
+# --- after the build ------------------------------------------------------------------------------------
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``), if it says."""
+    cfg = getattr(model, "config", None)
+    for c in (getattr(cfg, "text_config", None), cfg):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def image_tokens(image_processor, width: int, height: int) -> int:
+    """Visual tokens of one image of this size after Qwen2-VL's resize and 2x2 merge."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
+    size = image_processor.size
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
+                        max_pixels=size["longest_edge"])
+    return (h // patch) * (w // patch) // merge**2
+
+
+def _max_image_tokens(batcher) -> int:
+    ip = batcher.image_processor
+    return ip.size["longest_edge"] // (int(ip.patch_size) * int(ip.merge_size)) ** 2
+
+
+def prompt_lengths(batcher, records) -> list[int]:
+    """An upper bound on the tokens of each record's reasoner prompt: the text as rendered, plus each
+    image at the largest size the image processor resizes to."""
+    from .prompts import render_reasoner_prompt
+
+    texts = [render_reasoner_prompt(batcher.tokenizer, r.prompt, batcher.fmt) for r in records]
+    ids = batcher.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [len(row) - 2 + 2 * _max_image_tokens(batcher) for row in ids]  # 2 placeholders -> 2 images
+
+
+def check_task(cfg: JobConfig, task, policy, run_dir: Path, dist) -> None:
+    """Checks that need the built task and model (every rank runs them alike, so every rank marks the
+    same rows bad)."""
+    from .data import ManifestDataset
+    from .images import image_problem
+
+    limit = max_positions(policy)
+    for ds in task.splits.values():
+        if not isinstance(ds, ManifestDataset):
+            continue
+        ds.log_bad_rows_to(run_dir / "bad_rows.jsonl", rank=dist.rank, write_known=dist.is_main)
+        batcher = getattr(task, "batcher", None)
+        if limit is None or batcher is None:
+            continue
+        room = limit - cfg.rollout.max_new_tokens - LISTENER_MARGIN
+        good = [i for i in range(len(ds)) if i not in ds.bad]
+        for i, bound in zip(good, prompt_lengths(batcher, [ds.records[i] for i in good])):
+            if bound <= room:
+                continue  # fits even with both images at the largest size: no need to read them
+            record = ds.records[i]
+            sizes = [image_problem(p)[0] or (1, 1) for p in (record.image_1, record.image_2)]
+            exact = bound - 2 * _max_image_tokens(batcher) + sum(
+                image_tokens(batcher.image_processor, w, h) for w, h in sizes)
+            if exact > room:
+                ds.mark_bad(i, f"the prompt is {exact} tokens with its images; with --rollout.max_new_tokens "
+                               f"{cfg.rollout.max_new_tokens} and the listener's {LISTENER_MARGIN} that is over "
+                               f"the model's {limit} positions")
+    if cfg.sft.steps > 0:
+        _check_answer_length(cfg, task, dist)
+
+
+def _check_answer_length(cfg: JobConfig, task, dist, sample: int = 32) -> None:
+    """Warn when the warm-up teaches answers longer than rollouts may be: they would all be cut."""
+    n = min(sample, task.num_prompts("train"))
+    targets = task.sft_targets(task.prompts("train", list(range(n))))
+    longest = max(len(task.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    if longest > cfg.rollout.max_new_tokens and dist.is_main:
+        print(f"[warn] the warm-up teaches completions of up to {longest} tokens, but --rollout.max_new_tokens "
+              f"is {cfg.rollout.max_new_tokens}: rollouts are cut before they close </answer>, so every "
+              f"format reward is 0 and GRPO has nothing to learn from. Set --rollout.max_new_tokens "
+              f"{math.ceil(longest * 1.25)} or more", flush=True)
