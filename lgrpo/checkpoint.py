@@ -179,20 +179,19 @@ def verify_checkpoint(folder: str | os.PathLike, dist: D.Dist | None = None) -> 
             "no state file (trainer_state.json)"]
     except (ValueError, KeyError, TypeError) as err:
         return [f"{MANIFEST} is unreadable: {err}"]
-    problems, present = [], []
-    for name, entry in sorted(manifest.items()):
-        path = folder / name
+    # Ranks share the checking (the manifest, hence the split, is the same on every rank).
+    mine, sized = [], []
+    for name in _share(sorted(manifest), dist):
+        path, size = folder / name, manifest[name]["size"]
         if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{name} is {path.stat().st_size} bytes, {entry['size']} were written (truncated?)")
+            mine.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            mine.append(f"{name} is {path.stat().st_size} bytes, {size} were written (truncated?)")
         else:
-            present.append(name)
-    mine = _hash_files(folder, _share(present, dist))
-    hashed = _merge_gathered(D.all_gather_objects(mine)) if dist is not None else mine
-    problems += [f"{n}: checksum differs from the one written" for n in present
-                 if hashed[n]["sha256"] != manifest[n]["sha256"]]
-    return problems
+            sized.append(name)
+    mine += [f"{n}: checksum differs from the one written" for n, e in _hash_files(folder, sized).items()
+             if e["sha256"] != manifest[n]["sha256"]]
+    return sorted(p for part in (D.all_gather_objects(mine) if dist is not None else [mine]) for p in part)
 
 
 # --- writing a folder atomically, on every rank ---------------------------------------------------------
@@ -268,13 +267,14 @@ def _write_folder(final: Path, dist: D.Dist, write_all: Callable[[Path], None],
     attempt(prepare, on_main_only=True)
     attempt(lambda: write_all(tmp))
     attempt(lambda: write_main(tmp), on_main_only=True)
-    names: list[str] = []
+    # Rank 0's listing, shared, so every rank hashes its share of the same list.
+    listing: list[str] = []
+    attempt(lambda: listing.extend(_files(tmp)), on_main_only=True)
+    names: list[str] = D.broadcast_object(listing)
     hashed: dict = {}
 
     def hash_share() -> None:
-        nonlocal names, hashed
-        names = _files(tmp)
-        hashed = _hash_files(tmp, _share(names, dist))
+        hashed.update(_hash_files(tmp, _share(names, dist)))
 
     attempt(hash_share)
     gathered = _merge_gathered(D.all_gather_objects(hashed))

@@ -90,8 +90,19 @@ class PreferenceExample:
                        captions=None if self.captions is None else (self.captions[1], self.captions[0]))
 
 
+class _Located:
+    """``where``: ``file:line`` of a manifest row, for messages (``source`` and ``line`` are its fields)."""
+
+    source: Path
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
 @dataclass(frozen=True)
-class PairRecord:
+class PairRecord(_Located):
     """One pair, images not decoded: a manifest row (checked), or a converter's pair before its check.
     ``line`` is 1-based in ``source`` (the manifest, or the converted file)."""
 
@@ -103,10 +114,6 @@ class PairRecord:
     votes: tuple[float, float] | None
     source: Path
     line: int
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
 
     def load(self) -> PreferenceExample:
         """Decode both images (RGB). Raises :class:`DataError` naming the file and line on failure."""
@@ -420,15 +427,11 @@ class ManifestDataset:
 
 
 @dataclass(frozen=True)
-class _Unusable:
+class _Unusable(_Located):
     """The slot of a manifest line that is not a pair at all (bad JSON, missing fields)."""
 
     source: Path
     line: int
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
 
     def load(self) -> PreferenceExample:
         raise DataError(f"{self.where}: not a usable row")

@@ -140,3 +140,26 @@ def test_validate_reports_every_problem_with_its_line_and_never_crashes(manifest
     assert "truncated" in lines[4] and "pixels" in lines[8] and "aspect ratio" in lines[7]
     assert "not UTF-8" in lines[10] and "<|image_pad|>" in lines[9]
     assert "7 bad" in out.err
+
+
+@pytest.mark.usefixtures("reference_kernels")
+def test_training_goes_on_past_bad_rows_and_lists_them_in_the_run_folder(manifest, tmp_path):
+    """`python -m lgrpo.train` on a manifest with bad rows: start-up finds some, drawing finds the
+    truncated JPEG; each is replaced, the step runs all its prompts, and bad_rows.jsonl lists them."""
+    from lgrpo.train import main
+
+    lines = manifest.read_bytes().splitlines()
+    five = tmp_path / "five.jsonl"  # rows 1-3 good, 4 truncated (found when drawn), 5 an empty file
+    five.write_bytes(b"\n".join(lines[:5]) + b"\n")
+    argv = ["--run.dir", str(tmp_path), "--run.name", "bad", "--run.progress", "false", "--sft.steps", "0",
+            "--data.train", str(five), "--data.eval", "none", "--train.steps", "1",
+            "--train.prompts_per_step", "5", "--rollout.group_size", "2", "--rollout.max_new_tokens", "4",
+            "--checkpoint.export", "false"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bad" / "bad_rows.jsonl").read_text().splitlines()]
+    assert sorted(r["line"] for r in rows) == [4, 5]
+    assert next(r for r in rows if r["line"] == 4)["replaced_by"].endswith(f"{five.name}:1")
+    assert len((tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()) == 1
+
+    with pytest.raises(DataError, match=r"five\.jsonl:5: image_1 unreadable"):
+        main([*argv, "--run.name", "stop", "--data.on_bad_row", "stop"])

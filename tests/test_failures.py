@@ -72,8 +72,9 @@ def _frozen_weights(trainer) -> list[torch.Tensor]:
 
 
 def test_resume_after_the_warmup_equals_the_uninterrupted_run(tmp_path, monkeypatch):
-    """Stopped after GRPO step 2 of 4 and run again: every step's metrics equal the run that was never
-    stopped, and the KL reference and the listener are the warmed-up copies, not the initial model."""
+    """Crashed right after the warm-up, then stopped after GRPO step 2 of 4, and run again each time: every
+    step's metrics equal the run that was never stopped, and the KL reference and the listener are the
+    warmed-up copies, not the initial model."""
     from lgrpo.train import main
 
     with _capture_trainers(monkeypatch) as seen:
@@ -81,11 +82,23 @@ def test_resume_after_the_warmup_equals_the_uninterrupted_run(tmp_path, monkeypa
     straight_frozen = _frozen_weights(seen[0])
 
     argv = [*SMALL, "--run.dir", str(tmp_path), "--run.name", "stopped"]
-    with _capture_trainers(monkeypatch, stop_at=2):
-        assert main(argv) == 128 + signal.SIGTERM
     run = tmp_path / "stopped"
+    # First a crash between the warm-up and the first GRPO checkpoint: the warm-up is not redone.
+    from lgrpo.trainer import Trainer
+
+    def crash(self, on_step=None):
+        raise RuntimeError("crash before the first step")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "fit", crash)
+        with pytest.raises(RuntimeError, match="crash before"):
+            main(argv)
+    assert not verify_checkpoint(run / "warmup") and not complete_checkpoints(run / "checkpoints")
+    warm = {p.name: p.stat().st_mtime_ns for p in (run / "warmup").iterdir()}
+    with _capture_trainers(monkeypatch, stop_at=2):  # then a stop during step 2
+        assert main(argv) == 128 + signal.SIGTERM
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "warmup").iterdir()} == warm  # loaded, not redone
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == [step_dir_name(2)]
-    assert not verify_checkpoint(run / "warmup")
     with _capture_trainers(monkeypatch) as seen:
         assert main(argv) == 0  # the same command again: resumes at step 2
     assert seen[0].step == 4
@@ -244,3 +257,62 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path, two_checkpoi
     on_disk = {p.name for p in path.iterdir()} - {MANIFEST, "DONE"}
     assert set(files) == on_disk and {"trainer_state.json", "rng_rank0.pt", ".metadata"} <= on_disk
     assert all(len(e["sha256"]) == 64 and e["size"] == (path / n).stat().st_size for n, e in files.items())
+
+
+# --- sharded frozen models (2 ranks) ------------------------------------------------------------------
+
+
+def _sharded_round_trip(out) -> dict:
+    """Under torchrun: save a sharded policy's weights, load them into a sharded reference (wrapped in
+    its scorer, as the trainer shards it), a sharded listener-like model and a plain one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from lgrpo import distributed as D
+
+    trainer = make_trainer(out, loss={"beta": 0.04}, parallel={"reference": "shard"})
+    assert trainer.fsdp and trainer.dist.world_size == 2
+    from tests.toy_task import char_tokenizer, tiny_lm
+
+    plain = tiny_lm(char_tokenizer(), seed=7)
+    listener = D.shard(tiny_lm(char_tokenizer(), seed=8))
+    with torch.no_grad():
+        for p in trainer.policy.parameters():
+            p.add_(0.01)  # the "warm-up": now the policy differs from every frozen model
+    save_weights(out / "warmup", trainer.policy, trainer.dist, {"steps": 1})
+    load_weights(out / "warmup", [trainer.ref_scorer.model, listener, plain], dist=trainer.dist)
+
+    def full(m):
+        return get_model_state_dict(m, options=StateDictOptions(full_state_dict=True))
+
+    want = full(trainer.policy)
+    result = {"equal": [all(torch.equal(want[k], got[k]) for k in want)
+                        for got in (full(trainer.ref_scorer.model), full(listener), plain.state_dict())]}
+    D.close()
+    return result
+
+
+@pytest.mark.slow
+def test_warmup_weights_load_into_sharded_and_plain_models_on_two_ranks(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text()) == {"equal": [True, True, True]}
+
+
+if __name__ == "__main__":  # a rank under torchrun
+    import os
+    import sys
+    from pathlib import Path
+
+    result = _sharded_round_trip(Path(sys.argv[1]))
+    if int(os.environ.get("RANK", 0)) == 0:
+        (Path(sys.argv[1]) / "result.json").write_text(json.dumps(result))
