@@ -42,10 +42,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """``"section.field: old -> new"`` for every setting that differs and matters."""
+    """``"section.field: old -> new"`` for every setting both configs hold that differs and matters.
+
+    A setting only one of them holds is an option added (or removed) by another version of lgrpo, not a
+    change the user made: a run folder written before an option existed must still resume."""
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
-            if k not in FREE_TO_CHANGE and a.get(k) != b.get(k)]
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b))
+            if k not in FREE_TO_CHANGE and a[k] != b[k]]
 
 
 def check_run(cfg: JobConfig, run_dir: Path) -> list[str]:

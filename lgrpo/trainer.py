@@ -113,7 +113,8 @@ class PromptOrder:
         if state.get("n", self.n) != self.n:
             raise ValueError(
                 f"the checkpoint's data order was over {state['n']} prompts, the data now holds "
-                f"{self.n}: resume with the same data"
+                f"{self.n}: resume with the same data (a bad row need not be removed: with --data.on_bad_row "
+                f"skip it keeps its place, is replaced when drawn and listed in bad_rows.jsonl)"
             )
         self.epoch, self.offset = state["epoch"], state["offset"]
 

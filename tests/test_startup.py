@@ -97,6 +97,12 @@ def test_a_reused_run_name_with_another_config_is_refused_unless_allowed(tmp_pat
     assert json.loads((run / "config.json").read_text())["loss"]["beta"] == 0.1
     with pytest.raises(Built):  # the same (new) config again: no question asked
         main(argv)
+    # A config.json written before an option existed (here: without data.on_bad_row) is not a change.
+    saved = json.loads((run / "config.json").read_text())
+    del saved["data"]["on_bad_row"]
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(Built):
+        main(argv)
 
 
 # --- metrics and progress ------------------------------------------------------------------------------
