@@ -25,6 +25,7 @@ FREE_TO_CHANGE = (
     "run.dir", "run.name", "run.allow_config_change", "run.progress", "run.log_every", "run.tensorboard",
     "checkpoint.resume", "checkpoint.keep", "checkpoint.export", "train.eval_every", "data.eval_size",
     "parallel.fsdp", "parallel.reference", "parallel.listener", "parallel.backend",
+    "model.attn_implementation",  # resolved per machine (auto): the same attention, another kernel
 )
 
 # The listener reads the prompt, the reasoning (at most max_new_tokens) and a few tokens of its own.

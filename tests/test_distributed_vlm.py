@@ -72,7 +72,7 @@ def run_all(out: Path) -> dict:
             assert main([*COMMON, *args, "--run.dir", str(out), "--run.name", name]) == 0
         if D.launched_by_torchrun():  # the same command with more steps resumes b after step 2
             assert main([*COMMON, *SCENARIOS["b"], "--train.steps", "3", "--run.dir", str(out),
-                         "--run.name", "b"]) == 0
+                         "--run.name", "b", "--run.allow_config_change", "true"]) == 0
         scored = uneven_listener_scores()
     finally:
         D.close = close

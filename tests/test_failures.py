@@ -293,17 +293,9 @@ def _sharded_round_trip(out) -> dict:
 
 @pytest.mark.slow
 def test_warmup_weights_load_into_sharded_and_plain_models_on_two_ranks(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.launch import torchrun
 
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(__file__, str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == {"equal": [True, True, True]}
 
