@@ -28,6 +28,10 @@ FREE_TO_CHANGE = (
     "model.attn_implementation",  # resolved per machine (auto): the same attention, another kernel
 )
 
+# Resolved at start-up from None (the model folder's value): a config.json written before they were
+# resolved holds None, which is whatever this run resolved, not a change.
+RESOLVED_FROM_NONE = ("data.min_pixels", "data.max_pixels")
+
 # The listener reads the prompt, the reasoning (at most max_new_tokens) and a few tokens of its own.
 LISTENER_MARGIN = 16
 
@@ -49,7 +53,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
     change the user made: a run folder written before an option existed must still resume."""
     a, b = _flat(old), _flat(new)
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b))
-            if k not in FREE_TO_CHANGE and a[k] != b[k]]
+            if k not in FREE_TO_CHANGE and a[k] != b[k] and not (a[k] is None and k in RESOLVED_FROM_NONE)]
 
 
 def check_run(cfg: JobConfig, run_dir: Path) -> list[str]:

@@ -75,7 +75,7 @@ def test_a_reused_run_name_with_another_config_is_refused_unless_allowed(tmp_pat
 
     run = tmp_path / "r"
     old = parse_args([*QUICK, "--run.dir", str(tmp_path), "--run.name", "r"])
-    save_config(old, run / "config.json")
+    save_config(lgrpo.train.resolve_auto(old, D.Dist()), run / "config.json")  # as main writes it
     argv = [*QUICK, "--run.dir", str(tmp_path), "--run.name", "r", "--loss.beta", "0.1", "--run.log_every", "5"]
 
     class Built(Exception):
@@ -97,9 +97,11 @@ def test_a_reused_run_name_with_another_config_is_refused_unless_allowed(tmp_pat
     assert json.loads((run / "config.json").read_text())["loss"]["beta"] == 0.1
     with pytest.raises(Built):  # the same (new) config again: no question asked
         main(argv)
-    # A config.json written before an option existed (here: without data.on_bad_row) is not a change.
+    # A config.json written before an option existed (here: without data.on_bad_row), or before the image
+    # bounds were resolved at start-up (None: the model folder's), is not a change.
     saved = json.loads((run / "config.json").read_text())
     del saved["data"]["on_bad_row"]
+    saved["data"]["max_pixels"] = None
     (run / "config.json").write_text(json.dumps(saved))
     with pytest.raises(Built):
         main(argv)
