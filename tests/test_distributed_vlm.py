@@ -136,7 +136,11 @@ def test_train_main_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
         assert sorted(a["steps"]) == sorted(b["steps"]) == (["1", "2"] if name == "a" else ["1", "2", "3"])
         for step in a["steps"]:
             for key, value in a["steps"][step].items():
-                assert b["steps"][step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, step, key)
+                # loss and grad_norm are sums of many fp32 terms reduced in a different order over 2
+                # ranks (and thread counts); a GRPO loss can sit near 0, so they get an absolute floor.
+                # Rewards come from the same sampled tokens and must match tightly.
+                floor = 2e-5 if key in ("loss", "grad_norm", "kl") else 1e-6
+                assert b["steps"][step][key] == pytest.approx(value, rel=1e-4, abs=floor), (name, step, key)
         assert sorted(a["reports"]) == sorted(b["reports"])
         for stage, report in a["reports"].items():
             assert report["n"] == 5
