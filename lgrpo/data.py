@@ -632,7 +632,7 @@ def _rapidata_row(row, v1, v2, where, image_dir, report, rid) -> Iterator[PairRe
 
 # -- JSON (HPDv2, ImageReward) -----------------------------------------------------------------------
 
-def _json_entries(src: Path) -> Iterator[tuple[int, object]]:
+def json_entries(src: Path) -> Iterator[tuple[int, object]]:
     """(1-based entry number, entry) from a JSON list or a JSONL file. For JSONL the number is the line."""
     with open(src, encoding="utf-8") as f:
         head = f.read(1 << 12).lstrip()
@@ -664,7 +664,7 @@ def _json_pairs(src: Path, root: Path, report: DataReport, fmt: str) -> Iterator
         raise DataError(f"{src}: the {fmt} converter reads one JSON/JSONL file, got a folder")
     image_keys = ("file_path", "image_path", "images", "generations") if fmt == "hpdv2" else \
         ("generations", "image_path", "images", "file_path")
-    for number, entry in _json_entries(src):
+    for number, entry in json_entries(src):
         report.rows += 1
         where = (str(src), number)
         if isinstance(entry, DataError):

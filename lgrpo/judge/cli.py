@@ -37,10 +37,10 @@ class _Row:
 
 def _read_rows(path: Path) -> list[tuple[int, dict | RowError]]:
     """(1-based line or entry number, parsed object or the error) for a JSONL file or a JSON list."""
-    from ..data import DataError, _json_entries  # the converters' reader: JSON list or JSONL
+    from ..data import DataError, json_entries  # the one reader of a JSON list or JSONL file
 
     try:
-        entries = list(_json_entries(path))
+        entries = list(json_entries(path))
     except DataError as err:  # a JSON list that does not parse at all
         raise RowError(str(err)) from err
     rows = []
