@@ -37,6 +37,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 SPLITS = ("train", "heldout")
 BACKGROUND = (235, 235, 235)
+FRAME = (25, 25, 25)
+FRAME_WIDTH = 3  # pixels; the shapes (radius 0.32 of the side, jitter <= 4) never reach the frame
 
 
 def describe(colour: str, shape: str) -> str:
@@ -44,8 +46,12 @@ def describe(colour: str, shape: str) -> str:
 
 
 def render(colour: str, shape: str, size: tuple[int, int] = (56, 56),
-           offset: tuple[int, int] = (0, 0)) -> Image.Image:
-    """One shape of one colour on a light background, centred then shifted by ``offset`` pixels."""
+           offset: tuple[int, int] = (0, 0), *, frame: bool = False) -> Image.Image:
+    """One shape of one colour on a light background, centred then shifted by ``offset`` pixels.
+
+    ``frame=True`` draws a dark border around the image: a visual cue that says nothing about the shape
+    (the spurious cue of :mod:`lgrpo.experiments.shortcut`). The default task never draws it.
+    """
     if colour not in COLOURS or shape not in SHAPES:
         raise ValueError(f"unknown colour/shape {colour!r}/{shape!r}; "
                          f"colours {list(COLOURS)}, shapes {SHAPES}")
@@ -63,7 +69,33 @@ def render(colour: str, shape: str, size: tuple[int, int] = (56, 56),
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     else:  # diamond
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    if frame:
+        draw.rectangle([0, 0, w - 1, h - 1], outline=FRAME, width=FRAME_WIDTH)
     return img
+
+
+Item = tuple[str, str]  # (colour, shape)
+
+
+def draw_pair(target: Item, distractor: Item, rng: random.Random, *, image_size: tuple[int, int] = (56, 56),
+              jitter: int = 4, framed: str | None = None) -> tuple[tuple[Image.Image, Image.Image],
+                                                                    tuple[str, str], int]:
+    """Render one pair: ``(images, captions, preferred)``, the target at a random position (1 or 2).
+
+    ``framed``: None (no frame), ``"preferred"`` or ``"other"``: which image carries the frame. The draws
+    from ``rng`` are the same whatever ``framed`` is, so a framed pair is the unframed pair plus a frame.
+    """
+    if framed not in (None, "preferred", "other"):
+        raise ValueError(f"framed must be None, 'preferred' or 'other', got {framed!r}")
+    preferred = rng.choice((1, 2))
+    offsets = [(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) for _ in range(2)]
+    frames = (framed == "preferred", framed == "other")
+    images = [render(*c, image_size, o, frame=f) for c, o, f in zip((target, distractor), offsets, frames)]
+    captions = [describe(*target), describe(*distractor)]
+    if preferred == 2:
+        images.reverse()
+        captions.reverse()
+    return (images[0], images[1]), (captions[0], captions[1]), preferred
 
 
 class SyntheticTask:
@@ -97,16 +129,10 @@ class SyntheticTask:
         configs = self._configs[split]
         target, distractor = configs[index % len(configs)]
         rng = random.Random(f"lgrpo-synthetic-{self.seed}-{split}-{index}")
-        preferred = rng.choice((1, 2))
-        j = self.jitter
-        images = [render(*c, self.image_size, (rng.randint(-j, j), rng.randint(-j, j)))
-                  for c in (target, distractor)]
-        captions = [describe(*target), describe(*distractor)]
-        if preferred == 2:
-            images.reverse()
-            captions.reverse()
-        return PreferenceExample(prompt=describe(*target), images=(images[0], images[1]), preferred=preferred,
-                                 id=f"synthetic-{split}-{index}", captions=(captions[0], captions[1]))
+        images, captions, preferred = draw_pair(target, distractor, rng, image_size=self.image_size,
+                                                jitter=self.jitter)
+        return PreferenceExample(prompt=describe(*target), images=images, preferred=preferred,
+                                 id=f"synthetic-{split}-{index}", captions=captions)
 
     def dataset(self, split: str, size: int) -> SyntheticDataset:
         return SyntheticDataset(self, split, size)
@@ -154,13 +180,26 @@ class SyntheticDataset:
         return self.task.example(self.split, index)
 
 
-def reference_reasoning(example: PreferenceExample) -> str:
-    """The templated chain of thought for a synthetic example (the think text, without tags)."""
+def restate_prompt(prompt: str) -> str:
+    """The first sentence of the templated reasoning: ``the prompt asks for a red circle.``"""
+    return f"the prompt asks for {prompt}."
+
+
+def evidence_reasoning(example: PreferenceExample) -> str:
+    """The prompt and what each image shows, and nothing else: no verdict sentence.
+
+    ``the prompt asks for a red circle. image 1 shows a red circle. image 2 shows a blue square.``
+    """
     if example.captions is None:
-        raise ValueError("reference_reasoning needs an example with captions (a synthetic example)")
+        raise ValueError("the templated reasoning needs an example with captions (a synthetic example)")
     c1, c2 = example.captions
-    return (f"the prompt asks for {example.prompt}. image 1 shows {c1}. image 2 shows {c2}. "
-            f"image {example.preferred} matches the prompt.")
+    return f"{restate_prompt(example.prompt)} image 1 shows {c1}. image 2 shows {c2}."
+
+
+def reference_reasoning(example: PreferenceExample) -> str:
+    """The templated chain of thought for a synthetic example (the think text, without tags): the
+    evidence (:func:`evidence_reasoning`) then the verdict sentence ``image k matches the prompt.``"""
+    return f"{evidence_reasoning(example)} image {example.preferred} matches the prompt."
 
 
 def reference_completion(example: PreferenceExample, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
