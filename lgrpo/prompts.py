@@ -25,6 +25,12 @@ DEFAULT_SYSTEM = (
 )
 DEFAULT_QUESTION = 'The prompt was: "{prompt}". Which image do people prefer, image 1 or image 2?'
 
+# A sentence that names image 1 or 2 and a verdict word, in either order: "image 1 matches the prompt.",
+# "Therefore image 2 is better.", "The answer is image 1.", "I prefer picture 2."
+_VERDICT_WORDS = r"(?:match(?:es)?|better|best|prefer\w*|wins?|choose|chosen|pick|answer|superior)"
+_IMAGE_REF = r"(?:image|picture)\s*#?\s*[12]\b"
+DEFAULT_VERDICT_PATTERN = rf"(?i)\b{_IMAGE_REF}.*\b{_VERDICT_WORDS}\b|\b{_VERDICT_WORDS}\b.*\b{_IMAGE_REF}"
+
 
 @dataclass(frozen=True)
 class PromptFormat:
@@ -33,6 +39,12 @@ class PromptFormat:
     ``question`` must contain ``{prompt}``. The two ``choices`` are what goes inside the answer tags
     for image 1 and image 2; each must encode to a single token after ``answer_open``
     (checked by :func:`choice_token_ids`).
+
+    ``listener_strip_verdict`` (off by default): the listener reads the reasoning without its last
+    sentence when that sentence matches ``verdict_pattern`` (:func:`strip_verdict`). A reasoning that
+    ends by naming its choice ("image 1 matches the prompt.") lets the listener copy the verdict instead
+    of weighing the evidence before it; stripping the verdict makes the listener reward measure the
+    evidence.
     """
 
     system: str = DEFAULT_SYSTEM
@@ -43,6 +55,8 @@ class PromptFormat:
     answer_open: str = "<answer>"
     answer_close: str = "</answer>"
     choices: tuple[str, str] = ("1", "2")
+    listener_strip_verdict: bool = False
+    verdict_pattern: str = DEFAULT_VERDICT_PATTERN
 
     def __post_init__(self):
         if "{prompt}" not in self.question:
@@ -53,6 +67,10 @@ class PromptFormat:
         if len(self.choices) != 2 or len(set(self.choices)) != 2 or not all(self.choices):
             raise ValueError(f"PromptFormat.choices must be two distinct non-empty strings, "
                              f"got {self.choices}")
+        try:
+            re.compile(self.verdict_pattern)
+        except re.error as err:
+            raise ValueError(f"PromptFormat.verdict_pattern is not a valid regular expression: {err}") from None
 
     def completion(self, think: str, answer: int) -> str:
         """A well-formed completion: ``<think>{think}</think><answer>{choice}</answer>``."""
@@ -102,11 +120,31 @@ def render_reasoner_prompt(tokenizer, prompt: str, fmt: PromptFormat = DEFAULT_F
 def render_listener_prompt(tokenizer, prompt: str, reasoning: str, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
     """The listener's input: the reasoner prompt plus the assistant turn prefilled up to ``<answer>``.
 
-    ``reasoning`` is the reasoner's think text with the answer removed (:func:`listener_reasoning`).
-    The next token after the returned text is where the listener's choice is read.
+    ``reasoning`` is the reasoner's think text with the answer removed
+    (:attr:`ParsedCompletion.reasoning`); with ``fmt.listener_strip_verdict`` its trailing verdict
+    sentence is removed first (:func:`strip_verdict`). The next token after the returned text is where
+    the listener's choice is read.
     """
+    if fmt.listener_strip_verdict:
+        reasoning = strip_verdict(reasoning, fmt.verdict_pattern)
     return (render_reasoner_prompt(tokenizer, prompt, fmt)
             + f"{fmt.think_open}{reasoning}{fmt.think_close}{fmt.answer_open}")
+
+
+def strip_verdict(reasoning: str, pattern: str = DEFAULT_VERDICT_PATTERN) -> str:
+    """``reasoning`` without its last sentence when that sentence is a verdict (``re.search(pattern)``).
+
+    Sentences end at ``.``, ``!`` or ``?`` followed by whitespace, or at a line break (so "2.5" is one
+    word). Only the last sentence is looked at; a reasoning that is one verdict sentence becomes ``""``.
+    """
+    if not isinstance(reasoning, str):
+        raise TypeError(f"reasoning must be a str, got {type(reasoning).__name__}")
+    body = reasoning.rstrip()
+    cuts = [m.end() for m in re.finditer(r"[.!?]+\s+|\n+", body)]
+    start = cuts[-1] if cuts else 0
+    if re.search(pattern, body[start:]):
+        return body[:start].rstrip()
+    return reasoning
 
 
 def choice_token_ids(tokenizer, fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from lgrpo.prompts import (
     parse_completion,
     render_listener_prompt,
     render_reasoner_prompt,
+    strip_verdict,
 )
 from lgrpo.rewards import RewardWeights, compute_rewards
 
@@ -78,6 +79,7 @@ def test_custom_tags_and_choices():
     {"answer_open": "<think>"},
     {"choices": ("1", "1")},
     {"choices": ("1",)},
+    {"verdict_pattern": "(unclosed"},
 ])
 def test_prompt_format_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
@@ -109,6 +111,51 @@ def test_listener_prompt_is_reasoner_prompt_plus_prefill(tokenizer):
     base = render_reasoner_prompt(tokenizer, "a red circle")
     text = render_listener_prompt(tokenizer, "a red circle", "image 2 shows a blue square")
     assert text == base + "<think>image 2 shows a blue square</think><answer>"
+
+
+# (reasoning, what is left after strip_verdict with the default pattern)
+VERDICTS = [
+    # the default synthetic template: its verdict goes, the descriptions stay
+    ("the prompt asks for a red circle. image 1 shows a red circle. image 2 shows a blue square. "
+     "image 1 matches the prompt.",
+     "the prompt asks for a red circle. image 1 shows a red circle. image 2 shows a blue square."),
+    ("The sky is more detailed. Therefore, image 2 is better.", "The sky is more detailed."),
+    ("Colours are off in the first one.\nThe answer is Image 1", "Colours are off in the first one."),
+    ("Both are sharp! I prefer picture 2.", "Both are sharp!"),
+    ("Image 1 matches the prompt.", ""),                                # all verdict: nothing left
+    # no verdict at the end: unchanged (descriptions, a verdict that is not last, no image named)
+    ("image 1 shows a red circle. image 2 shows a blue square.",
+     "image 1 shows a red circle. image 2 shows a blue square."),
+    ("image 1 is better. but image 2 shows more detail.", "image 1 is better. but image 2 shows more detail."),
+    ("The first is better.", "The first is better."),
+    ("Image 2 has 2.5 more stars than image 1", "Image 2 has 2.5 more stars than image 1"),  # no verdict word
+]
+
+
+@pytest.mark.parametrize("reasoning,left", VERDICTS)
+def test_strip_verdict_removes_only_a_trailing_verdict_sentence(reasoning, left):
+    assert strip_verdict(reasoning) == left
+
+
+def test_strip_verdict_pattern_is_configurable_and_checked():
+    assert strip_verdict("it is red. VERDICT: 2", r"VERDICT") == "it is red."
+    assert strip_verdict("image 1 is better.", r"VERDICT") == "image 1 is better."
+    with pytest.raises(TypeError):
+        strip_verdict(None)
+
+
+def test_listener_prompt_strips_the_verdict_only_when_asked(tokenizer):
+    reasoning = "image 1 shows a red circle. image 2 shows a blue square. image 1 matches the prompt."
+    base = render_reasoner_prompt(tokenizer, "a red circle")
+    assert not DEFAULT_FORMAT.listener_strip_verdict  # off by default: the listener reads everything
+    assert render_listener_prompt(tokenizer, "a red circle", reasoning) == \
+        base + f"<think>{reasoning}</think><answer>"
+    fmt = PromptFormat(listener_strip_verdict=True)
+    assert render_listener_prompt(tokenizer, "a red circle", reasoning, fmt) == \
+        base + "<think>image 1 shows a red circle. image 2 shows a blue square.</think><answer>"
+    # the reasoner's own prompt and the parser do not change
+    assert render_reasoner_prompt(tokenizer, "a red circle", fmt) == base
+    assert parse_completion(f"<think>{reasoning}</think><answer>1</answer>", fmt).reasoning == reasoning
 
 
 def test_empty_prompt_is_rejected(tokenizer):
