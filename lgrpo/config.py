@@ -191,6 +191,10 @@ class RewardConfig:
     listener_batch_size: int = 16
     """Completions the listener scores per forward pass."""
 
+    listener_strip_verdict: bool = False
+    """The listener reads the reasoning without a trailing verdict sentence ("... image 2 is better."), so
+    its confidence measures the evidence, not a copied verdict (lgrpo.prompts.strip_verdict)."""
+
     def __post_init__(self) -> None:
         for name in ("w_format", "w_accuracy", "w_listener"):
             _check(getattr(self, name) >= 0, f"reward.{name}", f"must be >= 0, got {getattr(self, name)}")

@@ -127,6 +127,7 @@ def build(cfg: JobConfig, dist: D.Dist):
         from .batching import VLBatcher
         from .listener import Listener
         from .model import load_listener, load_policy, load_reference
+        from .prompts import PromptFormat
         from .rewards import RewardWeights
     except ImportError as err:  # pragma: no cover - only before the model pipeline is installed
         raise SystemExit(
@@ -139,7 +140,8 @@ def build(cfg: JobConfig, dist: D.Dist):
     policy = load_policy(name, dtype=master, **common)
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    batcher = VLBatcher.from_pretrained(name, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    fmt = PromptFormat(listener_strip_verdict=cfg.reward.listener_strip_verdict)
+    batcher = VLBatcher.from_pretrained(name, fmt, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     clean_generation_config(policy, batcher.tokenizer)
     reference = (
         load_reference(cfg.model.reference or name, dtype=cfg.model.dtype, **common)
