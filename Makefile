@@ -19,7 +19,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lgrpo-installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
-.PHONY: install demo test lint bench-cpu clean
+.PHONY: install demo experiment test lint bench-cpu clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ $(STAMP): $(SOURCES)
 
 demo: install
 	$(PY) -m lgrpo.train
+
+# The listener experiment (README, "Does the listener help?"): 3 arms x 3 seeds, <= 30 min on 2 CPU cores.
+experiment: install
+	$(PY) -m lgrpo.experiments.listener --out runs/experiment-listener
 
 test: install
 	$(PY) -m pytest -q
