@@ -46,7 +46,7 @@ import torch
 
 from ..data import PreferenceExample
 from ..prompts import parse_completion
-from ..synthetic import SyntheticTask, describe, draw_pair, evidence_reasoning, restate_prompt
+from ..synthetic import SyntheticDataset, SyntheticTask, describe, draw_pair, evidence_reasoning, restate_prompt
 from ..train import PreferenceTask
 
 KINDS = ("explained", "memorised")
@@ -118,31 +118,14 @@ class ShortcutTask:
         return CueExample(prompt=describe(*target), images=images, preferred=preferred,
                           id=f"shortcut-{split}-{index}", captions=captions, kind=kind)
 
-    def dataset(self, split: str, size: int) -> ShortcutDataset:
-        return ShortcutDataset(self, split, size)
+    def dataset(self, split: str, size: int) -> SyntheticDataset:
+        """``size`` examples of ``split``, indexable like :class:`lgrpo.data.ManifestDataset`."""
+        return SyntheticDataset(self, split, size)
 
     @staticmethod
     def _check_split(split: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-
-
-class ShortcutDataset:
-    """``size`` examples of one split, indexable like :class:`lgrpo.data.ManifestDataset`."""
-
-    def __init__(self, task: ShortcutTask, split: str, size: int):
-        if size <= 0:
-            raise ValueError(f"size must be > 0, got {size}")
-        task._check_split(split)
-        self.task, self.split, self.size = task, split, size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> CueExample:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} examples")
-        return self.task.example(self.split, index)
 
 
 class ShortcutPreferenceTask(PreferenceTask):
