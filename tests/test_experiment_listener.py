@@ -122,7 +122,7 @@ def test_default_template_is_the_evidence_plus_its_verdict():
 # --- the report ----------------------------------------------------------------------------------------
 
 
-def fake_results(values: dict[str, list[float]], steps=(0, 5, 10)) -> dict:
+def fake_results(values: dict[str, list[float]], steps=(0, 5, 10), first_seed=0) -> dict:
     """Results as the experiment writes them: every metric of every split = the arm's value per seed."""
     from lgrpo.experiments.listener import EVAL_SPLITS, METRICS
 
@@ -132,14 +132,15 @@ def fake_results(values: dict[str, list[float]], steps=(0, 5, 10)) -> dict:
     arms = {}
     for arm, per_seed in values.items():
         arms[arm] = {}
-        for seed, v in enumerate(per_seed):
+        for seed, v in enumerate(per_seed, start=first_seed):
             curve = [{"step": 0, **point(v)}] if arm == "warmup" else [{"step": t, **point(v)} for t in steps]
             train = [] if arm == "warmup" else [
                 {"step": t, "reward": 1.0, "accuracy": v, "listener": v, "contradiction": None, "format": 1.0,
                  "explained": v} for t in steps[1:]]
             arms[arm][str(seed)] = {"final": point(v), "curve": curve, "train_curve": train}
-    config = {"eval_size": 64, "grpo_steps": steps[-1], "prompts_per_step": 8, "group_size": 8}
-    return {"config": config, "arms": arms}
+    config = {"eval_size": 64, "grpo_steps": steps[-1], "prompts_per_step": 8, "group_size": 8,
+              "arms": list(values), "seeds": list(range(first_seed, first_seed + len(per_seed)))}
+    return {"config": config, "arms": arms, "seconds": 1.0}
 
 
 def test_mean_and_standard_error():
@@ -167,6 +168,27 @@ def test_table_holds_means_and_standard_errors(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     saved = json.loads(paths[0].read_text())
     assert saved["summary"]["listener"]["ood"]["accuracy"] == {"mean": 0.9, "sem": pytest.approx(0.1), "n": 2}
+
+
+def test_runs_of_different_seeds_merge_into_one_report(tmp_path):
+    from lgrpo.experiments.listener import merge
+    from lgrpo.experiments.report import ARM_TITLES
+
+    def write(results, folder):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+
+    write(fake_results({"accuracy": [0.25], "listener": [0.8]}), tmp_path / "a")
+    write(fake_results({"accuracy": [0.75], "listener": [1.0]}, first_seed=1), tmp_path / "b")
+    merge(tmp_path / "all", [tmp_path / "a", tmp_path / "b"])
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert merged["config"]["seeds"] == [0, 1] and sorted(merged["arms"]["listener"]) == ["0", "1"]
+    assert f"| {ARM_TITLES['listener']} | 0.900 ± 0.100" in (tmp_path / "all" / "results.md").read_text()
+    with pytest.raises(ValueError, match="seed"):  # the same seed twice
+        merge(tmp_path / "x", [tmp_path / "a", tmp_path / "a"])
+    write(fake_results({"accuracy": [0.5], "listener": [0.5]}, steps=(0, 5), first_seed=2), tmp_path / "c")
+    with pytest.raises(ValueError, match="grpo_steps"):  # not the same experiment
+        merge(tmp_path / "x", [tmp_path / "a", tmp_path / "c"])
 
 
 # --- the program -----------------------------------------------------------------------------------------

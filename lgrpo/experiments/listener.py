@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import tempfile
@@ -198,10 +199,16 @@ def run_seed(seed: int, ec: ExperimentConfig, data: ShortcutTask, listener: List
     losses = Trainer(cfg, dist, task, models, folder / "warmup").warmup()
     warm = {k: v.detach().clone() for k, v in models.policy.state_dict().items()}
     start = measure(models.policy, task, ec, dist)
+    # The paper's listener would be this policy, frozen: does it read the evidence, or the frame?
+    own = Listener(freeze(copy.deepcopy(models.policy)), base.batcher, micro_batch_size=cfg.reward.listener_batch_size)
+    as_listener = listener_check(own, data, ec.eval_size)
     log(f"seed {seed}: warm-up {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-        f"({time.perf_counter() - t0:.0f} s); {_line(start)}")
+        f"({time.perf_counter() - t0:.0f} s); {_line(start)}; as a listener it follows the evidence "
+        f"{as_listener['follows_evidence']:.2f}, confidence in the truth without evidence "
+        f"{as_listener['confidence_no_evidence']:.2f}")
     out = {"warmup": {"final": start, "curve": [{"step": 0, **start}], "train_curve": [],
-                      "warmup_loss": [losses[0], losses[-1]], "seconds": time.perf_counter() - t0}}
+                      "warmup_loss": [losses[0], losses[-1]], "as_listener": as_listener,
+                      "seconds": time.perf_counter() - t0}}
     task.splits["train"] = data.dataset("train", ec.train_size)  # GRPO's pairs: the shortcut always holds
     for arm in (a for a in ec.arms if a != "warmup"):
         t0 = time.perf_counter()
@@ -211,8 +218,7 @@ def run_seed(seed: int, ec: ExperimentConfig, data: ShortcutTask, listener: List
         task.weights = ARMS[arm]
         task.listener = listener
         if arm == "paper-listener":
-            task.listener = Listener(freeze(copy.deepcopy(models.policy)), base.batcher,
-                                     micro_batch_size=cfg.reward.listener_batch_size)
+            task.listener = own
         out[arm] = run_arm(cfg, task, models, ec, dist, folder / arm, start)
         out[arm]["seconds"] = time.perf_counter() - t0
         log(f"seed {seed}: {arm}: {ec.grpo_steps} GRPO steps ({out[arm]['seconds']:.0f} s); "
@@ -250,6 +256,8 @@ def _line(m: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ExperimentConfig]:
     p = argparse.ArgumentParser(prog="python -m lgrpo.experiments.listener", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for results.json, results.md and the PNG plots")
+    p.add_argument("--merge", nargs="+", metavar="RUN_DIR", default=None,
+                   help="combine the results of runs that differ only in --seeds into --out (nothing is trained)")
     p.add_argument("--quick", action="store_true",
                    help="1 seed, a few steps: checks that everything runs (the numbers mean nothing)")
     for f in fields(ExperimentConfig):
@@ -272,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_outputs
 
     args, ec = parse_args(argv)
+    if args.merge:
+        paths = merge(args.out, args.merge)
+        print("wrote " + ", ".join(str(p) for p in paths), flush=True)
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dist = D.init("cpu" if not torch.cuda.is_available() else "auto")
@@ -291,11 +303,37 @@ def main(argv: list[str] | None = None) -> int:
             for arm, res in per_arm.items():
                 if arm in results["arms"]:
                     results["arms"][arm][str(seed)] = res
-    results["seconds"] = time.perf_counter() - t_start
-    paths = write_outputs(results, out)
+            results["seconds"] = time.perf_counter() - t_start
+            paths = write_outputs(results, out)  # after every seed: a long run can be looked at midway
     print(f"{results['seconds']:.0f} s; wrote " + ", ".join(str(p) for p in paths), flush=True)
     D.close()
     return 0
+
+
+def merge(out: str | Path, parts: list[str | Path]) -> list[Path]:
+    """Combine the ``results.json`` of runs that differ only in their seeds (e.g. one process per seed,
+    run side by side) into one set of outputs in ``out``."""
+    from .report import write_outputs
+
+    loaded = [json.loads((Path(p) / "results.json").read_text()) for p in parts]
+    first = loaded[0]
+    same = {k: v for k, v in first["config"].items() if k != "seeds"}
+    for p, r in zip(parts, loaded):
+        other = {k: v for k, v in r["config"].items() if k != "seeds"}
+        if other != same:
+            diff = sorted(k for k in same if same[k] != other.get(k))
+            raise ValueError(f"{p}: its configuration differs from {parts[0]}'s in {diff}; only seeds may differ")
+    merged = {**first, "arms": {a: {} for a in first["arms"]}, "seconds": max(r["seconds"] for r in loaded)}
+    for p, r in zip(parts, loaded):
+        for arm, seeds in r["arms"].items():
+            clash = set(seeds) & set(merged["arms"][arm])
+            if clash:
+                raise ValueError(f"{p}: seed(s) {sorted(clash)} of arm {arm} are in two of the runs")
+            merged["arms"][arm].update(seeds)
+    merged["config"] = {**first["config"], "seeds": sorted(int(s) for s in merged["arms"][first["config"]["arms"][0]])}
+    merged["merged_from"] = [str(p) for p in parts]
+    merged.pop("summary", None)
+    return write_outputs(merged, Path(out))
 
 
 if __name__ == "__main__":
