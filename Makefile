@@ -36,9 +36,10 @@ $(STAMP): $(SOURCES)
 demo: install
 	$(PY) -m lgrpo.train
 
-# The listener experiment (README, "Does the listener help?"): 3 arms x 3 seeds, <= 30 min on 2 CPU cores.
+# The listener experiment (README, "Does the listener help?"): 3 arms x 3 seeds, one process per seed,
+# <= 30 min on 2 CPU cores.
 experiment: install
-	$(PY) -m lgrpo.experiments.listener --out runs/experiment-listener
+	$(PY) -m lgrpo.experiments.listener --out runs/experiment-listener --jobs 3
 
 test: install
 	$(PY) -m pytest -q

@@ -15,7 +15,7 @@ from lgrpo.experiments.shortcut import (
     demo_reasoning,
     describes_both_images,
 )
-from lgrpo.synthetic import COLOURS, FRAME, SyntheticTask, evidence_reasoning, reference_reasoning, render
+from lgrpo.synthetic import COLOURS, FRAME, SyntheticTask, describe, evidence_reasoning, reference_reasoning, render
 
 
 def framed(image) -> bool:
@@ -51,6 +51,27 @@ def test_heldout_and_ood_use_configurations_never_trained_on():
     train = set(task.configurations("train"))
     assert train.isdisjoint(task.configurations("heldout"))
     assert task.configurations("demos") == task.configurations("train") == task.configurations("listener")
+
+
+@pytest.mark.parametrize("split", ["heldout", "ood"])
+def test_heldout_and_ood_pairs_never_show_a_training_combination(split):
+    """Read the pairs themselves (captions and pixels), not the configuration lists: every held-out/OOD pair
+    is a (target, distractor) combination GRPO and the warm-ups never see, and every one is drawn."""
+    task = ShortcutTask(0)
+    trained = {(describe(*t), describe(*d)) for t, d in task.configurations("train")}
+    heldout = task.configurations(split)
+    seen = set()
+    for i in range(len(heldout)):
+        ex = task.example(split, i)
+        pair = (ex.captions[ex.preferred - 1], ex.captions[2 - ex.preferred])  # (target, distractor)
+        assert pair[0] == ex.prompt and pair not in trained, (split, i, pair)
+        assert [colour_at_centre(im) for im in ex.images] == [c.split()[1] for c in ex.captions]
+        seen.add(pair)
+    assert seen == {(describe(*t), describe(*d)) for t, d in heldout}
+    for train_split in ("demos", "train", "listener"):  # and the training splits only train combinations
+        for i in range(64):
+            ex = task.example(train_split, i)  # (the listener's descriptions may be swapped: read the prompt)
+            assert (ex.prompt, next(c for c in ex.captions if c != ex.prompt)) in trained
 
 
 def test_demonstrations_explain_or_memorise():
@@ -140,7 +161,8 @@ def fake_results(values: dict[str, list[float]], steps=(0, 5, 10), first_seed=0)
             arms[arm][str(seed)] = {"final": point(v), "curve": curve, "train_curve": train}
     config = {"eval_size": 64, "grpo_steps": steps[-1], "prompts_per_step": 8, "group_size": 8,
               "arms": list(values), "seeds": list(range(first_seed, first_seed + len(per_seed)))}
-    return {"config": config, "arms": arms, "seconds": 1.0}
+    listener = {"n": 64, "follows_evidence": 0.9, "confidence_no_evidence": 0.5, "seconds": 1.0 + first_seed}
+    return {"config": config, "arms": arms, "seconds": 1.0, "listener": listener}
 
 
 def test_mean_and_standard_error():
@@ -189,6 +211,11 @@ def test_runs_of_different_seeds_merge_into_one_report(tmp_path):
     write(fake_results({"accuracy": [0.5], "listener": [0.5]}, steps=(0, 5), first_seed=2), tmp_path / "c")
     with pytest.raises(ValueError, match="grpo_steps"):  # not the same experiment
         merge(tmp_path / "x", [tmp_path / "a", tmp_path / "c"])
+    other_listener = fake_results({"accuracy": [0.5], "listener": [0.5]}, first_seed=2)
+    other_listener["listener"] = {"follows_evidence": 0.5, "seconds": 1.0}
+    write(other_listener, tmp_path / "d")
+    with pytest.raises(ValueError, match="listener"):  # each run trains its listener: it must be the same one
+        merge(tmp_path / "x", [tmp_path / "a", tmp_path / "d"])
 
 
 # --- the program -----------------------------------------------------------------------------------------
@@ -205,6 +232,20 @@ def test_options_and_bad_arms():
         ExperimentConfig(arms=("warmup", "sft"))
     with pytest.raises(ValueError, match="grpo_steps"):
         ExperimentConfig(grpo_steps=0)
+    args, _ = parse_args(["--out", "x"])
+    assert args.threads == 1 and args.jobs == 1  # one thread per process, seeds in turn, unless asked
+    for bad in (["--threads", "-1"], ["--jobs", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", *bad])
+
+
+def test_side_by_side_runs_drop_only_the_options_each_seed_replaces():
+    from lgrpo.experiments.listener import _without_options
+
+    drop = {"--seeds": True, "--out": True, "--jobs": True}
+    argv = ["--quick", "--seeds", "0", "1", "2", "--arms", "warmup", "listener", "--out=d", "--jobs", "3",
+            "--grpo-steps", "4"]
+    assert _without_options(argv, drop) == ["--quick", "--arms", "warmup", "listener", "--grpo-steps", "4"]
 
 
 def test_build_strips_the_listeners_verdict_when_configured():
@@ -249,8 +290,19 @@ def test_quick_run_writes_every_output(tmp_path):
                 for metric in ("accuracy", "format_rate", "explained_share"):  # always defined
                     assert point[split][metric] is not None
         assert run["final"] == {s: run["curve"][-1][s] for s in EVAL_SPLITS}
-    assert 0 <= results["listener"]["follows_evidence"] <= 1
+    for key in ("follows_evidence", "confidence_no_evidence", "picks_image_1_no_evidence"):
+        assert 0 <= results["listener"][key] <= 1
+        assert 0 <= results["arms"]["warmup"]["0"]["as_listener"][key] <= 1
+    for arm, per_split in results["summary"].items():  # the table's numbers: one seed each, in [0, 1]
+        for split, metrics in per_split.items():
+            for metric, stat in metrics.items():
+                assert stat["sem"] is None and stat["n"] == (0 if stat["mean"] is None else 1)
+                assert stat["mean"] is None or 0 <= stat["mean"] <= 1, (arm, split, metric, stat)
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| ") == len(DEFAULT_ARMS)  # one row per arm under the header
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(DEFAULT_ARMS)  # one row per arm under the header
+    for row in rows:
+        cells = [c.strip() for c in row.strip("| ").split(" | ")[1:]]
+        assert all(c == "n/a" or 0 <= float(c) <= 1 for c in cells), row
     for png in ("curves.png", "training.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

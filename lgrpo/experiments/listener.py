@@ -21,6 +21,7 @@ the same, and rewards the shortcut as much as the evidence (arm ``paper-listener
 Outputs in ``--out``: ``results.json`` (per arm and seed: held-out and OOD accuracy, contradiction rate,
 listener confidence in the truth, format rate, share of explained reasoning; the curves over GRPO steps;
 the listener's own check), ``results.md`` (means ± standard errors), ``curves.png`` and ``training.png``.
+``--jobs N`` runs the seeds side by side, one process each (``OUT/seed-S``), and merges them into ``OUT``.
 """
 
 from __future__ import annotations
@@ -98,10 +99,11 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-# Small enough for the test suite (about a minute on 2 idle cores): the warm-ups only teach the format,
-# so the numbers say nothing about the method; the test checks that every file is written.
-QUICK = dict(seeds=(0,), warmup_steps=40, listener_steps=20, grpo_steps=2, prompts_per_step=2,
-             group_size=4, train_size=64, eval_size=8, eval_every=1, eval_batch_size=8, max_new_tokens=40)
+# Small enough for the test suite: every stage runs (listener and policy warm-ups, both GRPO arms, an
+# evaluation after every step, the outputs), but the warm-ups are too short to teach even the format, so
+# the numbers say nothing about the method; the test checks that every file is written and in range.
+QUICK = dict(seeds=(0,), warmup_steps=12, listener_steps=6, grpo_steps=2, prompts_per_step=2,
+             group_size=4, train_size=32, eval_size=4, eval_every=1, eval_batch_size=8, max_new_tokens=32)
 
 
 # --- building the pieces ------------------------------------------------------------------------------
@@ -260,6 +262,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Exper
                    help="combine the results of runs that differ only in --seeds into --out (nothing is trained)")
     p.add_argument("--quick", action="store_true",
                    help="1 seed, a few steps: checks that everything runs (the numbers mean nothing)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (default 1; 0 keeps torch's default, one per core, "
+                        "which is ~10x slower when other programs share the cores)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds run side by side, one process each, then merged into --out (default 1: in turn)")
     for f in fields(ExperimentConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("seeds", "arms"):
@@ -267,6 +274,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Exper
         else:
             p.add_argument(flag, type=type(f.default), default=None)
     args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     values = dict(QUICK) if args.quick else {}
     values.update({f.name: getattr(args, f.name) for f in fields(ExperimentConfig)
                    if getattr(args, f.name) is not None})
@@ -277,13 +288,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Exper
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import write_outputs
-
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, ec = parse_args(argv)
     if args.merge:
         paths = merge(args.out, args.merge)
         print("wrote " + ", ".join(str(p) for p in paths), flush=True)
         return 0
+    if args.jobs > 1 and len(ec.seeds) > 1:
+        return run_side_by_side(argv, ec.seeds, args.jobs, Path(args.out))
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, ec)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
+
+
+def run(args: argparse.Namespace, ec: ExperimentConfig) -> int:
+    """The experiment in this process: the listener, then each seed in turn."""
+    from .report import write_outputs
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dist = D.init("cpu" if not torch.cuda.is_available() else "auto")
@@ -310,6 +335,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Why one thread per process: PyTorch's default (one per core) makes its threads wait on each other
+# whenever other programs share the cores. Measured on 2 shared, busy CPU cores: a warm-up step took
+# 2.6 s with 2 threads and 0.26 s with 1. Seeds side by side (--jobs) use the cores instead.
+
+
+def run_side_by_side(argv: list[str], seeds: tuple[int, ...], jobs: int, out: Path) -> int:
+    """Each seed in its own process (``--seeds s --out OUT/seed-s``), ``jobs`` at a time, then
+    :func:`merge` into ``out``. Every process trains the same listener (same seed and steps, so the
+    same weights: :func:`merge` checks that its measurements agree)."""
+    import subprocess
+
+    base = _without_options(argv, {"--seeds": True, "--out": True, "--jobs": True})
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [out / f"seed-{s}" for s in seeds]
+    pending = list(zip(seeds, parts))
+    running: list[tuple[int, subprocess.Popen, object]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed, part = pending.pop(0)
+            log = open(out / f"seed-{seed}.log", "w")  # noqa: SIM115 - closed when the process ends
+            cmd = [sys.executable, "-m", "lgrpo.experiments.listener", *base, "--seeds", str(seed), "--out", str(part)]
+            print(f"seed {seed}: {' '.join(cmd[1:])} > {log.name}", flush=True)
+            running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            seed, proc, _ = item
+            print(f"seed {seed}: done (exit status {proc.returncode})", flush=True)
+            if proc.returncode:
+                failed.append(seed)
+    if failed:
+        print(f"seed(s) {failed} failed: see {out}/seed-N.log", file=sys.stderr, flush=True)
+        return 1
+    paths = merge(out, parts)
+    print("wrote " + ", ".join(str(p) for p in paths), flush=True)
+    return 0
+
+
+def _without_options(argv: list[str], drop: dict[str, bool]) -> list[str]:
+    """``argv`` without the options in ``drop`` (``--opt v...`` or ``--opt=v``; their values with them)."""
+    kept, skipping = [], False
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if a.startswith("--"):
+            skipping = name in drop and "=" not in a
+            if name in drop:
+                continue
+        elif skipping:
+            continue
+        kept.append(a)
+    return kept
+
+
 def merge(out: str | Path, parts: list[str | Path]) -> list[Path]:
     """Combine the ``results.json`` of runs that differ only in their seeds (e.g. one process per seed,
     run side by side) into one set of outputs in ``out``."""
@@ -323,6 +403,9 @@ def merge(out: str | Path, parts: list[str | Path]) -> list[Path]:
         if other != same:
             diff = sorted(k for k in same if same[k] != other.get(k))
             raise ValueError(f"{p}: its configuration differs from {parts[0]}'s in {diff}; only seeds may differ")
+        if _listener_check(r) != _listener_check(first):  # each run trained its own listener
+            raise ValueError(f"{p}: its listener measured {_listener_check(r)}, {parts[0]}'s "
+                             f"{_listener_check(first)}: not the same listener")
     merged = {**first, "arms": {a: {} for a in first["arms"]}, "seconds": max(r["seconds"] for r in loaded)}
     for p, r in zip(parts, loaded):
         for arm, seeds in r["arms"].items():
@@ -334,6 +417,10 @@ def merge(out: str | Path, parts: list[str | Path]) -> list[Path]:
     merged["merged_from"] = [str(p) for p in parts]
     merged.pop("summary", None)
     return write_outputs(merged, Path(out))
+
+
+def _listener_check(results: dict) -> dict:
+    return {k: v for k, v in results.get("listener", {}).items() if k != "seconds"}
 
 
 if __name__ == "__main__":
