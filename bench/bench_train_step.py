@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, arg_parser, environment, print_table, write_json  # noqa: E402
 
+from lgrpo.group import GroupBatch, PromptBatch  # noqa: E402
+
 GiB = 1024**3
 ANCHORS = {"update_8x1024_backbone_ms": 349.0, "update_8x1024_full_logits_ms": 391.0, "generate_tok_s": 337.0}
 
@@ -164,22 +166,21 @@ class BenchTask:
         ids = torch.tensor(rows)
         patch_dim = 3 * cfg.vision_config.temporal_patch_size * cfg.vision_config.patch_size**2
         n_img = 2 * len(indices)
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "mm_token_type_ids": (ids == cfg.image_token_id).int(),
-            "pixel_values": torch.randn(n_img * g * g, patch_dim, generator=gen),
-            "image_grid_thw": torch.tensor([[1, g, g]] * n_img),
-            "images_per_row": torch.full((len(indices),), 2),
-        }
+        return PromptBatch(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=(ids == cfg.image_token_id).int(),
+            pixel_values=torch.randn(n_img * g * g, patch_dim, generator=gen),
+            image_grid_thw=torch.tensor([[1, g, g]] * n_img),
+            images_per_row=torch.full((len(indices),), 2),
+        )
 
     @torch.no_grad()
-    def rewards(self, prompts, rollout):
+    def rewards(self, rollout):
         from lgrpo.ops import listener_confidence
-        from lgrpo.rollout import model_inputs
 
         # The listener's cost: prompt + completion, lm_head at the last position only.
-        inputs = model_inputs(prompts, self.listener_model)
+        inputs = rollout.repeated_prompts().model_inputs(self.listener_model)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], rollout.completion_ids], 1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], rollout.completion_mask.long()], 1)
         if "mm_token_type_ids" in inputs:
@@ -330,12 +331,13 @@ def main(argv=None) -> int:
         )
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(100, min(vocab, 150000) - 100, (B, T), generator=gen).to(device)
-        prompt = {"input_ids": ids[:, :1], "attention_mask": torch.ones_like(ids[:, :1])}
+        prompt = PromptBatch(ids[:, :1], torch.ones_like(ids[:, :1]))
         comp, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
+        batch = GroupBatch.grouped(prompt, comp, mask, 1)
         adv = torch.randn(B, generator=gen).to(device)
 
         def step():
-            loss = scorer(prompt, comp, mask, loss={"advantages": adv, "loss_type": "dapo"})[0]
+            loss = scorer(batch, loss={"advantages": adv, "loss_type": "dapo"})[0]
             loss.backward()
             policy.zero_grad(set_to_none=True)
 
@@ -378,12 +380,12 @@ def main(argv=None) -> int:
         tok = StubTokenizer()
         clean_generation_config(policy, tok)
         n, new, ids = text_prompts()
-        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        prompt = PromptBatch(ids, torch.ones_like(ids))
         generate(policy, tok, prompt, max_new_tokens=4, stop=None, seed=0)  # warm-up
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = generate(policy, tok, prompt, max_new_tokens=new, stop=None, seed=0, row_ids=torch.arange(n))
+        out = generate(policy, tok, prompt, max_new_tokens=new, stop=None, seed=0)
         if cuda:
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
@@ -433,8 +435,8 @@ def main(argv=None) -> int:
 
         tok = StubTokenizer()
         n, new, ids = text_prompts()
-        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        kw = dict(max_new_tokens=new, stop=None, seed=0, row_ids=torch.arange(n), static_cache=True)
+        prompt = PromptBatch(ids, torch.ones_like(ids))
+        kw = dict(max_new_tokens=new, stop=None, seed=0, static_cache=True)
         t0 = time.perf_counter()
         generate(policy, tok, prompt, **kw)  # the first call compiles (same shapes as the timed one)
         if cuda:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .rollout import generate, to_device
+from .rollout import generate
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -56,12 +56,12 @@ def judge(
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     for lo in range(0, len(indices), batch_size):
         part = indices[lo : lo + batch_size]
-        prompts = to_device(task.prompts(split, part, [swap] * len(part)), device)
+        prompts = task.prompts(split, part, [swap] * len(part)).to(device)
         with ctx, D.gathered(fsdp_root if fsdp_root is not None else policy):
             rollout = generate(
                 policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, greedy=True
             )
-        r = task.rewards(rollout.prompt, rollout)
+        r = task.rewards(rollout)
         for k in keys:
             v = r.get(k)
             out[k].append(v.double().cpu() if v is not None else torch.full((len(part),), float("nan")))

@@ -291,8 +291,7 @@ def final_hidden_states(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tens
     """Final-norm hidden states ``[B, T, H]`` for a batch, without full-sequence logits.
 
     Runs the model's own forward (so wrappers' hooks, e.g. FSDP2's, fire) with ``logits_to_keep=1``:
-    the lm_head sees one position only. ``inputs`` is ``PromptBatch.model_inputs()`` /
-    ``UpdateBatch.model_inputs()``.
+    the lm_head sees one position only. ``inputs``: e.g. ``PromptBatch.model_inputs()``.
     """
     out = model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1]

@@ -29,7 +29,8 @@ from .checkpoint import (
 from .config import ConfigError, JobConfig, parse_args, save_config
 from .data import DataError
 from .eval import evaluate, format_report, write_report
-from .rollout import Rollout, clean_generation_config
+from .group import PromptBatch, Rollout
+from .rollout import clean_generation_config
 from .trainer import Models, Trainer
 
 # --- the task: prompts, rewards and warm-up targets from the model/data pipeline ----------------------
@@ -50,41 +51,32 @@ class PreferenceTask:
     def num_prompts(self, split: str) -> int:
         return len(self.splits[split])
 
-    def prompts(self, split: str, indices: list[int], swap: list[bool] | None = None) -> dict:
+    def prompts(self, split: str, indices: list[int], swap: list[bool] | None = None) -> PromptBatch:
         examples = [self.splits[split][i] for i in indices]
         if swap is not None:
             examples = [ex.swapped() if s else ex for ex, s in zip(examples, swap)]
         # Each pair's images are patchified once; the G completions of a group share them.
         processed = [self.batcher.process_images(list(ex.images)) for ex in examples]
         batch = self.batcher.reasoner_batch([ex.prompt for ex in examples], processed)
-        out = {
-            f: getattr(batch, f)
-            for f in (
-                "input_ids",
-                "attention_mask",
-                "mm_token_type_ids",
-                "pixel_values",
-                "image_grid_thw",
-                "images_per_row",
-            )
-        }
-        out.update(
+        batch.extra.update(
             examples=examples, processed=processed, preferred=torch.tensor([ex.preferred for ex in examples])
         )
-        return out
+        return batch
 
-    def rewards(self, prompts: dict, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def rewards(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         from .rewards import compute_rewards
 
         fmt = self.batcher.fmt
         parsed = [self._parse(t, fmt) for t in rollout.texts]
-        examples = prompts["examples"]
+        examples = rollout.completion_prompts("examples")
         scores = None
         if self.listener is not None:
             scores = self.listener.score(
-                [ex.prompt for ex in examples], prompts["processed"], [p.reasoning for p in parsed]
+                [ex.prompt for ex in examples], rollout.completion_prompts("processed"),
+                [p.reasoning for p in parsed]
             )
-        r = compute_rewards(parsed, prompts["preferred"].cpu(), scores, self.weights)
+        preferred = torch.as_tensor(rollout.completion_prompts("preferred")).cpu()
+        r = compute_rewards(parsed, preferred, scores, self.weights)
         comparable = (r.answer > 0) & (r.listener_choice > 0)
         contradiction = torch.where(comparable, r.contradiction.float(), torch.tensor(float("nan")))
         listener = r.listener if scores is not None else torch.full_like(r.listener, float("nan"))
@@ -97,10 +89,10 @@ class PreferenceTask:
             "answer": r.answer,
         }
 
-    def sft_targets(self, prompts: dict) -> list[str]:
+    def sft_targets(self, prompts: PromptBatch) -> list[str]:
         from .synthetic import reference_completion
 
-        return [reference_completion(ex, self.batcher.fmt) for ex in prompts["examples"]]
+        return [reference_completion(ex, self.batcher.fmt) for ex in prompts.extra["examples"]]
 
 
 def _datasets(cfg: JobConfig) -> dict:

@@ -31,20 +31,12 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import Checkpointer, latest_checkpoint
 from .config import JobConfig
+from .group import GroupBatch, PromptBatch, Rollout, encode_completions
 from .interrupt import GracefulStop
 from .kernels import group_advantages, grpo_loss, linear_grpo_loss, token_logprobs
 from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
-from .rollout import (
-    TOKEN_KEYS,
-    Rollout,
-    accepted_keys,
-    generate,
-    model_inputs,
-    repeat_rows,
-    select_rows,
-    to_device,
-)
+from .rollout import generate
 
 
 class NonFiniteError(RuntimeError):
@@ -59,14 +51,15 @@ class Task(Protocol):
     def num_prompts(self, split: str) -> int:
         """Number of prompts of a split ("train", "eval")."""
 
-    def prompts(self, split: str, indices: list[int], swap: list[bool] | None = None) -> dict:
-        """Collated prompts (input_ids/attention_mask left padded, images), plus bookkeeping lists."""
+    def prompts(self, split: str, indices: list[int], swap: list[bool] | None = None) -> PromptBatch:
+        """The prompts (left padded, images once each), with the task's bookkeeping in ``extra``."""
 
-    def rewards(self, prompts: dict, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def rewards(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Per completion [N]: "total" and its components ("format", "accuracy", "listener"), and
-        optionally "contradiction" (listener's argmax != answer) and "answer" (1, 2, 0 = none)."""
+        optionally "contradiction" (listener's argmax != answer) and "answer" (1, 2, 0 = none).
+        Completion ``n`` continues ``rollout.prompts`` row ``rollout.group[n]``."""
 
-    def sft_targets(self, prompts: dict) -> list[str]:
+    def sft_targets(self, prompts: PromptBatch) -> list[str]:
         """The templated reasoning + answer for each prompt (supervised warm-up)."""
 
 
@@ -156,44 +149,35 @@ class CompletionScorer(nn.Module):
         if fused and getattr(head, "bias", None) is not None:
             self.fused = False  # linear_grpo_loss has no bias term
 
-    def _hidden(
-        self, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor
-    ) -> torch.Tensor:
-        if self.autocast_dtype is None:
-            inputs = model_inputs(prompt, self.model)
-        else:  # autocast: keep fp32 images, drop the keys the model does not name
-            keys = accepted_keys(self.model)
-            inputs = {k: v for k, v in model_inputs(prompt).items() if k in keys}
-        # Completion tokens are text: per-token keys are extended with the ids, the mask, and zeros.
-        ext = {"input_ids": completion_ids, "attention_mask": completion_mask}
-        for k in TOKEN_KEYS:
-            if k in inputs:
-                tail = ext.get(k, torch.zeros_like(completion_ids))
-                inputs[k] = torch.cat([inputs[k], tail.to(inputs[k].dtype)], dim=1)
-        if "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
+    def _hidden(self, batch: GroupBatch) -> torch.Tensor:
+        """Final hidden states ``[N, C, H]``: row ``c`` predicts completion token ``c``."""
+        prompt = batch.repeated_prompts()
+        inputs = prompt.model_inputs(self.model)
+        ids, mask = batch.completion_ids, batch.completion_mask
+        # Completion tokens are text: per-token inputs are extended with the ids, the mask, and zeros.
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], 1)
+        if "mm_token_type_ids" in inputs:
+            types = inputs["mm_token_type_ids"]
+            inputs["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(ids, dtype=types.dtype)], 1)
+        if "pixel_values" not in inputs:
             # Text-only: positions as generate assigned them. VLMs compute their (3-D) positions from
             # the attention mask themselves.
             inputs["position_ids"] = _position_ids(inputs["attention_mask"])
         out = self.model.base_model(**inputs, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        p, c = prompt["input_ids"].shape[1], completion_ids.shape[1]
+        p, c = prompt.length, ids.shape[1]
         return hidden[:, p - 1 : p - 1 + c]  # row t predicts completion token t
 
-    def forward(
-        self,
-        prompt: dict,
-        completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor,
-        temperature: float = 1.0,
-        loss: dict | None = None,
-    ):
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, loss: dict | None = None):
+        completion_ids, completion_mask = batch.completion_ids, batch.completion_mask
         ctx = (
             torch.autocast(completion_ids.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else nullcontext()
         )
         with ctx:
-            hidden = self._hidden(prompt, completion_ids, completion_mask)
+            hidden = self._hidden(batch)
         weight = self.model.get_output_embeddings().weight
         if loss is None:
             return self._logprobs(hidden, weight, completion_ids, temperature)
@@ -225,16 +209,6 @@ class CompletionScorer(nn.Module):
         return torch.cat(parts).view(n, c)
 
 
-def trim(prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor):
-    """Drop the left-pad columns every row shares and the right-pad columns after the longest completion."""
-    attn = prompt["attention_mask"]
-    first = int((attn != 0).float().argmax(-1).min()) if attn.numel() else 0
-    width = max(int(completion_mask.sum(-1).max()), 1)
-    prompt = dict(prompt)
-    for k in TOKEN_KEYS:
-        if k in prompt:
-            prompt[k] = prompt[k][:, first:]
-    return prompt, completion_ids[:, :width], completion_mask[:, :width]
 
 
 # --- the trainer -------------------------------------------------------------------------------------
@@ -310,40 +284,39 @@ class Trainer:
         with timer.phase("rollout"):
             rollout = self.rollouts(prompts, prompt_ids)
         with timer.phase("reward"):
-            rewards = self.task.rewards(rollout.prompt, rollout)
+            rewards = self.task.rewards(rollout)
         advantages = group_advantages(
             rewards["total"].float().to(self.device), self.G, cfg.loss.advantage_scale
         )
         update = self.policy_update(rollout, advantages, timer)
         return self.step_metrics(rollout, rewards, advantages, update, timer)
 
-    def next_prompts(self) -> tuple[dict, torch.Tensor]:
+    def next_prompts(self) -> tuple[PromptBatch, torch.Tensor]:
         """This rank's share of the step's global prompts, and their global positions in the step."""
         indices, swaps = self.order.next()
         per_rank = len(indices) // self.dist.world_size
         lo = self.dist.rank * per_rank
         mine = slice(lo, lo + per_rank)
         batch = self.task.prompts("train", indices[mine], swaps[mine])
-        return to_device(batch, self.device), torch.arange(lo, lo + per_rank)
+        return batch.to(self.device), torch.arange(lo, lo + per_rank)
 
     @torch.no_grad()
-    def rollouts(self, prompts: dict, prompt_ids: torch.Tensor) -> Rollout:
+    def rollouts(self, prompts: PromptBatch, prompt_ids: torch.Tensor) -> Rollout:
         """G completions of every prompt, sampled by the seeded sampler (see lgrpo.rollout)."""
         r = self.cfg.rollout
-        batch = repeat_rows(prompts, self.G)
-        row_ids = prompt_ids.repeat_interleave(self.G) * self.G + torch.arange(self.G).repeat(len(prompt_ids))
         with D.gathered(self.scorer):
             return generate(
                 self.policy,
                 self.task.tokenizer,
-                batch,
+                prompts,
+                self.G,
                 max_new_tokens=r.max_new_tokens,
                 stop=r.stop,
                 temperature=r.temperature,
                 top_p=r.top_p,
                 seed=self.cfg.train.seed,
                 step=self.step,
-                row_ids=row_ids,
+                prompt_ids=prompt_ids,
                 batch_size=r.batch_size,
                 static_cache=r.static_cache,
             )
@@ -385,11 +358,9 @@ class Trainer:
         mb = self.cfg.loss.micro_batch_size
         for lo in range(0, len(rollout), mb):
             rows = torch.arange(lo, min(lo + mb, len(rollout)))
-            prompt, ids, mask = trim(
-                select_rows(rollout.prompt, rows), rollout.completion_ids[rows], rollout.completion_mask[rows]
-            )
-            out[rows, : ids.shape[1]] = scorer(
-                prompt, ids, mask, temperature=self.cfg.rollout.temperature
+            part = rollout.select(rows).trim()
+            out[rows, : part.completion_ids.shape[1]] = scorer(
+                part, temperature=self.cfg.rollout.temperature
             ).float()
         return out
 
@@ -425,17 +396,15 @@ class Trainer:
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, tokens, clipped, entropy, kl
         for lo in range(0, len(rows), cfg.micro_batch_size):
             sub = rows[lo : lo + cfg.micro_batch_size]
-            prompt, ids, mask = trim(
-                select_rows(rollout.prompt, sub), rollout.completion_ids[sub], rollout.completion_mask[sub]
-            )
-            width = ids.shape[1]
+            part = rollout.select(sub).trim()
+            mask, width = part.completion_mask, part.completion_ids.shape[1]
             kwargs = dict(loss_kwargs, advantages=advantages[sub.to(self.device)])
             if old_logp is not None:
                 kwargs["old_logp"] = old_logp[sub, :width]
             if ref_logp is not None and cfg.beta > 0:
                 kwargs["ref_logp"] = ref_logp[sub, :width]
             loss, logp, entropy, kl, clipped = self.scorer(
-                prompt, ids, mask, temperature=self.cfg.rollout.temperature, loss=kwargs
+                part, temperature=self.cfg.rollout.temperature, loss=kwargs
             )
             if cfg.loss_type in ("grpo", "dr_grpo"):
                 loss = loss * (len(sub) / global_seqs)  # per-sequence means: weight by the share of sequences
@@ -516,7 +485,7 @@ class Trainer:
                 rollout.truncated.float().sum().to(self.device),
                 (groups == groups[:, :1]).all(-1).float().sum().to(self.device),
                 rewards["total"].float().to(self.device).square().sum(),
-                float(rollout.prompt["attention_mask"].sum()) * torch.ones((), device=self.device),
+                float(rollout.prompt_tokens(shared_prefix=False)) * torch.ones((), device=self.device),
             ]
         )
         flat = D.all_reduce_sum(
@@ -590,15 +559,18 @@ class Trainer:
             indices, swaps = order.next()
             per_rank = len(indices) // self.dist.world_size
             mine = slice(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
-            prompts = to_device(self.task.prompts("train", indices[mine], swaps[mine]), self.device)
-            ids, mask = encode_targets(self.task.tokenizer, self.task.sft_targets(prompts), self.device)
+            prompts = self.task.prompts("train", indices[mine], swaps[mine]).to(self.device)
+            ids, mask = encode_completions(self.task.tokenizer, self.task.sft_targets(prompts),
+                                           self.task.tokenizer.eos_token_id, device=self.device)
+            batch = GroupBatch.grouped(prompts, ids, mask, 1)
             global_tokens = float(D.all_reduce_sum(mask.sum().double()))
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             mb = self.cfg.loss.micro_batch_size
             for lo in range(0, ids.shape[0], mb):
                 rows = torch.arange(lo, min(lo + mb, ids.shape[0]))
-                prompt, sub_ids, sub_mask = trim(select_rows(prompts, rows), ids[rows], mask[rows])
-                logp = self.scorer(prompt, sub_ids, sub_mask)
+                part = batch.select(rows).trim()
+                sub_mask = part.completion_mask
+                logp = self.scorer(part)
                 loss = -(logp * sub_mask).sum() / global_tokens
                 (loss * self.dist.world_size).backward()
                 total += loss.detach().double()
@@ -715,23 +687,6 @@ def _metric_name(key: str) -> str:
     if key == "total":
         return "reward"
     return key if key in ("contradiction",) else f"reward/{key}"
-
-
-def encode_targets(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target completions as ids [n, C] (right padded) + EOS, and their mask."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    rows = [
-        tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        for t in texts
-    ]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
-    return ids.to(device), mask.to(device)
 
 
 def format_step(step: int, total: int, m: dict) -> str:

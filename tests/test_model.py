@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from lgrpo.kernels import reference as ref
 from PIL import Image
 
 from lgrpo import model as lm
-from lgrpo.batching import VLBatcher, completion_mask
+from lgrpo.batching import VLBatcher
+from lgrpo.group import GroupBatch, encode_completions
 from lgrpo.model import final_hidden_states, lm_head_weight, load_image_processor, load_model, load_tokenizer
 from lgrpo.synthetic import SyntheticTask
+from lgrpo.trainer import CompletionScorer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,13 +223,13 @@ def test_images_of_different_sizes_in_one_batch_match_one_by_one(policy, batcher
     assert (other - together[0]).abs().max() > 1e-3
 
 
-def test_repeat_interleave_equals_repeating_the_inputs(batcher, pairs):
+def test_select_with_repeats_equals_encoding_the_repeated_inputs(batcher, pairs):
     prompts, images = pairs
-    batch = batcher.reasoner_batch(prompts, images).repeat_interleave(3)
+    batch = batcher.reasoner_batch(prompts, images).select(torch.arange(3).repeat_interleave(3))
     expected = batcher.reasoner_batch([p for p in prompts for _ in range(3)],
                                       [i for i in images for _ in range(3)])
     for key, value in expected.model_inputs().items():
-        assert torch.equal(getattr(batch, key), value), key
+        assert torch.equal(batch.model_inputs()[key], value), key
     assert batch.images_per_row.tolist() == [2] * 9
 
 
@@ -238,11 +239,6 @@ def test_processed_images_can_be_reused(batcher, pairs):
     a = batcher.reasoner_batch(prompts, processed).model_inputs()
     b = batcher.reasoner_batch(prompts, images).model_inputs()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_completion_mask_stops_after_first_eos():
-    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
-    assert completion_mask(ids, [2]).int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
 def test_final_hidden_states_give_the_model_logits(policy, batcher, pairs):
@@ -255,25 +251,22 @@ def test_final_hidden_states_give_the_model_logits(policy, batcher, pairs):
     torch.testing.assert_close(hidden @ lm_head_weight(policy).T, logits, rtol=1e-5, atol=1e-5)
 
 
-def test_update_batch_aligns_targets_and_matches_unpadded_logprobs(policy, batcher, pairs):
+def test_scorer_aligns_targets_and_matches_unpadded_logprobs(policy, batcher, pairs):
+    """The repeated (plain transformers) scoring path on the tiny VLM: left-padded prompts with images of
+    different sizes, completions of different lengths; equal to each row alone with full logits."""
     prompts, images = pairs
     prompt_batch = batcher.reasoner_batch(prompts, images)
     tok = batcher.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
     texts = ["<think>a red circle</think><answer>1</answer>", "<think>no</think>", "<answer>2</answer> extra"]
-    completions = batcher.completion_ids(texts)
-    assert completions[0][-1] == tok.convert_tokens_to_ids("<|im_end|>")
-    completions[1] += tok.encode(" junk after the end", add_special_tokens=False)  # must be masked out
-    ub = batcher.update_batch(prompt_batch, completions)
+    ids, mask = encode_completions(tok, texts, end)
     n_valid = [len(tok.encode(t, add_special_tokens=False)) + 1 for t in texts]
-    assert ub.completion_mask.sum(1).tolist() == n_valid
-    assert batcher.decode(ub.targets, ub.completion_mask) == texts
+    assert mask.sum(1).tolist() == n_valid and (ids[torch.arange(3), mask.sum(1) - 1] == end).all()
+    assert tok.batch_decode([i[m] for i, m in zip(ids, mask)], skip_special_tokens=True) == texts
 
-    adv = torch.tensor([1.0, -0.5, 0.25])
-    hidden = final_hidden_states(policy, ub.model_inputs())
-    out = ref.linear_grpo_loss(ub.completion_hidden(hidden), lm_head_weight(policy), ub.targets, adv,
-                               ub.completion_mask)
-    out.loss.backward()
-    assert lm_head_weight(policy).grad is not None
+    batch = GroupBatch.grouped(prompt_batch, ids, mask, 1)
+    logp = CompletionScorer(policy, fused=False)(batch)
+    logp[mask].sum().backward()
     assert policy.model.visual.patch_embed.proj.weight.grad is not None  # gradients reach the vision tower
     policy.zero_grad(set_to_none=True)
 
@@ -281,7 +274,7 @@ def test_update_batch_aligns_targets_and_matches_unpadded_logprobs(policy, batch
     with torch.no_grad():
         for b in range(3):
             alone = batcher.reasoner_batch([prompts[b]], [images[b]])
-            seq = torch.cat([alone.input_ids[0], torch.tensor(completions[b][: n_valid[b]])])
+            seq = torch.cat([alone.input_ids[0], ids[b, : n_valid[b]]])
             inputs = alone.model_inputs()
             inputs.update(input_ids=seq[None], attention_mask=torch.ones_like(seq)[None],
                           mm_token_type_ids=(seq == batcher.image_token_id).int()[None])
@@ -289,30 +282,7 @@ def test_update_batch_aligns_targets_and_matches_unpadded_logprobs(policy, batch
             p = alone.length
             expected = logits[p - 1: p - 1 + n_valid[b]].log_softmax(-1).gather(
                 1, seq[p:, None]).squeeze(1)
-            torch.testing.assert_close(out.logp[b, : n_valid[b]], expected, rtol=1e-4, atol=1e-5)
-            assert (out.logp[b, n_valid[b]:] == 0).all()
-
-
-def test_update_batch_rejects_bad_shapes(batcher, pairs):
-    prompts, images = pairs
-    batch = batcher.reasoner_batch(prompts, images)
-    with pytest.raises(ValueError, match="completion_ids"):
-        batcher.update_batch(batch, torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="mask"):
-        batcher.update_batch(batch, torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 5, dtype=torch.bool))
-
-
-def test_generate_from_a_prompt_batch(policy, batcher, pairs):
-    prompts, images = pairs
-    batch = batcher.reasoner_batch(prompts, images).repeat_interleave(2)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = policy.generate(**batch.model_inputs(), max_new_tokens=6, do_sample=True,
-                              pad_token_id=batcher.pad_id, eos_token_id=batcher.eos_ids)
-    assert out.shape[0] == 6 and torch.equal(out[:, : batch.length], batch.input_ids)
-    ub = batcher.update_batch(batch, out[:, batch.length:])
-    assert ub.targets.shape == (6, out.shape[1] - batch.length)
-    assert len(batcher.decode(ub.targets, ub.completion_mask)) == 6
+            torch.testing.assert_close(logp[b, : n_valid[b]].detach(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_load_from_a_local_folder(tmp_path, policy):

@@ -10,14 +10,8 @@ import torch
 
 from lgrpo import distributed as D
 from lgrpo.config import build_config
-from lgrpo.rollout import (
-    StopOnString,
-    _completion_mask,
-    clean_generation_config,
-    generate,
-    repeat_rows,
-    select_rows,
-)
+from lgrpo.group import GroupBatch, PromptBatch, completion_mask
+from lgrpo.rollout import StopOnString, clean_generation_config, generate
 from lgrpo.trainer import CompletionScorer, Models, NonFiniteError, PromptOrder, Trainer, _position_ids
 from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
 
@@ -50,38 +44,18 @@ def test_rollouts_do_not_depend_on_batch_composition():
     model = tiny_lm(tok)
     clean_generation_config(model, tok)
     enc = tok(["pick 1:", "pick 22:", "pick 1:"], return_tensors="pt", padding=True)
-    batch = repeat_rows(dict(enc), 2)
-    full = generate(
-        model, tok, batch, max_new_tokens=8, stop="</answer>", seed=3, step=5, row_ids=torch.arange(6)
-    )
-    # rows 2..3 alone, with a narrower padding, and through generate's own chunking
+    batch = PromptBatch(enc["input_ids"], enc["attention_mask"])
+    kw = dict(max_new_tokens=8, stop="</answer>", seed=3, step=5)
+    full = generate(model, tok, batch, 2, **kw)
+    assert full.group.tolist() == [0, 0, 1, 1, 2, 2] and len(full.prompts) == 3
+    # prompt 1 alone, with a narrower padding, and through generate's own chunking
     alone_enc = tok(["pick 22:"], return_tensors="pt", padding=True)
-    alone = generate(
-        model,
-        tok,
-        repeat_rows(dict(alone_enc), 2),
-        max_new_tokens=8,
-        stop="</answer>",
-        seed=3,
-        step=5,
-        row_ids=torch.arange(2, 4),
-    )
-    chunked = generate(
-        model,
-        tok,
-        batch,
-        max_new_tokens=8,
-        stop="</answer>",
-        seed=3,
-        step=5,
-        row_ids=torch.arange(6),
-        batch_size=4,
-    )
+    alone = generate(model, tok, PromptBatch(alone_enc["input_ids"], alone_enc["attention_mask"]), 2,
+                     prompt_ids=torch.tensor([1]), **kw)
+    chunked = generate(model, tok, batch, 2, batch_size=4, **kw)
     assert full.texts[2:4] == alone.texts
     assert full.texts == chunked.texts
-    other_step = generate(
-        model, tok, batch, max_new_tokens=8, stop=None, seed=3, step=6, row_ids=torch.arange(6)
-    )
+    other_step = generate(model, tok, batch, 2, **dict(kw, stop=None, step=6))
     assert other_step.texts != full.texts
 
 
@@ -104,21 +78,22 @@ def test_static_kv_cache_gives_the_same_rollouts(monkeypatch):
     tok = char_tokenizer()
     model = tiny_lm(tok)
     clean_generation_config(model, tok)
-    batch = repeat_rows(dict(tok(["pick 1:", "pick 22:"], return_tensors="pt", padding=True)), 2)
-    kw = dict(max_new_tokens=8, stop="</answer>", seed=3, step=5, row_ids=torch.arange(4))
-    dynamic = generate(model, tok, batch, **kw)
+    enc = tok(["pick 1:", "pick 22:"], return_tensors="pt", padding=True)
+    batch = PromptBatch(enc["input_ids"], enc["attention_mask"])
+    kw = dict(max_new_tokens=8, stop="</answer>", seed=3, step=5)
+    dynamic = generate(model, tok, batch, 2, **kw)
     assert not made
-    static = generate(model, tok, batch, static_cache=True, **kw)
+    static = generate(model, tok, batch, 2, static_cache=True, **kw)
     assert made, "no StaticCache was built"
     assert torch.equal(static.completion_ids, dynamic.completion_ids) and static.texts == dynamic.texts
 
     cfg = build_config("tiny", {"run": {"progress": False}, "train": {"steps": 0}})
     task, models, _ = build(cfg, D.init("cpu"))
-    prompts = repeat_rows(task.prompts("eval", [0, 1, 2]), 2)
-    kw = dict(max_new_tokens=12, stop=None, seed=1, step=2, row_ids=torch.arange(6))
-    dynamic = generate(models.policy, task.tokenizer, prompts, **kw)
-    static = generate(models.policy, task.tokenizer, prompts, static_cache=True, **kw)
-    assert "pixel_values" in prompts and torch.equal(static.completion_ids, dynamic.completion_ids)
+    prompts = task.prompts("eval", [0, 1, 2])
+    kw = dict(max_new_tokens=12, stop=None, seed=1, step=2)
+    dynamic = generate(models.policy, task.tokenizer, prompts, 2, **kw)
+    static = generate(models.policy, task.tokenizer, prompts, 2, static_cache=True, **kw)
+    assert prompts.has_images and torch.equal(static.completion_ids, dynamic.completion_ids)
 
 
 def test_stop_string_and_eos_set_the_mask():
@@ -133,29 +108,66 @@ def test_stop_string_and_eos_set_the_mask():
         if stopper(seq[:, :length], None)[0] and fired_at is None:
             fired_at = length - prompt_len
     assert fired_at == len("<think>x</think><answer>2</answer>")
-    mask, truncated = _completion_mask(ids, stopper.stop_len, eos_ids=set())
-    assert tok.decode(ids[0][mask[0]]) == "<think>x</think><answer>2</answer>" and not truncated[0]
+    mask = completion_mask(ids, [], stopper.stop_len)
+    assert tok.decode(ids[0][mask[0]]) == "<think>x</think><answer>2</answer>"
     eos = tok.eos_token_id
-    with_eos = torch.tensor([[5, 6, eos, 7], [5, 6, 7, 8]])
-    mask, truncated = _completion_mask(with_eos, None, {eos})
-    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
-    assert truncated.tolist() == [False, True]
+    with_eos = torch.tensor([[5, 6, eos, 7], [5, 6, 7, 8], [eos, 5, eos, 6]])
+    mask = completion_mask(with_eos, [eos])
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, True], [True, False, False, False]]
+    # a stop string seen after 2 tokens cuts row 1; -1: not seen
+    mask = completion_mask(with_eos, [eos], torch.tensor([-1, 2, 3]))
+    assert mask.int().tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
 
 
-def test_select_rows_keeps_each_rows_images():
+def test_generate_reports_truncation():
+    tok = char_tokenizer()
+    model = tiny_lm(tok)
+    clean_generation_config(model, tok)
+    enc = tok(["pick 1:", "pick 2:"], return_tensors="pt", padding=True)
+    out = generate(model, tok, PromptBatch(enc["input_ids"], enc["attention_mask"]), 3,
+                   max_new_tokens=4, stop=None, seed=0)
+    ended = torch.isin(out.completion_ids, torch.tensor([tok.eos_token_id])).any(-1)
+    assert out.truncated.tolist() == (~ended).tolist()
+    assert (out.completion_mask.sum(-1)[out.truncated] == 4).all()
+
+
+def test_select_keeps_each_rows_images():
     grid = torch.tensor([[1, 1, 2], [1, 2, 2], [1, 1, 1], [1, 1, 3]])  # 2, 4, 1, 3 patches
     pv = torch.arange(10).float().unsqueeze(1)
-    batch = {
-        "input_ids": torch.tensor([[1], [2]]),
-        "attention_mask": torch.ones(2, 1),
-        "pixel_values": pv,
-        "image_grid_thw": grid,
-        "examples": ["a", "b"],
-    }
-    out = select_rows(batch, [1, 1, 0])
-    assert out["pixel_values"].squeeze(1).tolist() == [6, 7, 8, 9] * 2 + [0, 1, 2, 3, 4, 5]
-    assert out["image_grid_thw"].tolist() == [[1, 1, 1], [1, 1, 3]] * 2 + [[1, 1, 2], [1, 2, 2]]
-    assert out["examples"] == ["b", "b", "a"] and out["images_per_row"].tolist() == [2, 2, 2]
+    batch = PromptBatch(torch.tensor([[1], [2]]), torch.ones(2, 1), pixel_values=pv, image_grid_thw=grid,
+                        extra={"examples": ["a", "b"]})
+    out = batch.select([1, 1, 0])
+    assert out.pixel_values.squeeze(1).tolist() == [6, 7, 8, 9] * 2 + [0, 1, 2, 3, 4, 5]
+    assert out.image_grid_thw.tolist() == [[1, 1, 1], [1, 1, 3]] * 2 + [[1, 1, 2], [1, 2, 2]]
+    assert out.extra["examples"] == ["b", "b", "a"] and out.images_per_row.tolist() == [2, 2, 2]
+    with pytest.raises(IndexError, match="rows"):
+        batch.select([2])
+
+
+def test_group_batch_micro_batches_hold_each_prompt_once():
+    """A micro-batch of completions carries the prompts it uses, once each, and points at them."""
+    grid = torch.tensor([[1, 1, 2], [1, 2, 2], [1, 1, 1]])  # rows hold 1, 1, 1 image
+    prompts = PromptBatch(torch.tensor([[0, 5], [6, 7], [8, 9]]), torch.tensor([[0, 1], [1, 1], [1, 1]]),
+                          pixel_values=torch.arange(7).float()[:, None], image_grid_thw=grid,
+                          extra={"label": torch.tensor([10, 11, 12])})
+    ids = torch.arange(12).view(6, 2)
+    batch = GroupBatch.grouped(prompts, ids, torch.ones(6, 2, dtype=torch.bool), 2)
+    assert batch.group.tolist() == [0, 0, 1, 1, 2, 2]
+    part = batch.select([5, 1, 4])
+    assert part.prompts.extra["label"].tolist() == [10, 12] and part.group.tolist() == [1, 0, 1]
+    assert part.prompts.pixel_values.squeeze(1).tolist() == [0, 1, 6]
+    assert torch.equal(part.completion_ids, ids[[5, 1, 4]])
+    assert batch.prompt_tokens() == 5 and batch.prompt_tokens(shared_prefix=False) == 10
+    assert part.repeated_prompts().extra["label"].tolist() == [12, 10, 12]
+    trimmed = batch.select([2, 3]).trim()  # prompt 1 alone has no left padding to drop
+    assert trimmed.prompts.length == 2
+    mask = torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)
+    narrow = GroupBatch(prompts.select([1, 2]), ids[:2], mask, torch.tensor([0, 1])).trim()
+    assert narrow.completion_ids.shape == (2, 1) and narrow.prompts.length == 2
+    with pytest.raises(ValueError, match="completion_ids"):
+        GroupBatch.grouped(prompts, ids[:5], torch.ones(5, 2, dtype=torch.bool), 2)
+    with pytest.raises(IndexError, match="group"):
+        GroupBatch(prompts, ids[:1], torch.ones(1, 2, dtype=torch.bool), torch.tensor([3]))
 
 
 # --- scoring --------------------------------------------------------------------------------------------
@@ -170,7 +182,8 @@ def test_scorer_matches_the_models_own_logits(fused):
     comp = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]])
     cmask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     scorer = CompletionScorer(model, fused=fused)
-    logp = scorer(dict(enc), comp, cmask, temperature=0.8)
+    batch = GroupBatch.grouped(PromptBatch(enc["input_ids"], enc["attention_mask"]), comp, cmask, 1)
+    logp = scorer(batch, temperature=0.8)
     ids = torch.cat([enc["input_ids"], comp], 1)
     attn = torch.cat([enc["attention_mask"], cmask.long()], 1)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=_position_ids(attn)).logits
@@ -290,7 +303,7 @@ def test_warmup_teaches_the_format(tmp_path):
     out = generate(
         trainer.policy, trainer.task.tokenizer, prompts, max_new_tokens=40, stop="</answer>", greedy=True
     )
-    rewards = trainer.task.rewards(prompts, out)
+    rewards = trainer.task.rewards(out)
     assert rewards["format"].mean() == 1.0, out.texts
 
 
@@ -326,7 +339,7 @@ def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path):
     out = generate(trainer.policy, task.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
                    stop="</answer>", greedy=True)
     parsed = [parse_completion(t, task.batcher.fmt) for t in out.texts]
-    examples = prompts["examples"]
+    examples = prompts.extra["examples"]
     # The whole reasoning as the template writes it for this pair: prompt, both descriptions, verdict.
     exact = sum(p.reasoning == reference_reasoning(ex) for p, ex in zip(parsed, examples)) / len(examples)
     accuracy = sum(p.answer == ex.preferred for p, ex in zip(parsed, examples)) / len(examples)

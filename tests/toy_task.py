@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from lgrpo.group import PromptBatch
+
 SPECIALS = ["<pad>", "<eos>"]
 CHARS = list(string.ascii_lowercase + string.digits + " <>/:.")
 
@@ -69,14 +71,10 @@ class ToyTask:
         if swap is not None:
             labels = [3 - lab if s else lab for lab, s in zip(labels, swap)]
         enc = self.tokenizer([f"pick {lab}:" for lab in labels], return_tensors="pt", padding=True)
-        return {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "label": torch.tensor(labels),
-        }
+        return PromptBatch(enc["input_ids"], enc["attention_mask"], extra={"label": torch.tensor(labels)})
 
-    def rewards(self, prompts, rollout):
-        labels = prompts["label"].tolist()
+    def rewards(self, rollout):
+        labels = rollout.completion_prompts("label").tolist()
         fmt, acc, digits, answers = [], [], [], []
         for text, lab in zip(rollout.texts, labels):
             m = ANSWER_RE.match(text)
@@ -97,4 +95,4 @@ class ToyTask:
         }
 
     def sft_targets(self, prompts):
-        return [f"<think>it is {lab}</think><answer>{lab}</answer>" for lab in prompts["label"].tolist()]
+        return [f"<think>it is {lab}</think><answer>{lab}</answer>" for lab in prompts.extra["label"].tolist()]

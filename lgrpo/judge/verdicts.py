@@ -197,7 +197,7 @@ class Judge:
         from ..rollout import generate
 
         batch = self.batcher.reasoner_batch(prompts, images).to(_device(self.model), _dtype(self.model))
-        rollout = generate(self.model, self.batcher.tokenizer, batch.model_inputs(),
+        rollout = generate(self.model, self.batcher.tokenizer, batch,
                            max_new_tokens=self.max_new_tokens, stop=self.batcher.fmt.answer_close, greedy=True)
         return rollout.texts
 
