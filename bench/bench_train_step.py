@@ -320,7 +320,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
 
     def update_8x1024():
-        from lgrpo.trainer import CompletionScorer
+        from lgrpo.scoring import CompletionScorer
 
         scorer = CompletionScorer(policy, fused=True)
         B, T = (8, 1024) if not smoke else (2, 64)

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
@@ -33,10 +31,11 @@ from .checkpoint import Checkpointer, latest_checkpoint
 from .config import JobConfig
 from .group import GroupBatch, PromptBatch, Rollout, encode_completions
 from .interrupt import GracefulStop
-from .kernels import group_advantages, grpo_loss, linear_grpo_loss, token_logprobs
+from .kernels import group_advantages
 from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
 from .rollout import generate
+from .scoring import CompletionScorer
 
 
 class NonFiniteError(RuntimeError):
@@ -110,103 +109,6 @@ class PromptOrder:
                 f"skip it keeps its place, is replaced when drawn and listed in bad_rows.jsonl)"
             )
         self.epoch, self.offset = state["epoch"], state["offset"]
-
-
-# --- scoring completions: the policy's (and the reference's) forward pass ------------------------------
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions as HF generate assigns them to a left-padded batch (pads get 1, ignored)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
-
-
-class CompletionScorer(nn.Module):
-    """Wraps a Hugging Face (V)LM; ``forward`` scores completions given their prompts.
-
-    Returns per-token log-probs ``[n, C]`` (``loss=None``), or runs the GRPO loss on the final hidden
-    states (``loss`` holds its keyword arguments). Under FSDP2 this wrapper is the root module, so the
-    weights the root group owns (embeddings, lm_head, final norm) are gathered for the whole call,
-    including the loss on ``lm_head.weight`` outside the HF model's own forward.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        fused: bool = True,
-        chunk_rows: int = 2048,
-        chunk_size: int | None = None,
-        autocast_dtype: torch.dtype | None = None,
-    ):
-        super().__init__()
-        self.model = model
-        self.fused = fused
-        self.chunk_rows = chunk_rows
-        self.chunk_size = chunk_size  # linear_grpo_loss's row chunk (None: its default)
-        self.autocast_dtype = autocast_dtype
-        head = model.get_output_embeddings()
-        if fused and getattr(head, "bias", None) is not None:
-            self.fused = False  # linear_grpo_loss has no bias term
-
-    def _hidden(self, batch: GroupBatch) -> torch.Tensor:
-        """Final hidden states ``[N, C, H]``: row ``c`` predicts completion token ``c``."""
-        prompt = batch.repeated_prompts()
-        inputs = prompt.model_inputs(self.model)
-        ids, mask = batch.completion_ids, batch.completion_mask
-        # Completion tokens are text: per-token inputs are extended with the ids, the mask, and zeros.
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], 1)
-        if "mm_token_type_ids" in inputs:
-            types = inputs["mm_token_type_ids"]
-            inputs["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(ids, dtype=types.dtype)], 1)
-        if "pixel_values" not in inputs:
-            # Text-only: positions as generate assigned them. VLMs compute their (3-D) positions from
-            # the attention mask themselves.
-            inputs["position_ids"] = _position_ids(inputs["attention_mask"])
-        out = self.model.base_model(**inputs, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        p, c = prompt.length, ids.shape[1]
-        return hidden[:, p - 1 : p - 1 + c]  # row t predicts completion token t
-
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, loss: dict | None = None):
-        completion_ids, completion_mask = batch.completion_ids, batch.completion_mask
-        ctx = (
-            torch.autocast(completion_ids.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else nullcontext()
-        )
-        with ctx:
-            hidden = self._hidden(batch)
-        weight = self.model.get_output_embeddings().weight
-        if loss is None:
-            return self._logprobs(hidden, weight, completion_ids, temperature)
-        kwargs = dict(loss, temperature=temperature)
-        if self.fused:
-            out = linear_grpo_loss(
-                hidden, weight, completion_ids, mask=completion_mask, chunk_size=self.chunk_size, **kwargs
-            )
-        else:
-            logits = F.linear(hidden, weight.to(hidden.dtype))
-            out = grpo_loss(logits, completion_ids, mask=completion_mask, **kwargs)
-        # A tuple of tensors (not the dataclass): FSDP2 registers its backward hooks on outputs it can see.
-        return out.loss, out.logp, out.entropy, out.kl, out.clipped
-
-    def _logprobs(
-        self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
-    ) -> torch.Tensor:
-        """Per-token log-probs, a chunk of rows at a time (never the full [n, C, V] logits)."""
-        n, c, h = hidden.shape
-        flat, tgt = hidden.reshape(-1, h), targets.reshape(-1)
-        parts = [
-            token_logprobs(
-                F.linear(flat[i : i + self.chunk_rows], weight.to(flat.dtype)),
-                tgt[i : i + self.chunk_rows],
-                temperature,
-            )
-            for i in range(0, flat.shape[0], self.chunk_rows)
-        ]
-        return torch.cat(parts).view(n, c)
 
 
 

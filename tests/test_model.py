@@ -15,8 +15,8 @@ from lgrpo import model as lm
 from lgrpo.batching import VLBatcher
 from lgrpo.group import GroupBatch, encode_completions
 from lgrpo.model import final_hidden_states, lm_head_weight, load_image_processor, load_model, load_tokenizer
+from lgrpo.scoring import CompletionScorer
 from lgrpo.synthetic import SyntheticTask
-from lgrpo.trainer import CompletionScorer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ from lgrpo import distributed as D
 from lgrpo.config import build_config
 from lgrpo.group import GroupBatch, PromptBatch, completion_mask
 from lgrpo.rollout import StopOnString, clean_generation_config, generate
-from lgrpo.trainer import CompletionScorer, Models, NonFiniteError, PromptOrder, Trainer, _position_ids
+from lgrpo.scoring import CompletionScorer, text_positions
+from lgrpo.trainer import Models, NonFiniteError, PromptOrder, Trainer
 from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
 
 
@@ -186,7 +187,7 @@ def test_scorer_matches_the_models_own_logits(fused):
     logp = scorer(batch, temperature=0.8)
     ids = torch.cat([enc["input_ids"], comp], 1)
     attn = torch.cat([enc["attention_mask"], cmask.long()], 1)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=_position_ids(attn)).logits
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=text_positions(attn)).logits
     p = enc["input_ids"].shape[1]
     want = (logits[:, p - 1 : -1] / 0.8).log_softmax(-1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(logp[cmask], want[cmask], atol=1e-5)

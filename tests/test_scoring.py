@@ -1,0 +1,225 @@
+"""Shared-prefix scoring against plain transformers on prompts repeated G times (CPU, fp32).
+
+The truth in every test is the model's own forward and full logits on each completion's prompt
+repeated, built independently of lgrpo.group / lgrpo.scoring (the prompts re-encoded G times, or the
+text rows concatenated by hand).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lgrpo.batching import VLBatcher
+from lgrpo.group import GroupBatch, PromptBatch
+from lgrpo.model import load_model
+from lgrpo.scoring import CompletionScorer, completion_logprobs, completion_states, text_positions
+from lgrpo.synthetic import SyntheticTask
+from tests.toy_task import char_tokenizer, tiny_lm
+
+REL = 1e-5
+# The Triton kernels are checked against fp64 in their own tests; here the interpreter would only add time.
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    # A larger init scale than the default makes log-probs depend strongly on every input, so a mix-up
+    # of rows, positions or images cannot hide inside the tolerance.
+    model = load_model("tiny", seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batcher():
+    return VLBatcher.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Three pairs: images of 4x4, 4x6 and 8x8 patches after merging; prompts of different lengths."""
+    task = SyntheticTask(seed=0)
+    exs = [task.example("train", i) for i in range(3)]
+    images = [list(e.images) for e in exs]
+    images[1][0] = images[1][0].resize((84, 56))
+    images[2][1] = images[2][1].resize((112, 112))
+    texts = [exs[0].prompt, exs[1].prompt + " in a wide field", exs[2].prompt + " at dusk, closely seen"]
+    return texts, images
+
+
+def _completions(gen, n, width, vocab, lengths=None, low=30):
+    ids = torch.randint(low, vocab, (n, width), generator=gen)  # the tiny VLM's special tokens are < 30
+    if lengths is None:
+        lengths = torch.randint(1, width + 1, (n,), generator=gen)
+        lengths[0] = width  # one row uses the whole width
+    mask = torch.arange(width)[None] < torch.as_tensor(lengths)[:, None]
+    return ids, mask
+
+
+def _truth_vlm(model, batcher, texts, images, ids, mask, group_size):
+    """Plain transformers: every prompt re-encoded once per completion, full logits, shifted by hand."""
+    rows = torch.arange(len(texts)).repeat_interleave(group_size).tolist()
+    rep = batcher.reasoner_batch([texts[r] for r in rows], [images[r] for r in rows])
+    types = torch.cat([rep.mm_token_type_ids, torch.zeros_like(ids, dtype=torch.int32)], 1)
+    logits = model(input_ids=torch.cat([rep.input_ids, ids], 1),
+                   attention_mask=torch.cat([rep.attention_mask, mask.long()], 1), mm_token_type_ids=types,
+                   pixel_values=rep.pixel_values, image_grid_thw=rep.image_grid_thw).logits
+    p = rep.length
+    return logits[:, p - 1: -1].log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+def _grads(model, out, weights):
+    model.zero_grad(set_to_none=True)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _assert_close(got, want, what):
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= REL * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def _assert_grads(got, want):
+    assert got.keys() == want.keys()
+    for name in want:
+        _assert_close(got[name], want[name], name)
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_vlm_logprobs_and_gradients_equal_repeated_prompts(vlm, batcher, pairs, gen, group_size):
+    """Images of different sizes, left-padded prompts of different lengths, ragged completions; every
+    parameter's gradient (vision tower included) equal to plain transformers on repeated prompts."""
+    texts, images = pairs
+    prompts = batcher.reasoner_batch(texts, images)
+    assert len(set(prompts.lengths().tolist())) == 3  # left padding differs per row
+    ids, mask = _completions(gen, 3 * group_size, 9, 500)
+    weights = torch.randn(ids.shape, generator=gen) * mask
+
+    got = completion_logprobs(vlm, prompts, ids, mask, group_size, temperature=1.0)
+    want = _truth_vlm(vlm, batcher, texts, images, ids, mask, group_size)
+    _assert_close(got[mask], want[mask], "log-probs")
+    assert (got[~mask] == 0).all()
+    grads, truth = _grads(vlm, got, weights), _grads(vlm, want, weights)
+    assert any(n.startswith("model.visual") for n in grads) and any("lm_head" in n for n in grads)
+    _assert_grads(grads, truth)
+
+
+def test_vision_tower_sees_each_prompts_images_once(vlm, batcher, pairs, gen):
+    texts, images = pairs
+    prompts = batcher.reasoner_batch(texts, images)
+    seen = []
+    hook = vlm.model.visual.register_forward_hook(lambda m, args, kw_out: seen.append(args[0].shape[0]))
+    try:
+        ids, mask = _completions(gen, 12, 5, 500)
+        with torch.no_grad():
+            completion_logprobs(vlm, prompts, ids, mask, 4)
+            completion_logprobs(vlm, prompts, ids, mask, 4, shared_prefix=False)
+    finally:
+        hook.remove()
+    patches = prompts.pixel_values.shape[0]
+    assert seen == [patches, 4 * patches]
+
+
+def test_text_model_equals_repeated_prompts(gen):
+    """The trainer tests' Qwen2 LM: 1-D positions continue from each left-padded prompt."""
+    tok = char_tokenizer()
+    model = tiny_lm(tok, seed=2)
+    enc = tok(["pick 1:", "pick 222 or 1:", "p:"], return_tensors="pt", padding=True)
+    prompts = PromptBatch(enc["input_ids"], enc["attention_mask"])
+    group_size = 2
+    ids, mask = _completions(gen, 6, 7, len(tok), low=2)
+    weights = torch.randn(ids.shape, generator=gen) * mask
+    got = completion_logprobs(model, prompts, ids, mask, group_size, temperature=0.7)
+    rows = torch.arange(3).repeat_interleave(group_size)
+    seq = torch.cat([enc["input_ids"][rows], ids], 1)
+    attn = torch.cat([enc["attention_mask"][rows], mask.long()], 1)
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=text_positions(attn)).logits
+    p = enc["input_ids"].shape[1]
+    want = (logits[:, p - 1: -1] / 0.7).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    _assert_close(got[mask], want[mask], "log-probs")
+    _assert_grads(_grads(model, got, weights), _grads(model, want, weights))
+
+
+def test_group_split_across_micro_batches(vlm, batcher, pairs, gen):
+    """Micro-batches of 4 over 2 prompts x G=3: prompt 1's group is split; each micro-batch computes the
+    prompts it uses once. Log-probs and accumulated gradients equal the whole batch's."""
+    texts, images = pairs
+    prompts = batcher.reasoner_batch(texts[:2], images[:2])
+    ids, mask = _completions(gen, 6, 6, 500)
+    batch = GroupBatch.grouped(prompts, ids, mask, 3)
+    scorer = CompletionScorer(vlm)
+    weights = torch.randn(ids.shape, generator=gen) * mask
+    whole = scorer(batch)
+    want = _grads(vlm, whole, weights)
+    parts = []
+    for rows in (torch.arange(0, 4), torch.arange(4, 6)):
+        part = batch.select(rows)
+        assert len(part.prompts) == (2 if rows[0] == 0 else 1)
+        logp = scorer(part)
+        (logp * weights[rows]).sum().backward()
+        parts.append(logp.detach())
+    got = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+    vlm.zero_grad(set_to_none=True)
+    _assert_close(torch.cat(parts)[mask], whole.detach()[mask], "log-probs")
+    _assert_grads(got, want)
+
+
+def test_fused_loss_and_gradient_checkpointing_match(gen):
+    """The update's path: linear_grpo_loss on the shared-prefix hidden states, in training mode with
+    gradient checkpointing (transformers turns its KV cache off there; the layout goes through the
+    checkpoint's replay), equals the repeated path."""
+    model = load_model("tiny", seed=4)
+    model.gradient_checkpointing_enable()
+    model.train()
+    batcher = VLBatcher.from_pretrained("tiny")
+    task = SyntheticTask(seed=1)
+    exs = [task.example("train", i) for i in range(2)]
+    prompts = batcher.reasoner_batch([e.prompt for e in exs], [list(e.images) for e in exs])
+    ids, mask = _completions(gen, 4, 8, 500)
+    batch = GroupBatch.grouped(prompts, ids, mask, 2)
+    loss_kw = {"advantages": torch.randn(4, generator=gen), "loss_type": "grpo"}
+    results = []
+    for shared in (True, False):
+        loss = CompletionScorer(model, shared_prefix=shared)(batch, temperature=0.9, loss=loss_kw)[0]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    _assert_close(results[0][0], results[1][0], "loss")
+    _assert_grads(results[0][1], results[1][1])
+
+
+def test_states_after_the_last_token(vlm, batcher, pairs, gen):
+    """Column lengths[n] is the state after completion n's last token (the listener reads it there)."""
+    texts, images = pairs
+    prompts = batcher.reasoner_batch(texts, images)
+    ids, mask = _completions(gen, 3, 5, 500, lengths=[5, 2, 0])
+    batch = GroupBatch.grouped(prompts, ids, mask, 1)
+    with torch.no_grad():
+        shared = completion_states(vlm, batch)
+        repeated = completion_states(vlm, batch, shared_prefix=False)
+    last = batch.lengths
+    rows = torch.arange(3)
+    _assert_close(shared[rows, last], repeated[rows, last], "last states")
+
+
+def test_invalid_inputs_raise(batcher, pairs):
+    texts, images = pairs
+    prompts = batcher.reasoner_batch(texts[:1], images[:1])
+    model = load_model("tiny", seed=0)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    holes = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match="completion_mask"):
+        completion_logprobs(model, prompts, ids, holes, 2)
+    with pytest.raises(ValueError, match="completion_ids"):
+        completion_logprobs(model, prompts, ids, holes, 3)
+    with pytest.raises(ValueError, match="temperature"):
+        completion_logprobs(model, prompts, ids, holes.bool() | True, 2, temperature=0.0)
+    eager = load_model("tiny", seed=0, attn_implementation="eager")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        completion_logprobs(eager, prompts, ids, torch.ones_like(holes), 2)
