@@ -101,6 +101,26 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return max(torch.cuda.max_memory_allocated() - base, 0)
 
 
+def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak CPU memory allocated by torch while ``fn`` runs, above what was allocated before.
+
+    From the profiler's allocation events (``profile_memory=True``), summed in time order: torch's CPU
+    allocator keeps no peak statistic. The profiler slows ``fn`` down: never time the same call.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
 def copy_bandwidth_gbs(n_bytes: int = 2 * GiB) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     if not torch.cuda.is_available():

@@ -223,3 +223,19 @@ def test_invalid_inputs_raise(batcher, pairs):
     eager = load_model("tiny", seed=0, attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation"):
         completion_logprobs(eager, prompts, ids, torch.ones_like(holes), 2)
+
+
+def test_benchmark_smoke(run_bench):
+    """bench/bench_shared_prefix.py at smoke sizes: every row measured, shared == repeated in value, and
+    the shared path computes each prompt once (its token count and its saved activations are smaller)."""
+    result = run_bench("bench_shared_prefix", "shared_prefix")
+    rows = result["rows"]
+    assert len(rows) == 12 and all(r["ms"] > 0 for r in rows)
+    for r in rows:
+        e = r["extra"]
+        assert e["max_abs_logp_diff"] < 1e-4
+        prompt_copies = 1 if e["shared"] else e["group_size"]
+        assert e["tokens_computed"] > prompt_copies * e["prompt_tokens"]
+        if e["kind"] == "fwd+bwd" and e["shared"]:
+            assert e["activation_ratio_vs_repeated"] > 1
+    assert sorted({round(r["extra"]["ratio"]) for r in rows}) == [1, 4, 10]
