@@ -246,6 +246,10 @@ class LossConfig:
     chunk_size: int | None = None
     """Row chunk of linear_grpo_loss (None: the kernel's default)."""
 
+    shared_prefix: bool = True
+    """Compute each prompt (and its images) once per micro-batch for all its completions, in the reference,
+    old-log-prob and update passes and the listener (same numbers); false: the prompt repeated per completion."""
+
     def __post_init__(self) -> None:
         _check(
             self.eps_low >= 0 and self.eps_low < 1, "loss.eps_low", f"must be in [0, 1), got {self.eps_low}"

@@ -143,6 +143,7 @@ class Trainer:
             fused=cfg.loss.fused,
             chunk_size=cfg.loss.chunk_size,
             autocast_dtype=compute if (compute and params_fp32 and not self.fsdp) else None,
+            shared_prefix=cfg.loss.shared_prefix,
         )
         if self.fsdp:
             D.shard(self.policy, root=self.scorer, mixed_precision=compute if params_fp32 else None)
@@ -156,6 +157,7 @@ class Trainer:
                 models.reference,
                 fused=cfg.loss.fused,
                 autocast_dtype=compute if (compute and ref_fp32) else None,
+                shared_prefix=cfg.loss.shared_prefix,
             )
             if self.fsdp and cfg.parallel.reference == "shard":
                 D.shard(models.reference, root=self.ref_scorer, mixed_precision=None)
@@ -173,6 +175,9 @@ class Trainer:
         self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
         self.skipped_in_a_row = 0
         self.logger: MetricsLogger | None = None
+        # Prompt tokens this rank's scoring forwards computed in the current step, per phase: each prompt
+        # once per micro-batch with the shared prefix, once per completion without.
+        self.prompt_tokens = {"reference": 0, "update": 0}
 
     # -- the method, top to bottom --------------------------------------------------------------------
 
@@ -181,6 +186,7 @@ class Trainer:
         cfg = self.cfg
         timer = Timer(self.device)
         reset_peak_memory(self.device)
+        self.prompt_tokens = {"reference": 0, "update": 0}
 
         prompts, prompt_ids = self.next_prompts()
         with timer.phase("rollout"):
@@ -261,6 +267,7 @@ class Trainer:
         for lo in range(0, len(rollout), mb):
             rows = torch.arange(lo, min(lo + mb, len(rollout)))
             part = rollout.select(rows).trim()
+            self.prompt_tokens["reference"] += part.prompt_tokens(scorer.shared_prefix)
             out[rows, : part.completion_ids.shape[1]] = scorer(
                 part, temperature=self.cfg.rollout.temperature
             ).float()
@@ -299,6 +306,7 @@ class Trainer:
         for lo in range(0, len(rows), cfg.micro_batch_size):
             sub = rows[lo : lo + cfg.micro_batch_size]
             part = rollout.select(sub).trim()
+            self.prompt_tokens["update"] += part.prompt_tokens(self.scorer.shared_prefix)
             mask, width = part.completion_mask, part.completion_ids.shape[1]
             kwargs = dict(loss_kwargs, advantages=advantages[sub.to(self.device)])
             if old_logp is not None:
@@ -387,7 +395,8 @@ class Trainer:
                 rollout.truncated.float().sum().to(self.device),
                 (groups == groups[:, :1]).all(-1).float().sum().to(self.device),
                 rewards["total"].float().to(self.device).square().sum(),
-                float(rollout.prompt_tokens(shared_prefix=False)) * torch.ones((), device=self.device),
+                torch.tensor(float(self.prompt_tokens["reference"]), device=self.device),
+                torch.tensor(float(self.prompt_tokens["update"]), device=self.device),
             ]
         )
         flat = D.all_reduce_sum(
@@ -401,7 +410,7 @@ class Trainer:
             else float("nan")
             for i, n in enumerate(names)
         }
-        len_sum, len_sq, n_rows, n_trunc, flat_groups, r_sq, prompt_tokens = flat[2 * k :].tolist()
+        len_sum, len_sq, n_rows, n_trunc, flat_groups, r_sq, prompt_ref, prompt_upd = flat[2 * k :].tolist()
         mean_len = len_sum / n_rows
         reward_mean = means.get("reward", float("nan"))
         secs = timer.seconds
@@ -422,10 +431,11 @@ class Trainer:
             "time/reference": secs.get("reference", 0.0),
             "time/update": secs.get("update", 0.0),
             "time/step": step_time,
+            "prompt_tokens/reference": prompt_ref,
+            "prompt_tokens/update": prompt_upd,
             "tokens_per_s/rollout": len_sum / max(secs.get("rollout", 0.0), 1e-9),
-            # Tokens through forward+backward: every completion and its prompt, once per pass (μ).
-            "tokens_per_s/update": (update_tokens + prompt_tokens * self.cfg.loss.epochs)
-            / max(secs.get("update", 0.0), 1e-9),
+            # Tokens through forward+backward: the completions and the prompt tokens actually computed.
+            "tokens_per_s/update": (update_tokens + prompt_upd) / max(secs.get("update", 0.0), 1e-9),
             "peak_mem_gib": float(
                 D.all_reduce_max(torch.tensor(peak_memory_gib(self.device), device=self.device))
             ),

@@ -221,6 +221,28 @@ def test_loss_does_not_depend_on_micro_batch_size(tmp_path, loss_type):
 
 
 @pytest.mark.usefixtures("reference_kernels")
+def test_shared_prefix_on_and_off_train_alike(tmp_path):
+    """--loss.shared_prefix: the same losses, KL and clip statistics over a few steps (reference pass,
+    behaviour log-probs for 2 minibatches, groups split across micro-batches of 3), with
+    each prompt computed once per micro-batch instead of once per completion."""
+    runs = {}
+    for shared in (True, False):
+        # A small lr: AdamW normalises each coordinate, so at lr 1e-2 rounding-level gradient differences
+        # (1e-7) move near-zero coordinates by +-lr and the two runs drift apart after the first update.
+        trainer = make_trainer(tmp_path / str(shared), optim={"lr": 1e-5}, train={"steps": 2},
+                               loss={"micro_batch_size": 3, "minibatches": 2, "shared_prefix": shared})
+        runs[shared] = trainer.fit()
+    for key, rel, abs_ in (("loss", 1e-5, 1e-8), ("grad_norm", 1e-5, 0), ("kl", 0, 1e-7), ("clip_frac", 0, 1e-7),
+                           ("reward", 0, 0)):
+        on, off = [m[key] for m in runs[True]], [m[key] for m in runs[False]]
+        assert on == pytest.approx(off, rel=rel, abs=abs_), key
+    assert any(abs(m["loss"]) > 1e-6 for m in runs[True])
+    for on, off in zip(runs[True], runs[False]):
+        assert 0 < on["prompt_tokens/update"] < off["prompt_tokens/update"]
+        assert 0 < on["prompt_tokens/reference"] < off["prompt_tokens/reference"]
+
+
+@pytest.mark.usefixtures("reference_kernels")
 def test_fit_writes_metrics_and_learns_something(tmp_path):
     trainer = make_trainer(tmp_path, loss={"beta": 0.04})
     before = [p.detach().clone() for p in trainer.policy.parameters()]
