@@ -145,6 +145,7 @@ class BenchTask:
     ):
         self.tokenizer = StubTokenizer()
         self.cfg, self.listener_model = cfg, listener_model
+        self.listener = None
         self.n, self.seed = n_prompts, seed
         self.grid = image_side // cfg.vision_config.patch_size
         self.text_tokens = text_tokens
@@ -178,16 +179,13 @@ class BenchTask:
     @torch.no_grad()
     def rewards(self, rollout):
         from lgrpo.ops import listener_confidence
+        from lgrpo.scoring import CompletionScorer
 
-        # The listener's cost: prompt + completion, lm_head at the last position only.
-        inputs = rollout.repeated_prompts().model_inputs(self.listener_model)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], rollout.completion_ids], 1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], rollout.completion_mask.long()], 1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros_like(rollout.completion_ids, dtype=torch.int32)], 1
-            )
-        logits = self.listener_model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
+        if self.listener is None:
+            self.listener = CompletionScorer(self.listener_model, fused=False)
+
+        # The listener's cost: each prompt once + every completion, lm_head at the last position only.
+        logits = self.listener(rollout, last_logits=True)
         probs, _ = listener_confidence(logits, None, torch.tensor([16, 17], device=logits.device))
         gen = torch.Generator().manual_seed(len(rollout))
         fmt = (torch.rand(len(rollout), generator=gen) < 0.5).float()

@@ -5,13 +5,14 @@ assistant turn prefilled with the reasoning up to and including ``<answer>``. It
 image is the softmax over the logits of the two choice tokens at the next position (SPEC §1),
 computed by ``lgrpo.ops.listener_confidence``.
 
-Cost: one forward per rollout batch (optionally in micro-batches), left-padded so every row's answer
-position is the last one; the lm_head runs at that position only (``logits_to_keep=1``), never over
-the whole sequence.
+Cost: one forward per micro-batch of completions, each reasoner prompt and its images computed once per
+forward for all the completions of its group (lgrpo.scoring's shared prefix: the listener reads the
+same prompt as the reasoner); the lm_head runs at each completion's last position only, never over the
+whole sequence.
 
 Under FSDP (``--parallel.listener shard``) each forward is a series of all-gathers, and how many rows
 have a think block differs between ranks: a sharded listener runs the largest chunk count of any rank,
-the missing chunks as one dummy row each (lgrpo/distributed.py, "same count"). So ``score`` is a
+the missing chunks as one dummy row each (lgrpo/distributed.py, "same count"). So ``score_group`` is a
 collective then: every rank calls it the same number of times.
 """
 
@@ -25,7 +26,9 @@ import torch
 from . import distributed as D
 from . import ops
 from .batching import ImageLike, VLBatcher
+from .group import GroupBatch, PromptBatch, encode_completions
 from .prompts import choice_token_ids
+from .scoring import CompletionScorer
 
 
 @dataclass
@@ -46,62 +49,82 @@ class ListenerScores:
 
 
 class Listener:
-    """Scores reasonings with a frozen model. ``micro_batch_size`` bounds the rows per forward."""
+    """Scores reasonings with a frozen model. ``micro_batch_size`` bounds the completions per forward.
+
+    ``shared_prefix``: each reasoner prompt (with its images) computed once per forward for all the
+    completions of its group that the forward holds (lgrpo.scoring); false: repeated per completion.
+    ``scorer`` wraps the model: under FSDP it is the root to shard (``D.shard(model, root=scorer)``).
+    """
 
     def __init__(self, model, batcher: VLBatcher, *, micro_batch_size: int | None = None,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, shared_prefix: bool = True):
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model, self.batcher = model, batcher
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
+        self.scorer = CompletionScorer(model, fused=False, shared_prefix=shared_prefix)
         self.candidate_ids = torch.tensor(choice_token_ids(batcher.tokenizer, batcher.fmt), dtype=torch.long)
 
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
-              reasonings: Sequence[str | None]) -> ListenerScores:
-        """Confidence per row; rows whose reasoning is ``None`` (no think block) are skipped, not run.
+    def prefill_ids(self, reasonings: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The listener's assistant-turn prefill after the reasoner prompt, as completion ids ``[n, C]``
+        and mask: ``<think>{reasoning}</think><answer>``. Tokenized apart from the prompt: the prompt ends
+        with ``assistant\n``, a split Qwen's pre-tokenizer makes anyway (tested: the same ids as the
+        rendered listener text)."""
+        fmt = self.batcher.fmt
+        texts = [f"{fmt.think_open}{r}{fmt.think_close}{fmt.answer_open}" for r in reasonings]
+        return encode_completions(self.batcher.tokenizer, texts, None, device=device)
 
-        ``images[b]`` are row b's two images (PIL or already processed, e.g. shared by a GRPO group).
-        """
-        n = len(prompts)
-        if not (len(images) == len(reasonings) == n):
-            raise ValueError(f"got {n} prompts, {len(images)} image lists and {len(reasonings)} reasonings")
+    @torch.no_grad()
+    def score_group(self, prompts: PromptBatch, group: torch.Tensor,
+                    reasonings: Sequence[str | None]) -> ListenerScores:
+        """Confidence per completion: completion ``b`` continues reasoner prompt ``group[b]`` of ``prompts``
+        (a rollout's prompts, each once); rows whose reasoning is ``None`` (no think block) are skipped."""
+        n = len(reasonings)
+        group = torch.as_tensor(group, dtype=torch.long)
+        if group.shape != (n,):
+            raise ValueError(f"group must hold one prompt row per reasoning ({n}), got shape {tuple(group.shape)}")
         probs = torch.zeros(n, 2)
         logp = torch.zeros(n, 2)
         rows = [b for b, r in enumerate(reasonings) if r is not None]
+        device = _model_device(self.model)
         step = self.micro_batch_size or max(len(rows), 1)
-        chunks = [rows[i: i + step] for i in range(0, len(rows), step)]
+        chunks = [torch.arange(i, min(i + step, len(rows))) for i in range(0, len(rows), step)]
         if D.is_sharded(self.model):
             missing = D.max_over_ranks(len(chunks)) - len(chunks)
             if missing and n == 0:
                 raise ValueError("a sharded listener needs at least one row on every rank (its dummy "
                                  "forwards reuse a row's prompt and images)")
             chunks += [None] * missing  # dummy forwards: same all-gathers as the other ranks, no output
-        device = _model_device(self.model)
-        dtype = _vision_dtype(self.model)
+        if not chunks:
+            return ListenerScores(probs=probs, logp=logp, scored=torch.zeros(n, dtype=torch.bool))
+        # Completion j of the batch is row rows[j]; a dummy forward scores row 0's prompt, empty reasoning.
+        ids, mask = self.prefill_ids([reasonings[b] for b in rows] + [""], device)
+        batch = GroupBatch(prompts.to(device), ids, mask, group[rows + [0]].to(device))
         for chunk in chunks:
-            rows_in = chunk if chunk is not None else [0]
-            texts = [reasonings[b] for b in chunk] if chunk is not None else [""]
-            batch = self.batcher.listener_batch([prompts[b] for b in rows_in], [images[b] for b in rows_in],
-                                                texts).to(device, dtype)
-            logits = self.model(**batch.model_inputs(), logits_to_keep=1, use_cache=False).logits
+            logits = self.scorer(batch.select(chunk if chunk is not None else [len(rows)]), last_logits=True)
             if chunk is None:
                 continue
-            p, lp = ops.listener_confidence(logits[:, -1], None, self.candidate_ids.to(device),
-                                            self.temperature)
-            index = torch.tensor(chunk)
+            p, lp = ops.listener_confidence(logits, None, self.candidate_ids.to(device), self.temperature)
+            index = torch.tensor(rows)[chunk]
             probs[index], logp[index] = p.float().cpu(), lp.float().cpu()
         scored = torch.zeros(n, dtype=torch.bool)
         scored[rows] = True
         return ListenerScores(probs=probs, logp=logp, scored=scored)
 
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]],
+              reasonings: Sequence[str | None]) -> ListenerScores:
+        """Confidence per row, each row with its own prompt text and images (PIL or already processed);
+        rows whose reasoning is ``None`` are skipped, not run."""
+        n = len(prompts)
+        if not (len(images) == len(reasonings) == n):
+            raise ValueError(f"got {n} prompts, {len(images)} image lists and {len(reasonings)} reasonings")
+        if not n:
+            return self.score_group(None, torch.zeros(0, dtype=torch.long), [])
+        return self.score_group(self.batcher.reasoner_batch(prompts, images), torch.arange(n), reasonings)
+
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _vision_dtype(model) -> torch.dtype:
-    # pixel_values must match the vision tower's weights (bf16 on GPU).
-    return next(model.parameters()).dtype

@@ -201,7 +201,10 @@ class CompletionScorer(nn.Module):
         if fused and getattr(head, "bias", None) is not None:
             self.fused = False  # linear_grpo_loss has no bias term
 
-    def forward(self, batch: GroupBatch, temperature: float = 1.0, loss: dict | None = None):
+    def forward(self, batch: GroupBatch, temperature: float = 1.0, loss: dict | None = None, *,
+                last_logits: bool = False):
+        """Per-token log-probs ``[N, C]``; with ``loss``, the GRPO loss and its per-token statistics; with
+        ``last_logits``, the logits ``[N, V]`` after each completion's last token (the listener's read-out)."""
         completion_ids, completion_mask = batch.completion_ids, batch.completion_mask
         ctx = (
             torch.autocast(completion_ids.device.type, dtype=self.autocast_dtype)
@@ -209,8 +212,12 @@ class CompletionScorer(nn.Module):
             else nullcontext()
         )
         with ctx:
-            hidden = completion_states(self.model, batch, shared_prefix=self.shared_prefix)[:, :-1]
+            states = completion_states(self.model, batch, shared_prefix=self.shared_prefix)
         head = self.model.get_output_embeddings()
+        if last_logits:
+            last = states[torch.arange(len(batch), device=states.device), batch.lengths.to(states.device)]
+            return head(last.to(head.weight.dtype))
+        hidden = states[:, :-1]
         if loss is None:
             return head_logprobs(hidden, head, completion_ids, temperature, self.chunk_rows)
         kwargs = dict(loss, temperature=temperature)

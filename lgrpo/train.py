@@ -55,12 +55,10 @@ class PreferenceTask:
         examples = [self.splits[split][i] for i in indices]
         if swap is not None:
             examples = [ex.swapped() if s else ex for ex, s in zip(examples, swap)]
-        # Each pair's images are patchified once; the G completions of a group share them.
-        processed = [self.batcher.process_images(list(ex.images)) for ex in examples]
-        batch = self.batcher.reasoner_batch([ex.prompt for ex in examples], processed)
-        batch.extra.update(
-            examples=examples, processed=processed, preferred=torch.tensor([ex.preferred for ex in examples])
-        )
+        # Each pair's images are patchified once: the G completions of a group, the listener's forward and
+        # every scoring pass point at this prompt row.
+        batch = self.batcher.reasoner_batch([ex.prompt for ex in examples], [list(ex.images) for ex in examples])
+        batch.extra.update(examples=examples, preferred=torch.tensor([ex.preferred for ex in examples]))
         return batch
 
     def rewards(self, rollout: Rollout) -> dict[str, torch.Tensor]:
@@ -68,13 +66,10 @@ class PreferenceTask:
 
         fmt = self.batcher.fmt
         parsed = [self._parse(t, fmt) for t in rollout.texts]
-        examples = rollout.completion_prompts("examples")
         scores = None
         if self.listener is not None:
-            scores = self.listener.score(
-                [ex.prompt for ex in examples], rollout.completion_prompts("processed"),
-                [p.reasoning for p in parsed]
-            )
+            # The reasoner prompts with their images, each once: the listener's shared prefix.
+            scores = self.listener.score_group(rollout.prompts, rollout.group, [p.reasoning for p in parsed])
         preferred = torch.as_tensor(rollout.completion_prompts("preferred")).cpu()
         r = compute_rewards(parsed, preferred, scores, self.weights)
         comparable = (r.answer > 0) & (r.listener_choice > 0)
@@ -143,9 +138,10 @@ def build(cfg: JobConfig, dist: D.Dist):
     listener = None
     if cfg.reward.w_listener > 0:
         lm = load_listener(cfg.model.listener or name, dtype=cfg.model.dtype, **common)
+        listener = Listener(lm, batcher, micro_batch_size=cfg.reward.listener_batch_size,
+                            shared_prefix=cfg.loss.shared_prefix)
         if D.use_fsdp(cfg.parallel.fsdp) and cfg.parallel.listener == "shard":
-            D.shard(lm)
-        listener = Listener(lm, batcher, micro_batch_size=cfg.reward.listener_batch_size)
+            D.shard(lm, root=listener.scorer)  # the scorer reads the lm_head outside the HF forward
     weights = RewardWeights(cfg.reward.w_format, cfg.reward.w_accuracy, cfg.reward.w_listener)
     task = PreferenceTask(batcher, _datasets(cfg), listener, weights)
     return task, Models(policy, reference), listener

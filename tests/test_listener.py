@@ -45,7 +45,8 @@ def rollout():
         "<think>hmm, image 1 is a circle and image 2 is not sure</think><answer>1</answer>",
     ]
     return {"prompts": [exs[r].prompt for r in rows], "images": [images[r] for r in rows],
-            "preferred": [exs[r].preferred for r in rows], "parsed": [parse_completion(t) for t in texts]}
+            "preferred": [exs[r].preferred for r in rows], "parsed": [parse_completion(t) for t in texts],
+            "pairs": ([e.prompt for e in exs], images), "group": torch.tensor(rows)}
 
 
 def _slow_probs(model, batcher, prompt, images, reasoning, temperature=1.0):
@@ -102,7 +103,7 @@ def test_lm_head_runs_at_the_answer_position_only(listener_model, batcher, rollo
         hook.remove()
     # Four rows have reasoning: micro-batches of 2, 2; one position each. The row without a think block
     # is never run.
-    assert seen == [(2, 1, listener_model.config.text_config.hidden_size)] * 2
+    assert seen == [(2, listener_model.config.text_config.hidden_size)] * 2
 
 
 def test_temperature_scales_the_choice_logits(listener_model, batcher, rollout):
@@ -138,3 +139,37 @@ def test_rewards_from_a_rollout(listener_model, batcher, rollout):
         else:
             assert not out.contradiction[b]
     assert out.fmt.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_group_prompts_once_equal_the_rendered_texts(listener_model, batcher, rollout, shared_prefix):
+    """A rollout's prompts, each once, with completions pointing at them (what the trainer passes): the
+    same confidences as each row's rendered listener text, and with the shared prefix the vision tower
+    sees each prompt's images once per forward."""
+    texts, images = rollout["pairs"]
+    prompts = batcher.reasoner_batch(texts, images)
+    reasonings = [p.reasoning for p in rollout["parsed"]]
+    listener = Listener(listener_model, batcher, shared_prefix=shared_prefix)
+    # The prefill, tokenized after the prompt, gives the ids of the whole rendered listener text.
+    for b in (0, 4):
+        ids, mask = listener.prefill_ids([reasonings[b]], "cpu")
+        alone = batcher.listener_batch([rollout["prompts"][b]], [rollout["images"][b]], [reasonings[b]])
+        prompt = batcher.reasoner_batch([rollout["prompts"][b]], [rollout["images"][b]])
+        assert torch.cat([prompt.input_ids[0], ids[0][mask[0]]]).tolist() == alone.input_ids[0].tolist()
+    patches = []
+    hook = listener_model.model.visual.register_forward_hook(lambda m, a, o: patches.append(a[0].shape[0]))
+    try:
+        grouped = listener.score_group(prompts, rollout["group"], reasonings)
+    finally:
+        hook.remove()
+    used = prompts.select([0, 1, 2]).pixel_values.shape[0]  # rows 0, 2, 4 have a think block: all pairs
+    assert patches == ([used] if shared_prefix else [sum(
+        prompts.select([g]).pixel_values.shape[0] for g in rollout["group"][[0, 1, 2, 4]].tolist())])
+    for b, reasoning in enumerate(reasonings):
+        if reasoning is None:
+            assert not grouped.scored[b]
+            continue
+        slow = _slow_probs(listener_model, batcher, rollout["prompts"][b], rollout["images"][b], reasoning)
+        torch.testing.assert_close(grouped.probs[b].double(), slow, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="group"):
+        listener.score_group(prompts, rollout["group"][:2], reasonings)
