@@ -62,3 +62,25 @@ def run_bench(tmp_path):
         return json.loads((tmp_path / f"{json_name}.json").read_text())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def batcher():
+    """The tiny built-in Qwen2.5-VL's tokenizer and image processor."""
+    from lgrpo.batching import VLBatcher
+
+    return VLBatcher.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="session")
+def pairs():
+    """Three (prompt, two images) pairs whose images have different sizes: 4, 6 and 16 visual tokens (and 4
+    for the rest), so their prompts have different lengths."""
+    from lgrpo.synthetic import SyntheticTask
+
+    task = SyntheticTask(seed=0)
+    exs = [task.example("train", i) for i in range(3)]
+    images = [list(e.images) for e in exs]
+    images[1][0] = images[1][0].resize((84, 56))
+    images[2][1] = images[2][1].resize((112, 112))
+    return [e.prompt for e in exs], images

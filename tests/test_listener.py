@@ -4,7 +4,6 @@ left-padded batch as one by one, and the lm_head run at the answer position only
 import pytest
 import torch
 
-from lgrpo.batching import VLBatcher
 from lgrpo.listener import Listener
 from lgrpo.model import load_listener
 from lgrpo.prompts import choice_token_ids, parse_completion, render_listener_prompt
@@ -21,11 +20,6 @@ def listener_model():
         for p in model.parameters():
             p.mul_(8.0)
     return model
-
-
-@pytest.fixture(scope="module")
-def batcher():
-    return VLBatcher.from_pretrained("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from lgrpo.batching import VLBatcher
 from lgrpo.group import GroupBatch, encode_completions
 from lgrpo.model import final_hidden_states, lm_head_weight, load_image_processor, load_model, load_tokenizer
 from lgrpo.scoring import CompletionScorer
-from lgrpo.synthetic import SyntheticTask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,22 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def policy():
     return load_model("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def batcher():
-    return VLBatcher.from_pretrained("tiny")
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    """Three pairs whose images have different sizes: 4, 6 and 16 visual tokens (and 4 for the rest)."""
-    task = SyntheticTask(seed=0)
-    exs = [task.example("train", i) for i in range(3)]
-    images = [list(e.images) for e in exs]
-    images[1][0] = images[1][0].resize((84, 56))
-    images[2][1] = images[2][1].resize((112, 112))
-    return [e.prompt for e in exs], images
 
 
 # -- assets, tokenizer, image processor ----------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lgrpo.batching import VLBatcher
 from lgrpo.group import GroupBatch, PromptBatch
 from lgrpo.model import load_model
 from lgrpo.scoring import CompletionScorer, completion_logprobs, completion_states, text_positions
@@ -31,23 +30,6 @@ def vlm():
         for p in model.parameters():
             p.mul_(4.0)
     return model
-
-
-@pytest.fixture(scope="module")
-def batcher():
-    return VLBatcher.from_pretrained("tiny")
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    """Three pairs: images of 4x4, 4x6 and 8x8 patches after merging; prompts of different lengths."""
-    task = SyntheticTask(seed=0)
-    exs = [task.example("train", i) for i in range(3)]
-    images = [list(e.images) for e in exs]
-    images[1][0] = images[1][0].resize((84, 56))
-    images[2][1] = images[2][1].resize((112, 112))
-    texts = [exs[0].prompt, exs[1].prompt + " in a wide field", exs[2].prompt + " at dusk, closely seen"]
-    return texts, images
 
 
 def _completions(gen, n, width, vocab, lengths=None, low=30):
@@ -170,14 +152,13 @@ def test_group_split_across_micro_batches(vlm, batcher, pairs, gen):
     _assert_grads(got, want)
 
 
-def test_fused_loss_and_gradient_checkpointing_match(gen):
+def test_fused_loss_and_gradient_checkpointing_match(batcher, gen):
     """The update's path: linear_grpo_loss on the shared-prefix hidden states, in training mode with
     gradient checkpointing (transformers turns its KV cache off there; the layout goes through the
     checkpoint's replay), equals the repeated path."""
     model = load_model("tiny", seed=4)
     model.gradient_checkpointing_enable()
     model.train()
-    batcher = VLBatcher.from_pretrained("tiny")
     task = SyntheticTask(seed=1)
     exs = [task.example("train", i) for i in range(2)]
     prompts = batcher.reasoner_batch([e.prompt for e in exs], [list(e.images) for e in exs])
