@@ -7,8 +7,9 @@ passes a dict of prepared masks straight to the attention layers). Attention is 
 layer (Prefix Grouper, arXiv 2506.05433):
 
 - each prompt attends causally to itself;
-- each completion attends to its prompt's keys/values (gathered from the prompt's tokens: computed
-  once, copied only into the attention call) and causally to its own tokens.
+- each completion attends to its prompt's keys/values (computed once, gathered into the attention call
+  with its own) and causally to its own tokens; its keys start at 0 whatever the micro-batch holds, so
+  its numbers do not depend on which other prompts share the forward (the rank count, micro-batching).
 
 That is exactly the attention of the plain computation with each prompt repeated once per completion,
 so outputs and gradients are the same (the gradients of the G copies of a prompt's keys/values sum in
@@ -36,15 +37,18 @@ class SharedPrefixLayout:
     """Positions in the flat sequence ``[prompt 0 | prompt 1 | ... | completion 0 | completion 1 | ...]``.
 
     ``prompt_index`` ``[P, Lp]``: the flat positions of each prompt's tokens, right padded (pads point at
-    position 0 and are never read); ``completion_index`` ``[N, Lc]`` likewise for completion tokens;
-    ``completion_mask`` ``[N, 1, Lc, Lp + Lc]``: what each completion token may attend to among its
-    prompt's tokens and its own; ``prompt_keep`` / ``completion_keep``: the non-pad entries of the two
-    index tensors, flattened, in flat order (so the two attention outputs concatenate back into it).
+    position 0 and are never read). ``completion_index`` ``[N, Lc]`` likewise for each completion's
+    tokens; ``context_index`` ``[N, Lp + Lc]``: what completion ``n`` attends to, its prompt's tokens then
+    its own, from key 0 (pads after), and ``completion_mask`` ``[N, 1, Lc, Lp + Lc]``: token ``c`` sees
+    keys ``0 .. len(prompt) + c``. Keys start at 0 whatever the other prompts' lengths, so a completion's
+    attention is computed in the same order in any micro-batch. ``prompt_keep`` / ``completion_keep``:
+    the non-pad entries of the two query views, flattened, in flat order (the two attention outputs
+    concatenate back into it).
     """
 
     prompt_index: torch.Tensor
     completion_index: torch.Tensor
-    group: torch.Tensor
+    context_index: torch.Tensor
     completion_mask: torch.Tensor
     prompt_keep: torch.Tensor
     completion_keep: torch.Tensor
@@ -64,12 +68,17 @@ class SharedPrefixLayout:
         c_valid = ar_c[None] < completion_lengths[:, None]
         prompt_index = torch.where(p_valid, p_start[:, None] + ar_p[None], 0)
         completion_index = torch.where(c_valid, c_start[:, None] + ar_c[None], 0)
-        # A completion token sees its prompt's real tokens and its own tokens up to itself. Pad queries
-        # still see the prompt (never an empty row, which would make NaNs); their outputs are dropped.
-        sees_prompt = p_valid[group][:, None, :].expand(-1, lc, -1)
-        sees_own = (ar_c[None, :] <= ar_c[:, None])[None].expand(len(group), -1, -1)
-        mask = torch.cat([sees_prompt, sees_own], -1)[:, None]
-        return cls(prompt_index, completion_index, group, mask,
+        # Completion n's keys: its prompt's len_g tokens, then its own, then pads (flat position 0).
+        len_g = prompt_lengths[group][:, None]
+        ar_k = torch.arange(lp + lc, device=device)[None]
+        own = ar_k - len_g
+        context_index = torch.where(ar_k < len_g, p_start[group][:, None] + ar_k,
+                                    torch.where((own >= 0) & (own < completion_lengths[:, None]),
+                                                c_start[:, None] + own, 0))
+        # Token c sees its prompt and its own tokens up to itself. Pad queries see at least the prompt
+        # (never an empty row, which would make NaNs); their outputs are dropped.
+        mask = (ar_k[:, None, :] <= len_g[:, :, None] + ar_c[None, :, None])[:, None]
+        return cls(prompt_index, completion_index, context_index, mask,
                    torch.nonzero(p_valid.flatten()).squeeze(-1), torch.nonzero(c_valid.flatten()).squeeze(-1))
 
     @property
@@ -107,13 +116,13 @@ def shared_prefix_attention(module, query, key, value, layout: SharedPrefixLayou
     q, k, v = query[0], key[0], value[0]
     heads, dim = q.shape[0], v.shape[-1]
     # Prompts: right padded in this view, so plain causal attention never lets a real token see a pad.
-    kp, vp = _rows(k, layout.prompt_index), _rows(v, layout.prompt_index)
-    out_p = _sdpa(_rows(q, layout.prompt_index), kp, vp, None, dropout, scaling, causal=True)
-    # Completions: [their prompt's keys; their own keys], masked.
-    kc = torch.cat([kp[layout.group], _rows(k, layout.completion_index)], 2)
-    vc = torch.cat([vp[layout.group], _rows(v, layout.completion_index)], 2)
-    out_c = _sdpa(_rows(q, layout.completion_index), kc, vc, layout.completion_mask, dropout, scaling,
-                  causal=False)
+    p = layout.prompt_index
+    out_p = _sdpa(_rows(q, p), _rows(k, p), _rows(v, p), None, dropout, scaling, causal=True)
+    # Completions: [their prompt's keys, their own keys], masked. The gather copies each prompt's keys
+    # once per completion (into this call only); its backward sums the copies' gradients.
+    ctx = layout.context_index
+    out_c = _sdpa(_rows(q, layout.completion_index), _rows(k, ctx), _rows(v, ctx), layout.completion_mask,
+                  dropout, scaling, causal=False)
     flat = torch.cat([out_p.transpose(1, 2).reshape(-1, heads, dim)[layout.prompt_keep],
                       out_c.transpose(1, 2).reshape(-1, heads, dim)[layout.completion_keep]])
     return flat[None], None
