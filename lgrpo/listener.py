@@ -62,6 +62,13 @@ class Listener:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            # Its root hooks would gather the embeddings and lm_head only around model(...), which the
+            # scorer never calls (it runs the backbone and reads the lm_head itself).
+            raise ValueError("model is FSDP-sharded as its own root: build the Listener first, then "
+                             "D.shard(model, root=listener.scorer)")
         self.model, self.batcher = model, batcher
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
         self.scorer = CompletionScorer(model, fused=False, shared_prefix=shared_prefix)
@@ -103,7 +110,8 @@ class Listener:
         ids, mask = self.prefill_ids([reasonings[b] for b in rows] + [""], device)
         batch = GroupBatch(prompts.to(device), ids, mask, group[rows + [0]].to(device))
         for chunk in chunks:
-            logits = self.scorer(batch.select(chunk if chunk is not None else [len(rows)]), last_logits=True)
+            part = batch.select(chunk if chunk is not None else [len(rows)]).trim()
+            logits = self.scorer(part, last_logits=True)
             if chunk is None:
                 continue
             p, lp = ops.listener_confidence(logits, None, self.candidate_ids.to(device), self.temperature)

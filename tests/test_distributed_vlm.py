@@ -92,14 +92,15 @@ def uneven_listener_scores() -> list:
 
     rank = int(os.environ.get("RANK", 0))
     model = load_listener("tiny", device="cpu")
-    if D.launched_by_torchrun():
-        D.shard(model)
     batcher = VLBatcher.from_pretrained("tiny")
+    listener = Listener(model, batcher, micro_batch_size=1)
+    if D.launched_by_torchrun():
+        D.shard(model, root=listener.scorer)
     examples = [SyntheticTask().example("train", i) for i in range(4)]
     n_rows = 3 * rank if D.launched_by_torchrun() else 3
     reasonings = [f"image {1 + i % 2} shows {ex.prompt}" if i < n_rows else None for i, ex in enumerate(examples)]
     with torch.no_grad():
-        scores = Listener(model, batcher, micro_batch_size=1).score(
+        scores = listener.score(
             [ex.prompt for ex in examples], [list(ex.images) for ex in examples], reasonings
         )
     return scores.probs[:n_rows].tolist()

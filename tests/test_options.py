@@ -50,16 +50,16 @@ def test_swap_augment_decides_whether_pairs_are_swapped(tmp_path, swap):
 
 @pytest.mark.usefixtures("reference_kernels")
 def test_loss_chunk_size_reaches_linear_grpo_loss(tmp_path, monkeypatch):
-    import lgrpo.trainer as T
+    import lgrpo.scoring as S
 
     seen = []
-    real = T.linear_grpo_loss
+    real = S.linear_grpo_loss
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("chunk_size"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(T, "linear_grpo_loss", spy)
+    monkeypatch.setattr(S, "linear_grpo_loss", spy)
     make_trainer(tmp_path / "a", loss={"chunk_size": 5}).train_step()
     make_trainer(tmp_path / "b").train_step()
     assert seen and set(seen) == {5, None} and seen[0] == 5
@@ -73,7 +73,7 @@ def test_image_size_bounds_change_the_visual_tokens_and_are_written():
         resolve_auto(cfg, D.Dist())
         task, _, _ = build(cfg, D.Dist())
         batch = task.prompts("eval", [0])
-        return int(batch["mm_token_type_ids"].sum()), (cfg.data.min_pixels, cfg.data.max_pixels)
+        return int(batch.mm_token_type_ids.sum()), (cfg.data.min_pixels, cfg.data.max_pixels)
 
     default, bounds = tokens()
     assert default == 2 * 4 and bounds == (3136, 12544)  # two 56x56 images, the folder's bounds
@@ -140,9 +140,7 @@ def test_one_stop_set_for_rollouts_masks_and_the_batcher():
 
     ex = SyntheticTask().example("train", 0)
     prompt = batcher.reasoner_batch([ex.prompt], [list(ex.images)])
-    batch = {k: getattr(prompt, k) for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
-                                             "image_grid_thw", "images_per_row")}
-    out = generate(model, tok, batch, max_new_tokens=8, stop=None, greedy=True)
+    out = generate(model, tok, prompt, max_new_tokens=8, stop=None, greedy=True)
     assert seen["eos"] == list(stops)
     assert out.lengths.tolist() == [3] and not bool(out.truncated[0])
     assert int(out.completion_ids[0, 2]) == vocab["<|endoftext|>"]
