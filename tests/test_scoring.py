@@ -129,26 +129,27 @@ def test_text_model_equals_repeated_prompts(gen):
 
 
 def test_group_split_across_micro_batches(vlm, batcher, pairs, gen):
-    """Micro-batches of 4 over 2 prompts x G=3: prompt 1's group is split; each micro-batch computes the
-    prompts it uses once. Log-probs and accumulated gradients equal the whole batch's."""
+    """Two micro-batches over 2 prompts x G=3, rows shuffled as a minibatch draws them: both groups are
+    split, the completions of a micro-batch interleave their groups, and each micro-batch computes the
+    prompts it uses once. Log-probs and accumulated gradients equal plain transformers on the whole batch."""
     texts, images = pairs
     prompts = batcher.reasoner_batch(texts[:2], images[:2])
     ids, mask = _completions(gen, 6, 6, 500)
     batch = GroupBatch.grouped(prompts, ids, mask, 3)
     scorer = CompletionScorer(vlm)
     weights = torch.randn(ids.shape, generator=gen) * mask
-    whole = scorer(batch)
-    want = _grads(vlm, whole, weights)
-    parts = []
-    for rows in (torch.arange(0, 4), torch.arange(4, 6)):
+    want_logp = _truth_vlm(vlm, batcher, texts[:2], images[:2], ids, mask, 3)
+    want = _grads(vlm, want_logp, weights)
+    got_logp = torch.zeros_like(want_logp)
+    for rows in (torch.tensor([4, 0, 3, 1]), torch.tensor([5, 2])):
         part = batch.select(rows)
-        assert len(part.prompts) == (2 if rows[0] == 0 else 1)
+        assert len(part.prompts) == 2 and part.group.tolist() == (rows >= 3).long().tolist()
         logp = scorer(part)
         (logp * weights[rows]).sum().backward()
-        parts.append(logp.detach())
+        got_logp[rows] = logp.detach()
     got = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
     vlm.zero_grad(set_to_none=True)
-    _assert_close(torch.cat(parts)[mask], whole.detach()[mask], "log-probs")
+    _assert_close(got_logp[mask], want_logp.detach()[mask], "log-probs")
     _assert_grads(got, want)
 
 
