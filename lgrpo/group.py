@@ -34,6 +34,13 @@ def _take(value, rows: torch.Tensor):
     return [value[i] for i in rows.tolist()]
 
 
+def _check_ids_and_mask(ids: torch.Tensor, mask: torch.Tensor, ids_name: str, mask_name: str, dims: str) -> None:
+    if ids.dim() != 2:
+        raise ValueError(f"{ids_name} must be {dims}, got shape {tuple(ids.shape)}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"{mask_name} must have the shape of {ids_name} {tuple(ids.shape)}, got {tuple(mask.shape)}")
+
+
 @dataclass
 class PromptBatch:
     """P left-padded prompts with their images.
@@ -53,11 +60,7 @@ class PromptBatch:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [P, L], got shape {tuple(self.input_ids.shape)}")
-        if self.attention_mask.shape != self.input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(self.input_ids.shape)}, "
-                             f"got {tuple(self.attention_mask.shape)}")
+        _check_ids_and_mask(self.input_ids, self.attention_mask, "input_ids", "attention_mask", "[P, L]")
         if (self.pixel_values is None) != (self.image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw come together (both or neither)")
         if self.image_grid_thw is not None and self.images_per_row is None:
@@ -175,11 +178,7 @@ class GroupBatch:
     group: torch.Tensor
 
     def __post_init__(self):
-        if self.completion_ids.dim() != 2:
-            raise ValueError(f"completion_ids must be [N, C], got shape {tuple(self.completion_ids.shape)}")
-        if self.completion_mask.shape != self.completion_ids.shape:
-            raise ValueError(f"completion_mask must have the shape of completion_ids "
-                             f"{tuple(self.completion_ids.shape)}, got {tuple(self.completion_mask.shape)}")
+        _check_ids_and_mask(self.completion_ids, self.completion_mask, "completion_ids", "completion_mask", "[N, C]")
         self.completion_mask = self.completion_mask.bool()
         self.group = torch.as_tensor(self.group, dtype=torch.long)
         if self.group.shape != (self.completion_ids.shape[0],):

@@ -9,17 +9,12 @@ from lgrpo.model import load_listener
 from lgrpo.prompts import choice_token_ids, parse_completion, render_listener_prompt
 from lgrpo.rewards import compute_rewards
 from lgrpo.synthetic import SyntheticTask, reference_reasoning
+from tests.toy_task import sharpened
 
 
 @pytest.fixture(scope="module")
 def listener_model():
-    # A larger init scale than the default run's makes the tiny model's confidence depend visibly on its
-    # input, so a mix-up of rows or positions cannot hide inside the tolerance.
-    model = load_listener("tiny", seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(8.0)
-    return model
+    return sharpened(load_listener("tiny", seed=3), 8.0)
 
 
 @pytest.fixture(scope="module")

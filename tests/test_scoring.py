@@ -14,7 +14,7 @@ from lgrpo.group import GroupBatch, PromptBatch
 from lgrpo.model import load_model
 from lgrpo.scoring import CompletionScorer, completion_logprobs, completion_states, text_positions
 from lgrpo.synthetic import SyntheticTask
-from tests.toy_task import char_tokenizer, tiny_lm
+from tests.toy_task import char_tokenizer, sharpened, tiny_lm
 
 REL = 1e-5
 # The Triton kernels are checked against fp64 in their own tests; here the interpreter would only add time.
@@ -23,13 +23,7 @@ pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 @pytest.fixture(scope="module")
 def vlm():
-    # A larger init scale than the default makes log-probs depend strongly on every input, so a mix-up
-    # of rows, positions or images cannot hide inside the tolerance.
-    model = load_model("tiny", seed=1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0)
-    return model
+    return sharpened(load_model("tiny", seed=1), 4.0)
 
 
 def _completions(gen, n, width, vocab, lengths=None, low=30):

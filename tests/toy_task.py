@@ -96,3 +96,13 @@ class ToyTask:
 
     def sft_targets(self, prompts):
         return [f"<think>it is {lab}</think><answer>{lab}</answer>" for lab in prompts.extra["label"].tolist()]
+
+
+def sharpened(model, scale: float):
+    """``model`` with every weight multiplied by ``scale``: a larger init than the default run's makes
+    the tiny model's outputs depend strongly on every input, so a mix-up of rows, positions or images
+    cannot hide inside a test's tolerance."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
