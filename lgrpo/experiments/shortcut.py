@@ -135,11 +135,11 @@ class ShortcutPreferenceTask(PreferenceTask):
     1 when its think block describes both images. It does not enter the total; the trainer logs it.
     """
 
-    def sft_targets(self, prompts: dict) -> list[str]:
-        return [self.batcher.fmt.completion(demo_reasoning(ex), ex.preferred) for ex in prompts["examples"]]
+    def sft_targets(self, prompts) -> list[str]:
+        return [self.batcher.fmt.completion(demo_reasoning(ex), ex.preferred) for ex in prompts.extra["examples"]]
 
-    def rewards(self, prompts: dict, rollout) -> dict[str, torch.Tensor]:
-        out = super().rewards(prompts, rollout)
+    def rewards(self, rollout) -> dict[str, torch.Tensor]:
+        out = super().rewards(rollout)
         fmt = self.batcher.fmt
         out["explained"] = torch.tensor(
             [float(describes_both_images(parse_completion(t, fmt).reasoning)) for t in rollout.texts])
