@@ -4,7 +4,7 @@ Phases, each guarded (a failing phase prints why; the others still report):
 
 1. build: policy + frozen reference built directly on the GPU in bf16 (never on the CPU first);
 2. GRPO step at group size 8 (2 prompts x 8 completions, two 448x448 images per prompt, 256 new
-   tokens): rollout (HF generate + the seeded sampler), listener-style scoring (a forward of the
+   tokens): rollout (lgrpo.engine, the default --rollout.engine), listener-style scoring (a forward of the
    frozen model at the last position + listener_confidence), reference log-probs, the policy update
    with linear_grpo_loss and AdamW; time per phase, tokens/s, peak memory;
 3. update at 8 x 1024 text tokens (forward+backward through the scorer with linear_grpo_loss), to
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         )
         rows.append(
             Row(
-                "  rollout (generate, seeded sampler)",
+                "  rollout (lgrpo.engine)",
                 secs["rollout"] * 1e3,
                 note=f"{m['tokens_per_s/rollout']:.0f} tok/s, {new_tokens} new tokens x 16",
             )

@@ -7,6 +7,7 @@ get their fp64 truth by calling these functions on upcast inputs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -193,3 +194,65 @@ def listener_confidence(
         ids = ids.unsqueeze(0).expand(z.shape[0], -1)
     cand = z.gather(-1, ids)
     return cand.softmax(-1), cand - z.logsumexp(-1, keepdim=True)
+
+
+# --- the rollout sampler (kernels/sampler.py): Philox4x32-10 noise, exponential race --------------
+
+_M32 = 0xFFFFFFFF
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
+    """Philox4x32 (triton.language.philox_impl's rounds) on uint32 numpy arrays, keys as ints.
+
+    numpy because its unsigned 64-bit products are exact and wrap by definition: the 32 x 32 -> 64
+    bit multiply is one operation, where torch (no unsigned shifts) needs a 16-bit split.
+    """
+    a, b, shift = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), np.uint64(32)
+    for _ in range(rounds):
+        pb, pa = c2.astype(np.uint64) * b, c0.astype(np.uint64) * a
+        c0, c1, c2, c3 = ((pb >> shift).astype(np.uint32) ^ c1 ^ np.uint32(k0), pb.astype(np.uint32),
+                          (pa >> shift).astype(np.uint32) ^ c3 ^ np.uint32(k1), pa.astype(np.uint32))
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    key: torch.Tensor,
+    row_ids: torch.Tensor,
+    positions: torch.Tensor,
+    temperature: torch.Tensor,
+    banned: torch.Tensor | None = None,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch twin of :func:`lgrpo.kernels.sampler.sample_tokens` (same ids, same empty rows)."""
+    n, v = logits.shape
+    x = logits.float()
+    if banned is not None:
+        x = x.masked_fill(banned.bool().unsqueeze(0), float("-inf"))
+    empty = (torch.isnan(x) | (x == float("inf"))).any(-1) | ~torch.isfinite(x).any(-1)
+    if greedy:
+        keys = x.double()
+    else:
+        # counters (token, position, row id low, row id high) on the host; a CUDA caller waits here
+        rows = row_ids.to("cpu", torch.int64).numpy()
+        pos = positions.to("cpu", torch.int64).numpy()
+        k0, k1 = (int(k) & _M32 for k in key.tolist())
+
+        def per_row(a):
+            return np.broadcast_to((a & _M32).astype(np.uint32)[:, None], (n, v))
+
+        tokens = np.broadcast_to(np.arange(v, dtype=np.uint32)[None, :], (n, v))
+        r0, r1, _, _ = philox4x32(tokens, per_row(pos), per_row(rows), per_row(rows >> 32), k0, k1)
+        r0, r1 = (torch.from_numpy(r.astype(np.float64)).to(x.device) for r in (r0, r1))
+        w = (r0 * 4294967296.0 + r1 + 0.5) * 2.0**-64
+        series = w * (1.0 + w * (0.5 + w * (1.0 / 3.0)))
+        e = torch.where(w < 2.0**-20, series, -torch.log(torch.clamp(1.0 - w, min=2.0**-60)))
+        keys = x.double() * (1.0 / temperature.reshape(()).double()) - torch.log(e)
+    # NaN keys never win (as in the kernel's strict comparison); the lowest id wins a tie.
+    keys = keys.nan_to_num(nan=float("-inf"), posinf=float("inf"))
+    best = keys.max(-1, keepdim=True).values
+    cols = torch.arange(v, device=x.device).expand(n, v)
+    idx = torch.where(keys == best, cols, v).min(-1).values
+    idx = torch.where(empty | (idx >= v), 0, idx)
+    return idx.to(torch.int64), empty

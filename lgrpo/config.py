@@ -157,9 +157,14 @@ class RolloutConfig:
     """Completions per generate() call on each rank (None: all of the rank's G x prompts at once)."""
 
     static_cache: bool = False
-    """Preallocated KV cache for rollouts; on CUDA, transformers then compiles the decode step (about a
+    """hf engine only: preallocated KV cache; on CUDA, transformers then compiles the decode step (about a
     minute the first time, and again for a longer cache or another batch size; keep batch_size fixed).
     Same tokens as without. Not yet measured by this project (SPEC §4: 1690 vs 337 tok/s, plain HF)."""
+
+    engine: str = "engine"
+    """Rollouts (and greedy evaluation) through lgrpo.engine (prefill once per prompt, KV fork, decode
+    step on the device, CUDA graphs on a GPU) or "hf" (transformers generate, lgrpo.rollout). Greedy:
+    the same tokens; sampled: the same distribution (different draws unless top_p < 1)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -175,6 +180,7 @@ class RolloutConfig:
             "rollout.batch_size",
             f"must be >= 1, got {self.batch_size}",
         )
+        _one_of(self.engine, ("engine", "hf"), "rollout.engine")
 
 
 @dataclass

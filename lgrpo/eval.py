@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
+from .engine import engine_for
 from .rollout import generate
 
 
@@ -44,11 +45,15 @@ def judge(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     fsdp_root: torch.nn.Module | None = None,
+    engine: str = "engine",
+    reduce_max=None,
 ) -> dict:
     """Greedy completions for ``indices`` (images swapped or not) and the task's per-row judgements.
 
     Under FSDP ``fsdp_root`` (the module ``fully_shard`` was applied to last, e.g. the trainer's
     scorer) is gathered around each ``generate`` (lgrpo/distributed.py, "gathered for the phase").
+    ``engine``: "engine" (lgrpo.engine; ``reduce_max`` keeps ranks' decode loops equally long) or "hf"
+    (transformers generate); the same tokens either way.
     """
     keys = ("accuracy", "format", "contradiction", "answer", "listener")
     out: dict[str, list] = {k: [] for k in keys}
@@ -58,9 +63,14 @@ def judge(
         part = indices[lo : lo + batch_size]
         prompts = task.prompts(split, part, [swap] * len(part)).to(device)
         with ctx, D.gathered(fsdp_root if fsdp_root is not None else policy):
-            rollout = generate(
-                policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, greedy=True
-            )
+            if engine == "engine":
+                rollout = engine_for(policy, task.tokenizer, max_new_tokens=max_new_tokens, stop=stop).generate(
+                    prompts, 1, greedy=True, reduce_max=reduce_max
+                )
+            else:
+                rollout = generate(
+                    policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, greedy=True
+                )
         r = task.rewards(rollout)
         for k in keys:
             v = r.get(k)
@@ -119,6 +129,7 @@ def evaluate(
     dist: D.Dist | None = None,
     autocast_dtype: torch.dtype | None = None,
     fsdp_root: torch.nn.Module | None = None,
+    engine: str = "engine",
 ) -> dict:
     """Evaluate ``policy`` on a task split; every rank gets the whole report (rank 0 writes it).
 
@@ -128,6 +139,8 @@ def evaluate(
     one a single process would write.
     """
     dist = dist or D.Dist()
+    if engine not in ("engine", "hf"):
+        raise ValueError(f"engine must be 'engine' or 'hf' (the rollout engine, as --rollout.engine), got {engine!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = task.num_prompts(split)
@@ -145,6 +158,8 @@ def evaluate(
         device=dist.device,
         autocast_dtype=autocast_dtype,
         fsdp_root=fsdp_root,
+        engine=engine,
+        reduce_max=D.all_reduce_max if dist.world_size > 1 else None,
     )
     passes = [False, True] if swap_check else [False]
     results = [_first_rows(judge(policy, task, split, padded, swap=s, **kw), len(mine)) for s in passes]
@@ -233,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-swap", action="store_true", help="skip the images-swapped pass")
+    p.add_argument("--engine", default="engine", choices=("engine", "hf"),
+                   help="rollout engine of the greedy completions (as --rollout.engine)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="default: bf16 on GPU")
     p.add_argument("--out", default=None, help="JSON report path (default: eval_report.json beside --model)")
     args = p.parse_args(argv)
@@ -250,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         swap_check=not args.no_swap,
         dist=dist,
+        engine=args.engine,
     )
     if dist.is_main:
         print(format_report(report, f"evaluation of {args.model} on {args.data}"))

@@ -12,6 +12,7 @@ runs transformers' ``generate`` on the prompts repeated G times.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .group import PromptBatch, Rollout, completion_mask
@@ -53,9 +54,48 @@ def clean_generation_config(model, tokenizer) -> None:
     Rollouts must sample from exactly the policy's distribution at the configured temperature: any
     inherited logits processor would make the sampler differ from the distribution the loss scores.
     """
-    stops = list(stop_token_ids(tokenizer)) or None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [None])[0]
-    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad, bos_token_id=None)
+    stops = sorted(stop_token_ids(tokenizer)) or None
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_token_id(tokenizer),
+                                               bos_token_id=None)
+
+
+def pad_token_id(tokenizer) -> int | None:
+    """The id that pads completions: the tokenizer's pad token, else its smallest stop token."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return min(stop_token_ids(tokenizer), default=None)
+
+
+def finish_rollout(tokenizer, prompts: PromptBatch, group_size: int, completion: torch.Tensor,
+                   stop_lengths: torch.Tensor | None, *, eos_ids, meta: dict | None = None) -> Rollout:
+    """The :class:`Rollout` of ``group_size`` completions per prompt from the sampled ids, whichever path
+    sampled them (this module's ``generate`` or :mod:`lgrpo.engine`).
+
+    ``completion`` ``[P*G, C]``: the ids each row drew (anything after its end is ignored);
+    ``stop_lengths`` ``[P*G]``: tokens up to and including the stop string, ``-1`` where none was seen.
+    The mask runs up to and including the first EOS or the stop string; a row is truncated when it has
+    neither; ids outside the mask become the pad id; columns after the longest row are dropped.
+    """
+    mask = completion_mask(completion, eos_ids, stop_lengths)
+    eos = torch.tensor(sorted(eos_ids), dtype=completion.dtype, device=completion.device)
+    ended = (torch.isin(completion, eos) & mask).any(-1)
+    if stop_lengths is not None:
+        ended |= stop_lengths.to(completion.device) >= 0
+    width = max(int(mask.sum(-1).max()) if len(mask) else 0, 1)
+    completion, mask = completion[:, :width], mask[:, :width]
+    completion = torch.where(mask, completion, torch.full_like(completion, pad_token_id(tokenizer)))
+    texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completion.cpu(), mask.cpu())],
+                                   skip_special_tokens=True)
+    device = prompts.input_ids.device
+    return Rollout(
+        prompts=prompts,
+        completion_ids=completion.to(device),
+        completion_mask=mask.to(device),
+        group=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
+        texts=texts,
+        truncated=~ended.cpu(),
+        meta=meta or {},
+    )
 
 
 @torch.no_grad()
@@ -96,9 +136,8 @@ def generate(
     group = torch.arange(n_prompts).repeat_interleave(group_size)
     row_ids = prompt_ids[group] * group_size + torch.arange(group_size).repeat(n_prompts)
     n_rows, prompt_len = len(group), prompts.length
-    device = prompts.input_ids.device
-    eos_ids = set(stop_token_ids(tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=None)
+    eos_ids = stop_token_ids(tokenizer)
+    pad = pad_token_id(tokenizer)
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -111,7 +150,7 @@ def generate(
     chunk = batch_size or n_rows
     was_training = model.training
     model.eval()
-    completions, masks, truncs = [], [], []
+    completions, stops = [], []
     try:
         for lo in range(0, n_rows, chunk):
             rows = torch.arange(lo, min(lo + chunk, n_rows))
@@ -134,28 +173,8 @@ def generate(
             if sampler is not None:
                 sampler.check()
             completion = out[:, prompt_len:].cpu()
-            stop_len = stopper.stop_len if stopper else None
-            completions.append(completion)
-            masks.append(completion_mask(completion, eos_ids, stop_len))
-            # Truncated: neither an EOS nor the stop string before max_new_tokens.
-            hit = torch.isin(completion, torch.tensor(sorted(eos_ids), dtype=completion.dtype)).any(-1)
-            truncs.append(~(hit | (stop_len >= 0)) if stop_len is not None else ~hit)
+            completions.append(F.pad(completion, (0, max_new_tokens - completion.shape[1]), value=pad))
+            stops.append(stopper.stop_len if stopper else torch.full((len(rows),), -1, dtype=torch.long))
     finally:
         model.train(was_training)
-    width = max(c.shape[1] for c in completions)
-    completion = torch.cat(
-        [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad) for c in completions]
-    )
-    mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
-    completion = torch.where(mask, completion, torch.full_like(completion, pad))
-    texts = tokenizer.batch_decode(
-        [c[m].tolist() for c, m in zip(completion, mask)], skip_special_tokens=True
-    )
-    return Rollout(
-        prompts=prompts,
-        completion_ids=completion.to(device),
-        completion_mask=mask.to(device),
-        group=group.to(device),
-        texts=texts,
-        truncated=torch.cat(truncs),
-    )
+    return finish_rollout(tokenizer, prompts, group_size, torch.cat(completions), torch.cat(stops), eos_ids=eos_ids)

@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             dist=dist,
             autocast_dtype=autocast,
             fsdp_root=trainer.scorer,
+            engine=cfg.rollout.engine,
         )
         if dist.is_main:
             print(format_report(report, title), flush=True)

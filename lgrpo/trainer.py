@@ -29,6 +29,7 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import Checkpointer, latest_checkpoint
 from .config import JobConfig
+from .engine import engine_for
 from .group import GroupBatch, PromptBatch, Rollout, encode_completions
 from .interrupt import GracefulStop
 from .kernels import group_advantages
@@ -210,24 +211,20 @@ class Trainer:
 
     @torch.no_grad()
     def rollouts(self, prompts: PromptBatch, prompt_ids: torch.Tensor) -> Rollout:
-        """G completions of every prompt, sampled by the seeded sampler (see lgrpo.rollout)."""
+        """G completions of every prompt, sampled by the seeded sampler (lgrpo.engine, or lgrpo.rollout
+        with --rollout.engine hf)."""
         r = self.cfg.rollout
+        sampling = dict(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.train.seed, step=self.step,
+                        prompt_ids=prompt_ids, batch_size=r.batch_size)
         with D.gathered(self.scorer):
-            return generate(
-                self.policy,
-                self.task.tokenizer,
-                prompts,
-                self.G,
-                max_new_tokens=r.max_new_tokens,
-                stop=r.stop,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=self.cfg.train.seed,
-                step=self.step,
-                prompt_ids=prompt_ids,
-                batch_size=r.batch_size,
-                static_cache=r.static_cache,
-            )
+            if r.engine == "engine":
+                engine = engine_for(self.policy, self.task.tokenizer, max_new_tokens=r.max_new_tokens,
+                                    stop=r.stop or None)
+                # every rank runs the same number of forwards (they may all-gather under FSDP)
+                sync = D.all_reduce_max if self.dist.world_size > 1 else None
+                return engine.generate(prompts, self.G, reduce_max=sync, **sampling)
+            return generate(self.policy, self.task.tokenizer, prompts, self.G, max_new_tokens=r.max_new_tokens,
+                            stop=r.stop, static_cache=r.static_cache, **sampling)
 
     def policy_update(self, rollout: Rollout, advantages: torch.Tensor, timer: Timer) -> dict:
         """μ passes over the minibatches; each minibatch is one optimizer step."""

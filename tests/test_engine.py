@@ -1,0 +1,392 @@
+"""The rollout engine (lgrpo.engine) against the transformers path it replaces (lgrpo.rollout.generate):
+greedy token for token on the tiny VLM and the text stand-in, stops where StopOnString stops, seeded
+draws independent of the batch, the vision tower once per prompt, and the stop automaton."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lgrpo.batching import VLBatcher
+from lgrpo.engine import RolloutEngine, bucket_sizes, engine_for
+from lgrpo.group import PromptBatch
+from lgrpo.model import load_model, load_tokenizer
+from lgrpo.rollout import StopOnString, clean_generation_config, generate
+from lgrpo.sampling import NonFiniteLogitsError
+from lgrpo.stop import StopCriteria, token_bytes
+from lgrpo.synthetic import SyntheticTask
+from tests.toy_task import char_tokenizer, tiny_lm
+
+STOP = "</answer>"
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    """The tiny Qwen2.5-VL and three prompts, two images each, of different sizes (4 to 16 visual tokens),
+    left padded to different lengths."""
+    model = load_model("tiny", seed=0)
+    batcher = VLBatcher.from_pretrained("tiny")
+    clean_generation_config(model, batcher.tokenizer)
+    task = SyntheticTask(seed=0)
+    exs = [task.example("train", i) for i in range(3)]
+    images = [list(e.images) for e in exs]
+    images[1][0] = images[1][0].resize((84, 56))
+    images[2][1] = images[2][1].resize((112, 112))
+    pb = batcher.reasoner_batch([e.prompt for e in exs], images)
+    assert len(set(pb.attention_mask.sum(-1).tolist())) == 3 and len(set(map(tuple, pb.image_grid_thw.tolist()))) > 1
+    return model, batcher.tokenizer, pb
+
+
+@pytest.fixture(scope="module")
+def toy():
+    tok = char_tokenizer()
+    model = tiny_lm(tok)
+    clean_generation_config(model, tok)
+    return model, tok, _text_prompts(tok, ["pick 1:", "pick 22:", "pick 1 or 2:"])
+
+
+def _text_prompts(tok, texts, **kw) -> PromptBatch:
+    enc = tok(texts, return_tensors="pt", padding=True, **kw)
+    return PromptBatch(enc["input_ids"], enc["attention_mask"])
+
+
+def _same(a, b):
+    assert a.prompts is b.prompts and torch.equal(a.group, b.group)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert a.texts == b.texts and torch.equal(a.truncated, b.truncated)
+
+
+def _hf(model, tok, prompts, group_size, **kw):
+    """The transformers path: generate on the prompts repeated G times."""
+    return generate(model, tok, prompts, group_size, **kw)
+
+
+def test_greedy_equals_transformers_generate_on_the_vlm(vlm):
+    """Token for token against generate(do_sample=False) on the prompts repeated G times; the vision
+    tower runs once, on each prompt's images once (not G times)."""
+    model, tok, prompts = vlm
+    seen = []
+    visual = model.model.visual
+    original = visual.forward
+
+    def counting(hidden_states, *args, **kwargs):
+        seen.append(hidden_states.shape[0])
+        return original(hidden_states, *args, **kwargs)
+
+    hf = _hf(model, tok, prompts, 3, max_new_tokens=20, stop=STOP, greedy=True)
+    visual.forward = counting
+    try:
+        out = RolloutEngine(model, tok, max_new_tokens=20, stop=STOP).generate(prompts, 3, greedy=True)
+    finally:
+        visual.forward = original
+    _same(out, hf)
+    assert seen == [prompts.pixel_values.shape[0]]  # one call, each prompt's patches once
+    # issue 12's layout: the prompts once, completion i of prompt i // G
+    assert out.prompts is prompts and torch.equal(out.group, torch.arange(3).repeat_interleave(3))
+
+
+def test_sampled_top_p_equals_transformers_on_the_vlm(vlm):
+    """With top_p < 1 the engine samples with the hf path's own sampler: the same draws, so M-RoPE
+    positions, the KV fork and the sampler's row ids must all line up exactly."""
+    model, tok, prompts = vlm
+    kw = dict(temperature=1.3, top_p=0.95, seed=11, step=4)
+    hf = _hf(model, tok, prompts, 2, max_new_tokens=16, stop=STOP, prompt_ids=torch.arange(3) + 10, **kw)
+    out = RolloutEngine(model, tok, max_new_tokens=16, stop=STOP).generate(
+        prompts, 2, prompt_ids=torch.arange(3) + 10, **kw)
+    _same(out, hf)
+    assert len(set(out.texts)) > 3
+
+
+def test_greedy_equals_transformers_generate_on_a_text_model(toy):
+    model, tok, prompts = toy
+    hf = _hf(model, tok, prompts, 3, max_new_tokens=12, stop=STOP, greedy=True)
+    out = RolloutEngine(model, tok, max_new_tokens=12, stop=STOP, check_every=3).generate(prompts, 3, greedy=True)
+    _same(out, hf)
+
+
+def test_sampled_rollouts_are_reproducible_and_independent_of_the_batch(toy):
+    """Gumbel-max draws keyed by (seed, step, row id, position): the same on every call, for a prompt
+    alone or among others (its global position given), in chunks, with or without compaction."""
+    model, tok, prompts = toy
+    engine = RolloutEngine(model, tok, max_new_tokens=10, stop=STOP, check_every=1)
+    kw = dict(seed=3, step=5)
+    full = engine.generate(prompts, 4, **kw)
+    assert len(set(full.texts)) > 6
+    _same(full, engine.generate(prompts, 4, **kw))
+    alone = engine.generate(prompts.select([1]), 4, prompt_ids=torch.tensor([1]), **kw)
+    assert alone.texts == full.texts[4:8]
+    chunked = engine.generate(prompts, 4, batch_size=4, **kw)
+    assert chunked.texts == full.texts
+    plain = RolloutEngine(model, tok, max_new_tokens=10, stop=STOP, compact=False).generate(prompts, 4, **kw)
+    _same(plain, full)
+    assert engine.generate(prompts, 4, seed=3, step=6).texts != full.texts
+    other = engine.generate(prompts, 4, prompt_ids=torch.tensor([7, 8, 9]), **kw)
+    assert other.texts != full.texts
+
+
+def test_the_kernel_inside_the_engine(vlm, monkeypatch):
+    """On CPU the engine samples with the kernel's PyTorch twin; the Triton kernel (interpreted here)
+    in its place gives the same rollouts, sampled and greedy, with the VLM's banned ids."""
+    from lgrpo.kernels import sampler
+
+    import lgrpo.engine as E
+
+    model, tok, prompts = vlm
+    engine = RolloutEngine(model, tok, max_new_tokens=5, stop=STOP)
+    twin = [engine.generate(prompts, 2, seed=9), engine.generate(prompts, 2, greedy=True)]
+    monkeypatch.setattr(E, "CPU_SAMPLER", sampler.sample_tokens)
+    kernel = [engine.generate(prompts, 2, seed=9), engine.generate(prompts, 2, greedy=True)]
+    for a, b in zip(twin, kernel):
+        _same(a, b)
+
+
+def _scripted_lm(tok):
+    """A text model that is a bigram table: embeddings one-hot, every block's output projections zero,
+    so the logits depend on the last token only. Paths from ':' lead to '</answer>', to a near miss
+    ('answer>' without '</'), to EOS, or wander until max_new_tokens."""
+    model = tiny_lm(tok, hidden=64)
+    clean_generation_config(model, tok)
+    vocab = len(tok)
+    ids = tok.convert_tokens_to_ids
+    table = torch.full((vocab, vocab), -30.0)  # [current, next] log-weights
+    moves = {
+        ":": {"<": 1.0, "a": 1.0, "z": 1.0},
+        "<": {"/": 2.0, "a": 1.0},
+        "/": {"a": 3.0, "z": 1.0},
+        "a": {"n": 3.0, "z": 1.0},
+        "n": {"s": 3.0, "<": 0.5},
+        "s": {"w": 3.0, "z": 0.5},
+        "w": {"e": 3.0},
+        "e": {"r": 3.0},
+        "r": {">": 3.0, "z": 1.0},
+        ">": {"z": 1.0, "<eos>": 1.0, "<": 1.0},
+        "z": {"z": 1.5, "<": 1.0, "<eos>": 0.5},
+    }
+    for cur, nxt in moves.items():
+        for token, w in nxt.items():
+            table[ids(cur), ids(token)] = w
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, :vocab] = table.T / 8.0  # RMSNorm turns a one-hot into 8 x one-hot
+    return model
+
+
+def _host_stops(tok, completion_ids, max_new, eos_ids):
+    """Where rollout.py's host-side logic (StopOnString, then the first EOS) ends each row."""
+    n, width = completion_ids.shape
+    prompt = torch.zeros(n, 1, dtype=torch.long)
+    stopper = StopOnString(tok, STOP, prompt_len=1)
+    padded = torch.nn.functional.pad(completion_ids, (0, max_new - width), value=tok.pad_token_id)
+    for t in range(1, max_new + 1):
+        stopper(torch.cat([prompt, padded[:, :t]], 1), None)
+    mask = torch.ones(n, max_new, dtype=torch.bool)
+    truncated = torch.ones(n, dtype=torch.bool)
+    for i, row in enumerate(padded.tolist()):
+        ends = [k + 1 for k, token in enumerate(row) if token in eos_ids][:1]
+        ends += [int(stopper.stop_len[i])] if stopper.stop_len[i] >= 0 else []
+        if ends:
+            mask[i, min(ends):] = False
+            truncated[i] = False
+    return mask, truncated
+
+
+def test_eos_and_the_stop_string_end_rows_where_the_transformers_path_does():
+    tok = char_tokenizer()
+    model = _scripted_lm(tok)
+    prompts = _text_prompts(tok, ["pick 1:", "pick 2:"])
+    engine = RolloutEngine(model, tok, max_new_tokens=14, stop=STOP, check_every=2)
+    # top_p < 1: the hf path's sampler, so every row's draws and stops can be compared one to one
+    kw = dict(temperature=1.0, top_p=0.99, seed=2, step=0)
+    hf = _hf(model, tok, prompts, 16, max_new_tokens=14, stop=STOP, **kw)
+    out = engine.generate(prompts, 16, **kw)
+    _same(out, hf)
+    texts = out.texts
+    assert any(t.endswith(STOP) for t in texts) and any("answer>" in t and STOP not in t for t in texts)
+    assert out.truncated.any() and not out.truncated.all()
+    eos_rows = [i for i in range(32) if not out.truncated[i] and not texts[i].endswith(STOP)]
+    assert eos_rows and all(out.completion_ids[i, out.lengths[i] - 1] == tok.eos_token_id for i in eos_rows)
+    # Gumbel-max draws: the rows end where the host-side logic says they end
+    for seed in range(3):
+        out = engine.generate(prompts, 16, seed=seed)
+        mask, truncated = _host_stops(tok, out.completion_ids, 14, {tok.eos_token_id})
+        assert torch.equal(out.completion_mask, mask[:, : out.completion_mask.shape[1]])
+        assert torch.equal(out.truncated, truncated) and mask[:, out.completion_mask.shape[1]:].sum() == 0
+
+
+def _stop_sequences(tok, stop: str, n: int, length: int, rng: random.Random) -> torch.Tensor:
+    """Token sequences rich in the stop string split every way the vocabulary allows, glued to its
+    neighbours ('.' + '</' -> '.</', '>' + '<' -> '><'), cut short (near misses), or random tokens."""
+    vocab = len(tok)
+    by_bytes = {}
+    for i, b in enumerate(token_bytes(tok, vocab)):
+        by_bytes.setdefault(b, i)
+
+    def segment(data: bytes) -> list[int]:
+        out, i = [], 0
+        while i < len(data):
+            options = [data[i:j] for j in range(i + 1, min(len(data), i + 20) + 1) if data[i:j] in by_bytes]
+            piece = rng.choice(options)
+            out.append(by_bytes[piece])
+            i += len(piece)
+        return out
+
+    s = stop.encode()
+    around = [b"", b".", b"<", b">", b"the", b" ", b"/", b"a", "é".encode()]
+    seqs = []
+    for _ in range(n):
+        seq = []
+        while len(seq) < length:
+            r = rng.random()
+            if r < 0.2:
+                seq += segment(rng.choice(around) + s + rng.choice(around))
+            elif r < 0.5:
+                seq += segment(s[: rng.randrange(1, len(s))])
+            elif r < 0.8:
+                seq += segment(s[rng.randrange(1, len(s)):])
+            else:
+                seq.append(rng.randrange(vocab))
+        seqs.append(seq[:length])
+    return torch.tensor(seqs)
+
+
+@pytest.mark.parametrize("stop", [STOP, "é>", "s></"])
+def test_stop_automaton_equals_decoding_the_tail(stop):
+    """Random token sequences of the tiny byte-level BPE vocabulary built around the stop string: the
+    automaton stops at the token where StopOnString (decode the tail, then ``stop in text``) stops."""
+    tok = load_tokenizer("tiny")
+    n, length = 96, 20
+    seqs = _stop_sequences(tok, stop, n, length, random.Random(0))
+    crit = StopCriteria(tok, len(tok), [], stop)
+    stopper = StopOnString(tok, stop, prompt_len=0)
+    state = torch.zeros(n, dtype=torch.long)
+    device_stop = torch.full((n,), -1)
+    for t in range(length):
+        stopper(seqs[:, : t + 1], None)
+        state, hit = crit.step(state, seqs[:, t])
+        device_stop = torch.where(hit & (device_stop < 0), t + 1, device_stop)
+    assert torch.equal(device_stop, stopper.stop_len)
+    assert (device_stop > 0).sum() >= 20 and (device_stop < 0).sum() >= 1
+
+
+def test_nonfinite_logits_are_reported(toy):
+    _, tok, prompts = toy
+    model = tiny_lm(tok)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    engine = RolloutEngine(model, tok, max_new_tokens=3)
+    with pytest.raises(NonFiniteLogitsError, match=r"rows \[0, 1, 2, 3, 4, 5"):
+        engine.generate(prompts, 2)
+    assert engine.generate(prompts, 2, greedy=True).completion_ids.shape[0] == 6  # greedy does not check
+
+
+def test_bad_arguments_are_rejected(toy):
+    model, tok, prompts = toy
+    engine = RolloutEngine(model, tok, max_new_tokens=3)
+    right_padded = _text_prompts(tok, ["pick 1:", "pick 22:"], padding_side="right")
+    for kwargs, match in [
+        (dict(prompts=prompts, group_size=0), "group_size"),
+        (dict(prompts=prompts, group_size=2, temperature=0.0), "temperature"),
+        (dict(prompts=prompts, group_size=2, top_p=1.5), "top_p"),
+        (dict(prompts=prompts, group_size=2, prompt_ids=torch.arange(2)), "prompt_ids"),
+        (dict(prompts=prompts, group_size=2, batch_size=0), "batch_size"),
+        (dict(prompts={"input_ids": prompts.input_ids}, group_size=2), "PromptBatch"),
+        (dict(prompts=right_padded, group_size=2), "left padded"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            engine.generate(**kwargs)
+    for kwargs, match in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=2, stop=""), "stop"),
+                          (dict(max_new_tokens=2, cuda_graphs="yes"), "cuda_graphs"),
+                          (dict(max_new_tokens=2, check_every=0), "check_every")]:
+        with pytest.raises(ValueError, match=match):
+            RolloutEngine(model, tok, **kwargs)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        RolloutEngine(model, tok, max_new_tokens=2, cuda_graphs=True).generate(prompts, 2)
+
+
+def test_buckets_and_the_engine_cache(toy):
+    assert bucket_sizes(1) == [1] and bucket_sizes(5) == [1, 2, 4, 8]
+    assert bucket_sizes(17) == [1, 2, 4, 8, 16, 32] and bucket_sizes(48)[-3:] == [16, 32, 48]
+    model, tok, _ = toy
+    a = engine_for(model, tok, max_new_tokens=4, stop=STOP)
+    assert engine_for(model, tok, max_new_tokens=4, stop=STOP) is a
+    assert engine_for(model, tok, max_new_tokens=5, stop=STOP) is not a
+
+
+def test_bench_rollout_smoke(run_bench):
+    """bench/bench_rollout.py at smoke sizes: the engine beside transformers' generate on the tiny VLM."""
+    data = run_bench("bench_rollout", "bench_rollout")
+    names = [r["name"] for r in data["rows"]]
+    assert [n.split(",")[0] for n in names] == ["engine", "hf do_sample", "--rollout.engine hf"]
+    assert all(r["extra"]["tok_s"] > 0 for r in data["rows"]), data["rows"]
+    assert data["same_greedy_tokens"] is True
+
+
+# --- GPU: the captured graph replays what the eager step computes ---------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_graphs_replay_the_eager_step(vlm, dtype, monkeypatch):
+    """CUDA graphs (one per bucket, compaction between them) give the eager engine's tokens, greedy and
+    sampled, on the tiny VLM with two images per prompt; greedy in fp32 equals transformers' generate."""
+    import lgrpo.kernels._common as common
+
+    monkeypatch.setattr(common, "INTERPRET", False)  # the compiled kernel, not the twin
+    _, tok, prompts = vlm
+    model = load_model("tiny", seed=0, dtype=dtype, device="cuda")
+    clean_generation_config(model, tok)
+    prompts = prompts.to("cuda")
+    # the same cache layout for both (prompt_bucket), so the same kernels see the same shapes
+    kw = dict(max_new_tokens=24, stop=STOP, check_every=2, prompt_bucket=64)
+    graphs = RolloutEngine(model, tok, cuda_graphs=True, **kw)
+    eager = RolloutEngine(model, tok, cuda_graphs=False, **kw)
+    results = {}
+    for name, sampling in (("greedy", dict(greedy=True)), ("sample", dict(seed=1, step=2)),
+                           ("top_p", dict(seed=1, step=3, top_p=0.9, temperature=1.2))):
+        a, b = graphs.generate(prompts, 8, **sampling), eager.generate(prompts, 8, **sampling)
+        _same(a, b)
+        assert graphs.stats["captures"] == len(bucket_sizes(24)), graphs.stats  # every bucket, largest first
+        assert graphs.stats["steps"] == eager.stats["steps"] > 0
+        results[name] = a
+    assert graphs.stats["capture_s"] < 30
+    _same(graphs.generate(prompts, 8, seed=1, step=2), results["sample"])  # the graphs, replayed again
+    assert graphs.stats["captures"] == 0
+    with torch.no_grad():  # weights changed in place (as the optimizer does): the replay sees them
+        model.lm_head.weight.mul_(-1.0)
+    _same(graphs.generate(prompts, 8, greedy=True), eager.generate(prompts, 8, greedy=True))
+    assert graphs.stats["captures"] == 0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    if dtype == torch.float32:  # in bf16 generate's attention kernels differ in the last bits
+        hf = _hf(model, tok, prompts, 8, max_new_tokens=24, stop=STOP, greedy=True)
+        _same(RolloutEngine(model, tok, max_new_tokens=24, stop=STOP).generate(prompts, 8, greedy=True), hf)
+
+
+@pytest.mark.gpu
+def test_gpu_compaction_and_stops(monkeypatch):
+    """The scripted text model on CUDA: rows stop at different steps, the batch compacts into smaller
+    buckets between graph replays, and graphs == eager == the host-side stop logic."""
+    import lgrpo.kernels._common as common
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    tok = char_tokenizer()
+    model = _scripted_lm(tok).cuda()
+    prompts = _text_prompts(tok, ["pick 1:", "pick 2:"]).to("cuda")
+    kw = dict(max_new_tokens=40, stop=STOP, check_every=2, prompt_bucket=64)
+    graphs = RolloutEngine(model, tok, cuda_graphs=True, **kw)
+    eager = RolloutEngine(model, tok, cuda_graphs=False, **kw)
+    a, b = graphs.generate(prompts, 24, seed=4), eager.generate(prompts, 24, seed=4)
+    _same(a, b)
+    assert graphs.stats["compactions"] >= 1 and graphs.stats["compactions"] == eager.stats["compactions"]
+    mask, truncated = _host_stops(tok, a.completion_ids.cpu(), 40, {tok.eos_token_id})
+    assert torch.equal(a.completion_mask.cpu(), mask[:, : a.completion_mask.shape[1]])
+    assert torch.equal(a.truncated, truncated)
