@@ -28,7 +28,10 @@ def test_kernel_equals_the_pytorch_twin(gen, monkeypatch):
     for vocab in (1, 37, 301):
         logits = torch.randn(7, vocab, generator=gen) * 3
         banned = torch.rand(vocab, generator=gen) < 0.2
-        banned[0] = False
+        banned[0] = banned[-1] = False  # the NaN and the +inf rows' ids (a banned NaN is never read)
+        if vocab > 2:
+            banned[1] = True
+            logits[5, 1] = float("nan")  # banned: the row samples as if it were not there
         logits[1] = float("-inf")
         logits[2, -1] = float("nan")
         logits[3, 0] = float("inf")
@@ -42,7 +45,7 @@ def test_kernel_equals_the_pytorch_twin(gen, monkeypatch):
                 ids, empty = _draw(logits, **kw)
                 ids_t, empty_t = _draw(logits, twin=True, **kw)
                 assert torch.equal(ids, ids_t) and torch.equal(empty, empty_t), (vocab, greedy, temperature)
-                assert empty[1:4].all() and not empty[0] and not empty[4]
+                assert empty[1:4].all() and not empty[0] and not empty[4] and not empty[5]
                 assert ids[1:4].tolist() == [0, 0, 0] and ids[4].item() == 0
                 assert not banned[ids[~empty]].any()
 
