@@ -18,7 +18,9 @@ all-gather per block). So every phase follows one of two rules, whatever its dat
 - **gathered for the phase**: ``generate`` runs a data-dependent number of forwards (it stops when
   its rows are done), so the sharded policy is unsharded once for the whole phase
   (:func:`gathered`: one all-gather per block on every rank) and its forwards then communicate
-  nothing. Rollouts and held-out evaluation follow this rule.
+  nothing. Rollouts and held-out evaluation follow this rule. The rollout engine (lgrpo/engine.py)
+  also keeps the same count: its every-k-steps "all rows done?" test is all-reduced (max), so every
+  rank leaves the decode loop at the same step and the all-reduces themselves match.
 
 Evaluation splits the pairs evenly (``ceil(n / world)`` per rank, padded with repeats that are
 dropped), so the per-batch listener calls, and their padding all-reduce, are equal in number too.

@@ -27,6 +27,8 @@ FREE_TO_CHANGE = (
     "parallel.fsdp", "parallel.reference", "parallel.listener", "parallel.backend",
     "model.attn_implementation",  # resolved per machine (auto): the same attention, another kernel
 )
+# Not free: rollout.engine. The engine and the hf path draw different samples from the same distribution,
+# so a run resumed on the other path would not be the run that would have happened.
 
 # Resolved at start-up from None (the model folder's value): a config.json written before they were
 # resolved holds None, which is whatever this run resolved, not a change.

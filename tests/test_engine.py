@@ -321,6 +321,17 @@ def test_buckets_and_the_engine_cache(toy):
     assert engine_for(model, tok, max_new_tokens=5, stop=STOP) is not a
 
 
+def test_switching_the_rollout_path_on_resume_is_a_config_change():
+    """The two paths draw different samples: a run resumed on the other one is another run (refused
+    unless --run.allow_config_change), unlike the free-to-change options."""
+    from lgrpo.config import build_config
+    from lgrpo.preflight import FREE_TO_CHANGE, config_changes
+
+    old, new = build_config("tiny", {}).to_dict(), build_config("tiny", {"rollout": {"engine": "hf"}}).to_dict()
+    assert old["rollout"]["engine"] == "engine" and "rollout.engine" not in FREE_TO_CHANGE
+    assert config_changes(old, new) == ["rollout.engine: 'engine' -> 'hf'"]
+
+
 def test_bench_rollout_smoke(run_bench):
     """bench/bench_rollout.py at smoke sizes: the engine beside transformers' generate on the tiny VLM."""
     data = run_bench("bench_rollout", "bench_rollout")
