@@ -45,7 +45,7 @@ from .group import PromptBatch, Rollout
 from .kernels import reference as _reference
 from .kernels.sampler import key_tensor, sample_tokens
 from .prompts import stop_token_ids
-from .rollout import finish_rollout, pad_token_id
+from .rollout import finish_rollout, pad_token_id, sample_row_ids
 from .sampling import NonFiniteLogitsError, counter_uniform, placeholder_token_ids, sample_from_logits
 from .stop import StopCriteria
 
@@ -292,10 +292,8 @@ class RolloutEngine:
         The result holds ``prompts`` as given (not repeated) and ``group = arange(P).repeat_interleave(G)``,
         built by :func:`lgrpo.rollout.finish_rollout` as the hf path builds it.
         """
-        n_prompts = self._check_args(prompts, group_size, temperature, top_p, prompt_ids, batch_size)
-        if prompt_ids is None:
-            prompt_ids = torch.arange(n_prompts)
-        prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
+        n_prompts = self._check_args(prompts, group_size, temperature, top_p, batch_size)
+        row_ids = sample_row_ids(prompt_ids, n_prompts, group_size)
         per_pass = n_prompts if batch_size is None else max(1, batch_size // group_size)
         was_training = self.model.training
         self.model.eval()
@@ -306,14 +304,14 @@ class RolloutEngine:
                 idx = list(range(lo, min(lo + per_pass, n_prompts)))
                 part = prompts.select(idx) if per_pass < n_prompts else prompts
                 parts.append(self._generate_pass(part, group_size, greedy, temperature, top_p, seed, step,
-                                                 prompt_ids[idx], reduce_max))
+                                                 row_ids[idx[0] * group_size:(idx[-1] + 1) * group_size], reduce_max))
         finally:
             self.model.train(was_training)
         return self._rollout(prompts, group_size, parts)
 
     # -- one pass: prefill, fork, decode ----------------------------------------------------------
 
-    def _generate_pass(self, prompts, group_size, greedy, temperature, top_p, seed, step, prompt_ids, reduce_max):
+    def _generate_pass(self, prompts, group_size, greedy, temperature, top_p, seed, step, row_ids, reduce_max):
         self.stats["passes"] += 1
         mode = _Mode.of(greedy, temperature, top_p)
         pre = self._prefill(prompts)
@@ -331,7 +329,7 @@ class RolloutEngine:
                 self._fingerprint = fingerprint
             for nb in reversed(bucket_sizes(b) if self.compact else [b]):  # largest first, one pool
                 self._graph(nb, t_cap, mode, key)
-        self._setup(pre, group_size, b, t_cap, mode, temperature, seed, step, prompt_ids)
+        self._setup(pre, group_size, b, t_cap, mode, temperature, seed, step, row_ids)
         s = self._buf
         first = pre.logits.index_select(0, s["prompt_of"][:b])
         self._record(b, first, s["j"], mode)  # completion token 0, from the prompts' last logits
@@ -355,7 +353,7 @@ class RolloutEngine:
                 with self.face.sdpa():
                     self._decode_step(b, t_cap, mode)
             self.stats["steps"] += 1
-        return self._collect(rows, greedy, prompt_ids, group_size)
+        return self._collect(rows, greedy, row_ids)
 
     def _prefill(self, prompts: PromptBatch) -> _Prefill:
         face = self.face
@@ -429,7 +427,7 @@ class RolloutEngine:
 
     SLOT_KEYS = ("tokens", "next_pos", "row_ids", "orig", "stop_state", "done", "mask", "uniforms", "prompt_of")
 
-    def _setup(self, pre, group_size, b, t_cap, mode, temperature, seed, step, prompt_ids):
+    def _setup(self, pre, group_size, b, t_cap, mode, temperature, seed, step, row_ids):
         """Write one pass's starting state: the forked cache, masks, positions, row ids."""
         s = self._buf
         dev = s["device"]
@@ -449,7 +447,6 @@ class RolloutEngine:
         s["mask"][:b].zero_()
         s["mask"][:b, :t].copy_(pre.attention_mask.to(dev).bool().index_select(0, prompt_of.to(dev)))
         s["next_pos"][:b].copy_(pre.next_pos.index_select(0, prompt_of.to(pre.next_pos.device)))
-        row_ids = prompt_ids.repeat_interleave(group_size) * group_size + torch.arange(group_size).repeat(n_prompts)
         s["row_ids"][:b].copy_(torch.cat([row_ids, torch.zeros(b - rows, dtype=torch.long)]))
         s["orig"][:b].copy_(torch.cat([torch.arange(rows), torch.full((b - rows,), s["trash"])]))
         s["done"][:b].copy_(torch.arange(b) >= rows)
@@ -573,18 +570,17 @@ class RolloutEngine:
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - start
 
-    def _collect(self, rows: int, greedy: bool, prompt_ids: torch.Tensor, group_size: int):
+    def _collect(self, rows: int, greedy: bool, row_ids: torch.Tensor):
         s = self._buf
         # copies: the buffers belong to the next pass (.cpu() of a CPU tensor would alias them)
         out = s["out"][:rows].to("cpu", copy=True)
         stop_len = s["stop_len"][:rows].to("cpu", copy=True)
         bad = s["bad"][:rows].cpu()
         if bad.any() and not greedy:
-            row_ids = (prompt_ids.repeat_interleave(group_size) * group_size
-                       + torch.arange(group_size).repeat(len(prompt_ids)))[bad].tolist()
+            bad_rows = row_ids[bad].tolist()
             raise NonFiniteLogitsError(
-                f"the policy's logits had no finite value (NaN or all -inf) while sampling rows {row_ids[:8]}"
-                f"{' ...' if len(row_ids) > 8 else ''}: the model has diverged")
+                f"the policy's logits had no finite value (NaN or all -inf) while sampling rows {bad_rows[:8]}"
+                f"{' ...' if len(bad_rows) > 8 else ''}: the model has diverged")
         return out, stop_len
 
     def _rollout(self, prompts: PromptBatch, group_size: int, parts: list) -> Rollout:
@@ -593,7 +589,7 @@ class RolloutEngine:
         return finish_rollout(self.tokenizer, prompts, group_size, outs, stop_len, eos_ids=self.eos_ids,
                               meta={"engine": dict(self.stats)})
 
-    def _check_args(self, prompts, group_size, temperature, top_p, prompt_ids, batch_size) -> int:
+    def _check_args(self, prompts, group_size, temperature, top_p, batch_size) -> int:
         if not isinstance(prompts, PromptBatch):
             raise ValueError("prompts must be a lgrpo.group.PromptBatch (P rows, left padded), "
                              f"got {type(prompts).__name__}")
@@ -607,8 +603,6 @@ class RolloutEngine:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if prompt_ids is not None and len(prompt_ids) != len(prompts):
-            raise ValueError(f"prompt_ids has {len(prompt_ids)} entries for {len(prompts)} prompts")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return len(prompts)

@@ -66,6 +66,18 @@ def pad_token_id(tokenizer) -> int | None:
     return min(stop_token_ids(tokenizer), default=None)
 
 
+def sample_row_ids(prompt_ids: torch.Tensor | None, n_prompts: int, group_size: int) -> torch.Tensor:
+    """The seeded sampler's row id of each of the P x G completions, ``prompt_ids[p] * G + g`` for sample
+    ``g`` of prompt ``p`` (``prompt_ids``: the prompts' global positions in the step, default ``arange(P)``).
+    Global, so a completion draws the same tokens in any batch, on any rank, on either rollout path."""
+    if prompt_ids is None:
+        prompt_ids = torch.arange(n_prompts)
+    prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
+    if prompt_ids.shape != (n_prompts,):
+        raise ValueError(f"prompt_ids must be [P={n_prompts}], got shape {tuple(prompt_ids.shape)}")
+    return prompt_ids.repeat_interleave(group_size) * group_size + torch.arange(group_size).repeat(n_prompts)
+
+
 def finish_rollout(tokenizer, prompts: PromptBatch, group_size: int, completion: torch.Tensor,
                    stop_lengths: torch.Tensor | None, *, eos_ids, meta: dict | None = None) -> Rollout:
     """The :class:`Rollout` of ``group_size`` completions per prompt from the sampled ids, whichever path
@@ -119,7 +131,7 @@ def generate(
     """``group_size`` completions of every prompt; returns a :class:`Rollout` over the P prompts.
 
     ``prompt_ids`` [P]: the prompts' global positions in the step (default ``arange(P)``); the seeded
-    sampler's row id of sample g of prompt p is ``prompt_ids[p] * G + g``. ``greedy`` ignores
+    sampler's row ids follow from them (:func:`sample_row_ids`). ``greedy`` ignores
     temperature/top_p (evaluation). Rows are generated ``batch_size`` at a time.
     ``static_cache``: a preallocated KV cache instead of a growing one; on CUDA transformers then
     compiles the decode step (a minute for the first call, and again when a call needs a longer cache
@@ -128,13 +140,8 @@ def generate(
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     n_prompts = len(prompts)
-    if prompt_ids is None:
-        prompt_ids = torch.arange(n_prompts)
-    prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
-    if prompt_ids.shape != (n_prompts,):
-        raise ValueError(f"prompt_ids must be [P={n_prompts}], got shape {tuple(prompt_ids.shape)}")
+    row_ids = sample_row_ids(prompt_ids, n_prompts, group_size)
     group = torch.arange(n_prompts).repeat_interleave(group_size)
-    row_ids = prompt_ids[group] * group_size + torch.arange(group_size).repeat(n_prompts)
     n_rows, prompt_len = len(group), prompts.length
     eos_ids = stop_token_ids(tokenizer)
     pad = pad_token_id(tokenizer)
