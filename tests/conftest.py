@@ -2,8 +2,14 @@
 
 import os
 
-import pytest
-import torch
+# One intra-op thread per test process (and per subprocess it starts), unless the caller says
+# otherwise: the tests' models are tiny, so two threads gain nothing on an idle 2-core machine
+# (warm-up steps timed side by side: equal), while on a busy one torch's spinning threads made a
+# 32x64 @ 64x64 matmul ~2000x slower (23 ms vs 0.012 ms) and the tiny-preset test hit its timeout.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # On CPU the Triton kernels themselves run through the interpreter; on a GPU they compile.
