@@ -10,6 +10,7 @@ GRPO; checkpoints, metrics and the exported policy under ``runs/``.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -198,13 +199,12 @@ def frozen_copies(cfg: JobConfig, models: Models, listener) -> list:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    dist = D.init(cfg.train.device, cfg.parallel.backend)
-    cfg.validate_world(dist.world_size)
+def start_run(cfg: JobConfig, dist: D.Dist) -> Path:
+    """Resolve the machine-dependent options, check the run folder against its saved config (before
+    anything slow: every rank reads, none writes), then rank 0 writes the config that will run."""
     resolve_auto(cfg, dist)
     run_dir = run_folder(cfg)
-    changes = preflight.check_run(cfg, run_dir)  # before anything slow: every rank reads, none writes
+    changes = preflight.check_run(cfg, run_dir)
     D.barrier()
     if dist.is_main:
         if changes:
@@ -217,12 +217,76 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.model.attn_implementation}, images {cfg.data.min_pixels}..{cfg.data.max_pixels} pixels)",
             flush=True,
         )
+    return run_dir
+
+
+def warm_up_or_restore(cfg: JobConfig, dist: D.Dist, trainer: Trainer, frozen: list, run_dir: Path,
+                       held_out) -> dict:
+    """Bring the policy and its frozen copies to where GRPO starts; returns the held-out reports made.
+
+    Three cases: a fresh run warms up (or reloads a finished warm-up, if it stopped before its first
+    checkpoint) and copies the result into the frozen models; a resumed run has the policy from its
+    checkpoint but must rebuild the frozen copies from the saved warm-up weights."""
+    reports = {}
+    warm_dir = run_dir / WARMUP_DIR
+    if not trainer.resume():
+        if cfg.sft.steps:
+            info, _ = weights_info(warm_dir, dist)
+            if info is not None and info.get("steps") == cfg.sft.steps:
+                load_weights(warm_dir, [trainer.policy], verified=True)
+                if dist.is_main:
+                    print(f"[resume] warm-up weights from {warm_dir} ({info['steps']} steps); not redone",
+                          flush=True)
+            else:
+                reports["initial"] = held_out("held-out, initial weights")
+                losses = trainer.warmup()
+                if dist.is_main:
+                    print(f"warm-up: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+                # Saved once: a resumed run rebuilds the frozen copies from these weights.
+                save_weights(warm_dir, trainer.policy, dist, {"steps": len(losses), "loss": losses[-1]})
+            trainer.copy_policy_into(*frozen)
+        reports["before"] = held_out("held-out, before GRPO")
+    elif cfg.sft.steps and frozen:
+        try:
+            load_weights(warm_dir, frozen, dist=dist)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"cannot rebuild the KL reference / listener, which are copies of the warmed-up policy: {err}. "
+                f"Start a new run (--run.name), or give them as folders (--model.reference, --model.listener)"
+            ) from None
+        if dist.is_main:
+            print(f"[resume] reference/listener rebuilt from the warm-up weights in {warm_dir}", flush=True)
+    return reports
+
+
+def summary_line(reports: dict, seconds: float) -> str | None:
+    """One line from the held-out reports, or None without both a "before" and an "after".
+
+    With a warm-up it names the stage each number comes from: on the tiny model the warm-up, not GRPO,
+    is where most of the held-out accuracy is learned, and the line must not hide that."""
+    before, after = reports.get("before"), reports.get("after")
+    if not (before and after):
+        return None
+    initial = reports.get("initial")
+    start = f"{initial['accuracy']:.3f} initially, " if initial else ""
+    warm = " after the warm-up" if initial else ""
+    return (
+        f"held-out accuracy {start}{before['accuracy']:.3f}{warm} -> {after['accuracy']:.3f} after GRPO, "
+        f"contradiction rate {before['contradiction_rate']:.3f} -> {after['contradiction_rate']:.3f} "
+        f"({seconds:.0f} s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    dist = D.init(cfg.train.device, cfg.parallel.backend)
+    cfg.validate_world(dist.world_size)
+    run_dir = start_run(cfg, dist)
     seed_everything(cfg.train.seed + dist.rank)
     t0 = time.perf_counter()
     task, models, listener = build(cfg, dist)
     preflight.check_task(cfg, task, models.policy, run_dir, dist)
     trainer = Trainer(cfg, dist, task, models, run_dir)
-    autocast = trainer.scorer.autocast_dtype
 
     def held_out(title: str) -> dict | None:
         if "eval" not in task.splits:
@@ -235,51 +299,18 @@ def main(argv: list[str] | None = None) -> int:
             stop=cfg.rollout.stop or None,
             batch_size=max(cfg.loss.micro_batch_size, 8),
             dist=dist,
-            autocast_dtype=autocast,
+            autocast_dtype=trainer.scorer.autocast_dtype,
             fsdp_root=trainer.scorer,
             engine=cfg.rollout.engine,
         )
         if dist.is_main:
             print(format_report(report, title), flush=True)
-            trainer_log = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+            numbers = {k: v for k, v in report.items() if isinstance(v, (int, float))}
             with open(run_dir / "eval.jsonl", "a") as f:
-                import json
-
-                f.write(json.dumps({"stage": title, "step": trainer.step, **trainer_log}) + "\n")
+                f.write(json.dumps({"stage": title, "step": trainer.step, **numbers}) + "\n")
         return report
 
-    reports = {}
-    frozen = frozen_copies(cfg, models, listener)
-    warm_dir = run_dir / WARMUP_DIR
-    if not trainer.resume():
-        if cfg.sft.steps:
-            info, _ = weights_info(warm_dir, dist)
-            if info is not None and info.get("steps") == cfg.sft.steps:
-                # A run stopped between the warm-up and its first checkpoint: the warm-up is not redone.
-                load_weights(warm_dir, [trainer.policy], verified=True)
-                if dist.is_main:
-                    print(f"[resume] warm-up weights from {warm_dir} ({info['steps']} steps); not redone",
-                          flush=True)
-            else:
-                reports["initial"] = held_out("held-out, initial weights")
-                losses = trainer.warmup()
-                if dist.is_main:
-                    print(f"warm-up: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-                # Saved once: a resumed run rebuilds the frozen copies below from these weights.
-                save_weights(warm_dir, trainer.policy, dist, {"steps": len(losses), "loss": losses[-1]})
-            trainer.copy_policy_into(*frozen)
-        reports["before"] = held_out("held-out, before GRPO")
-    elif cfg.sft.steps and frozen:
-        # The checkpoint holds the policy, not the frozen copies made of it after the warm-up.
-        try:
-            load_weights(warm_dir, frozen, dist=dist)
-        except CheckpointError as err:
-            raise CheckpointError(
-                f"cannot rebuild the KL reference / listener, which are copies of the warmed-up policy: {err}. "
-                f"Start a new run (--run.name), or give them as folders (--model.reference, --model.listener)"
-            ) from None
-        if dist.is_main:
-            print(f"[resume] reference/listener rebuilt from the warm-up weights in {warm_dir}", flush=True)
+    reports = warm_up_or_restore(cfg, dist, trainer, frozen_copies(cfg, models, listener), run_dir, held_out)
 
     def periodic_eval(tr: Trainer, _metrics: dict) -> None:
         every = cfg.train.eval_every
@@ -304,19 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         for stage, rep in reports.items():
             if rep is not None:
                 write_report(rep, run_dir / f"eval_{stage}.json")
-        before, after = reports.get("before"), reports.get("after")
-        if before and after:
-            # With a warm-up, name the stage each number comes from: on the tiny model the warm-up, not
-            # GRPO, is where most of the held-out accuracy is learned, and the line must not hide that.
-            initial = reports.get("initial")
-            start = f"{initial['accuracy']:.3f} initially, " if initial else ""
-            warm = " after the warm-up" if initial else ""
-            print(
-                f"held-out accuracy {start}{before['accuracy']:.3f}{warm} -> {after['accuracy']:.3f} after GRPO, "
-                f"contradiction rate {before['contradiction_rate']:.3f} -> {after['contradiction_rate']:.3f} "
-                f"({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+        line = summary_line(reports, time.perf_counter() - t0)
+        if line:
+            print(line, flush=True)
     D.close()
     return 0
 
