@@ -30,6 +30,10 @@ FREE_TO_CHANGE = (
 # Not free: rollout.engine. The engine and the hf path draw different samples from the same distribution,
 # so a run resumed on the other path would not be the run that would have happened.
 
+# What a run did before an option existed, where that differs from the option's default: a config.json
+# without the option is compared as if it held this value (an option merely added is not a change).
+BEFORE_IT_EXISTED = {"rollout.engine": "hf"}
+
 # Resolved at start-up from None (the model folder's value): a config.json written before they were
 # resolved holds None, which is whatever this run resolved, not a change.
 RESOLVED_FROM_NONE = ("data.min_pixels", "data.max_pixels")
@@ -52,8 +56,10 @@ def config_changes(old: dict, new: dict) -> list[str]:
     """``"section.field: old -> new"`` for every setting both configs hold that differs and matters.
 
     A setting only one of them holds is an option added (or removed) by another version of lgrpo, not a
-    change the user made: a run folder written before an option existed must still resume."""
+    change the user made: a run folder written before an option existed must still resume — compared
+    as what that version did (:data:`BEFORE_IT_EXISTED`) where the new default computes otherwise."""
     a, b = _flat(old), _flat(new)
+    a.update({k: v for k, v in BEFORE_IT_EXISTED.items() if k not in a and k in b})
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b))
             if k not in FREE_TO_CHANGE and a[k] != b[k] and not (a[k] is None and k in RESOLVED_FROM_NONE)]
 

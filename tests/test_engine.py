@@ -330,6 +330,11 @@ def test_switching_the_rollout_path_on_resume_is_a_config_change():
     old, new = build_config("tiny", {}).to_dict(), build_config("tiny", {"rollout": {"engine": "hf"}}).to_dict()
     assert old["rollout"]["engine"] == "engine" and "rollout.engine" not in FREE_TO_CHANGE
     assert config_changes(old, new) == ["rollout.engine: 'engine' -> 'hf'"]
+    # A run folder written before the option existed rolled out through transformers: resuming it on
+    # the engine is the same change, and on the hf path none.
+    del old["rollout"]["engine"]
+    assert config_changes(old, build_config("tiny", {}).to_dict()) == ["rollout.engine: 'hf' -> 'engine'"]
+    assert config_changes(old, new) == []
 
 
 def test_bench_rollout_smoke(run_bench):
