@@ -4,7 +4,9 @@ One group: P = 1 prompt (two images + text) and G = 8 completions of C tokens, a
 trainer's default: micro-batch 8 = one group). Prompt:completion ratios R = 1, 4 and 10.
   forward           the reference / old-log-prob pass: per-token log-probs, no gradients
   forward+backward  the update: linear_grpo_loss on the final hidden states, backward, grads zeroed
-  shared            lgrpo.scoring, each prompt (and its images) once per group
+  shared <backend>  lgrpo.scoring, each prompt (and its images) once per group, with each attention
+                    backend that runs here (--loss.prefix_attention): sdpa, flex (forward only on
+                    CPU: torch has no CPU backward for it), varlen (CUDA, after its check)
   repeated          plain transformers on the prompt repeated G times (--loss.shared_prefix false)
 
 Sizes: on CUDA the Qwen2.5-VL-3B-sized model (random weights, bf16, SDPA), C = 256, two images per
@@ -126,62 +128,93 @@ def run_case(model, cfg, ratio: int, completion: int, device, full: bool, reps: 
     adv = torch.randn(G, generator=gen).to(device)
     prompt_len = int(prompts.lengths()[0])
     label = f"R={prompt_len / completion:.1f} ({prompt_len}+{G}x{completion})"
-    scorers = {s: CompletionScorer(model, shared_prefix=s) for s in (True, False)}
+    variants = available_variants(device)
+    scorers = {v: CompletionScorer(model, shared_prefix=v != "repeated", prefix_attention=v if v != "repeated"
+                                   else "auto") for v in variants}
 
-    def forward(shared):
+    def forward(v):
         with torch.no_grad():
-            return scorers[shared](batch)
+            return scorers[v](batch)
 
-    def update(shared):
-        loss = scorers[shared](batch, loss={"advantages": adv, "loss_type": "dapo"})[0]
+    def update(v):
+        loss = scorers[v](batch, loss={"advantages": adv, "loss_type": "dapo"})[0]
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def runs(kind, v):
+        return kind == "fwd" or v in variants_with_grad(device)
+
     with torch.no_grad():
-        diff = attempt(lambda: (forward(True) - forward(False))[mask.to(device)].abs().max().item())
-    if device.type == "cpu" and diff > 1e-3:
-        raise AssertionError(f"{label}: shared and repeated log-probs differ by {diff}")
+        truth = attempt(lambda: forward("repeated"), None)
+        diffs = {v: attempt(lambda v=v: (forward(v) - truth)[mask.to(device)].abs().max().item())
+                 if truth is not None else float("nan") for v in variants}
+    worst = max(d for d in diffs.values() if d == d) if any(d == d for d in diffs.values()) else 0.0
+    if device.type == "cpu" and worst > 1e-3:
+        raise AssertionError(f"{label}: shared and repeated log-probs differ by {diffs}")
     cuda = device.type == "cuda"
+    cases = [(k, v) for k in ("fwd", "fwd+bwd") for v in variants if runs(k, v)]
     if cuda:
-        times = {(k, s): attempt(lambda k=k, s=s: bench_ms(lambda: (forward if k == "fwd" else update)(s)))
-                 for k in ("fwd", "fwd+bwd") for s in (True, False)}
+        times = {(k, v): attempt(lambda k=k, v=v: bench_ms(lambda: (forward if k == "fwd" else update)(v)))
+                 for k, v in cases}
     else:
-        fns = {(k, s): (lambda k=k, s=s: (forward if k == "fwd" else update)(s))
-               for k in ("fwd", "fwd+bwd") for s in (True, False)}
+        fns = {(k, v): (lambda k=k, v=v: (forward if k == "fwd" else update)(v)) for k, v in cases}
         times = interleaved_ms(fns, reps, warmup=not smoke)
     # On CPU the profiler's events take seconds to read: smoke runs leave peak memory out.
     peak = peak_extra_bytes if cuda else (lambda fn: 0) if smoke else cpu_peak_extra_bytes
     rows = []
     for kind in ("fwd", "fwd+bwd"):
         fn = forward if kind == "fwd" else update
-        mem = {s: attempt(lambda s=s, fn=fn: peak(lambda: fn(s)), 0) for s in (True, False)}
-        act = {s: attempt(lambda s=s: saved_bytes(
-            lambda: scorers[s](batch, loss={"advantages": adv, "loss_type": "dapo"})[0], model), 0)
-               for s in (True, False)} if kind == "fwd+bwd" else {True: 0, False: 0}
+        here = [v for v in variants if runs(kind, v)]
+        mem = {v: attempt(lambda v=v, fn=fn: peak(lambda: fn(v)), 0) for v in here}
+        act = {v: attempt(lambda v=v: saved_bytes(
+            lambda: scorers[v](batch, loss={"advantages": adv, "loss_type": "dapo"})[0], model), 0)
+               for v in here} if kind == "fwd+bwd" else dict.fromkeys(here, 0)
         model.zero_grad(set_to_none=True)
-        for shared in (True, False):
-            name = f"{label} {kind} {'shared' if shared else 'repeated'}"
-            ms = times[(kind, shared)]
-            speedup = times[(kind, False)] / ms
+        for v in here:
+            shared = v != "repeated"
+            name = f"{label} {kind} {'shared ' + v if shared else 'repeated'}"
+            ms = times[(kind, v)]
+            speedup = times[(kind, "repeated")] / ms
             tokens = batch.prompt_tokens(shared) + int(mask.sum())
             note = f"{tokens} tokens"
             if shared:
                 note = f"x{speedup:.2f} vs repeated"
-                if mem[shared]:
-                    note += f", peak mem {mem[False] / mem[shared]:.2f}x less"
-                if act[shared]:
-                    note += f", activations {act[False] / act[shared]:.2f}x less"
+                if mem[v]:
+                    note += f", peak mem {mem['repeated'] / mem[v]:.2f}x less"
+                if act[v]:
+                    note += f", activations {act['repeated'] / act[v]:.2f}x less"
             rows.append(Row(
-                name, ms, extra_gib=mem[shared] / GiB if mem[shared] else None, note=note,
+                name, ms, extra_gib=mem[v] / GiB if mem[v] else None, note=note,
                 extra={"ratio": prompt_len / completion, "prompt_tokens": prompt_len, "completion": completion,
                        "group_size": G, "image_side": side, "kind": kind, "shared": shared,
+                       "prefix_attention": v if shared else None,
                        "tokens_computed": tokens, "speedup_vs_repeated": speedup,
-                       "peak_bytes": mem[shared], "memory_ratio_vs_repeated": mem[False] / max(mem[shared], 1),
-                       "saved_for_backward_bytes": act[shared],
-                       "activation_ratio_vs_repeated": act[False] / max(act[shared], 1) if act[shared] else None,
-                       "max_abs_logp_diff": diff}))
+                       "peak_bytes": mem[v], "memory_ratio_vs_repeated": mem["repeated"] / max(mem[v], 1),
+                       "saved_for_backward_bytes": act[v],
+                       "activation_ratio_vs_repeated": act["repeated"] / max(act[v], 1) if act[v] else None,
+                       "max_abs_logp_diff_vs_repeated": diffs[v]}))
     return rows
+
+
+def available_variants(device) -> list[str]:
+    """The repeated baseline and every shared-prefix backend that runs on ``device``: varlen only where its
+    FlashAttention kernel passes lgrpo.attention.check_backend (CUDA, bf16)."""
+    from lgrpo.attention import check_backend
+
+    variants = ["repeated", "sdpa", "flex"]
+    if device.type == "cuda":
+        try:
+            check_backend("varlen", device, torch.bfloat16)
+            variants.append("varlen")
+        except (ValueError, RuntimeError, ImportError) as e:
+            print(f"varlen left out: {e}", flush=True)
+    return variants
+
+
+def variants_with_grad(device) -> set[str]:
+    """FlexAttention has no backward on CPU (torch refuses it): flex times only the forward there."""
+    return {"repeated", "sdpa", "varlen"} | ({"flex"} if device.type == "cuda" else set())
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -256,6 +256,11 @@ class LossConfig:
     """Compute each prompt (and its images) once per micro-batch for all its completions, in the reference,
     old-log-prob and update passes and the listener (same numbers); false: the prompt repeated per completion."""
 
+    prefix_attention: str = "auto"
+    """The shared-prefix attention's kernels (same numbers): auto (FlashAttention varlen on a GPU in 16-bit,
+    once it passes a start-up check against the reference; else sdpa), sdpa (two SDPA calls, any device),
+    flex (compiled FlexAttention with a block mask; on CPU no gradients), varlen (FlashAttention varlen, CUDA)."""
+
     def __post_init__(self) -> None:
         _check(
             self.eps_low >= 0 and self.eps_low < 1, "loss.eps_low", f"must be in [0, 1), got {self.eps_low}"
@@ -266,6 +271,7 @@ class LossConfig:
         _one_of(self.loss_type, LOSS_TYPES, "loss.loss_type")
         _one_of(self.importance_level, ("token", "sequence"), "loss.importance_level")
         _one_of(self.advantage_scale, ("group", "batch", "none"), "loss.advantage_scale")
+        _one_of(self.prefix_attention, ("auto", "sdpa", "flex", "varlen"), "loss.prefix_attention")
         _check(self.epochs >= 1, "loss.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.minibatches >= 1, "loss.minibatches", f"must be >= 1, got {self.minibatches}")
         _check(

@@ -26,6 +26,7 @@ FREE_TO_CHANGE = (
     "checkpoint.resume", "checkpoint.keep", "checkpoint.export", "train.eval_every", "data.eval_size",
     "parallel.fsdp", "parallel.reference", "parallel.listener", "parallel.backend",
     "model.attn_implementation",  # resolved per machine (auto): the same attention, another kernel
+    "loss.prefix_attention",  # likewise
 )
 # Not free: rollout.engine. The engine and the hf path draw different samples from the same distribution,
 # so a run resumed on the other path would not be the run that would have happened.

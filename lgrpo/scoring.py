@@ -25,36 +25,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SharedPrefixLayout, install
+from .attention import CHOICES, build_layout, install
 from .group import GroupBatch, PromptBatch
 from .kernels import grpo_loss, linear_grpo_loss, token_logprobs
 
 
-def completion_states(model, batch: GroupBatch, *, shared_prefix: bool = True) -> torch.Tensor:
+def completion_states(model, batch: GroupBatch, *, shared_prefix: bool = True,
+                      prefix_attention: str = "auto") -> torch.Tensor:
     """Final hidden states ``[N, C + 1, H]``: column 0 at completion ``n``'s prompt's last token, column
     ``j + 1`` at its token ``j``. So ``[:, :-1]`` are the states that predict the completion tokens (row
     ``c`` predicts token ``c``) and ``[n, lengths[n]]`` is the state after its last token. Columns of
-    masked tokens hold an arbitrary finite state of the same sequence.
+    masked tokens hold an arbitrary finite state of the same sequence. ``prefix_attention``: the
+    shared-prefix attention's backend (:mod:`lgrpo.attention`: auto, sdpa, flex, varlen).
     """
     if not len(batch):
         raise ValueError("the batch holds no completions")
-    return _shared_states(model, batch) if shared_prefix else _repeated_states(model, batch)
+    if shared_prefix:
+        return _shared_states(model, batch, prefix_attention)
+    return _repeated_states(model, batch)
 
 
 def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, group_size: int, *, temperature: float = 1.0,
-                        shared_prefix: bool = True) -> torch.Tensor:
+                        shared_prefix: bool = True, prefix_attention: str = "auto") -> torch.Tensor:
     """Per-token log-probs ``[P*G, C]`` (fp32, differentiable) of completions given their prompts.
 
     ``prompts``: P prompts as the task makes them (left padded; ``pixel_values``/``image_grid_thw``/
     ``images_per_row`` for a VLM); completion row ``i`` continues prompt ``i // group_size``.
     ``completion_mask`` ``[P*G, C]``: the tokens that count, a prefix of each row; masked entries of the
-    result are 0. ``shared_prefix``: each prompt computed once (see the module docstring), else repeated.
+    result are 0. ``shared_prefix``: each prompt computed once (see the module docstring), else repeated;
+    ``prefix_attention``: its attention backend (:mod:`lgrpo.attention`).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     batch = GroupBatch.grouped(prompts, completion_ids, completion_mask, group_size)
-    hidden = completion_states(model, batch, shared_prefix=shared_prefix)[:, :-1]
+    hidden = completion_states(model, batch, shared_prefix=shared_prefix, prefix_attention=prefix_attention)[:, :-1]
     logp = head_logprobs(hidden, model.get_output_embeddings(), batch.completion_ids, temperature)
     return logp.masked_fill(~batch.completion_mask, 0.0)
 
@@ -115,7 +120,7 @@ def _check_prefix_masks(batch: GroupBatch) -> torch.Tensor:
     return lengths
 
 
-def _shared_states(model, batch: GroupBatch) -> torch.Tensor:
+def _shared_states(model, batch: GroupBatch, backend: str) -> torch.Tensor:
     install(model)
     prompts, group, mask = batch.prompts, batch.group, batch.completion_mask
     lengths_c = _check_prefix_masks(batch)
@@ -128,7 +133,7 @@ def _shared_states(model, batch: GroupBatch) -> torch.Tensor:
         flat_pos = torch.cat([pos_p[:, valid_p], pos_c[None].expand(3, -1)], -1)[:, None]
     else:
         flat_pos = torch.cat([pos_p[valid_p], pos_c])[None]
-    layout = SharedPrefixLayout.build(lengths_p, lengths_c, group)
+    layout = build_layout(lengths_p, lengths_c, group, backend)
     inputs = {
         "input_ids": torch.cat([prompts.input_ids[valid_p], batch.completion_ids[mask]])[None],
         # A dict of prepared masks reaches every attention layer as is (no 4-D mask is built).
@@ -189,6 +194,7 @@ class CompletionScorer(nn.Module):
         chunk_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         shared_prefix: bool = True,
+        prefix_attention: str = "auto",
     ):
         super().__init__()
         self.model = model
@@ -197,6 +203,9 @@ class CompletionScorer(nn.Module):
         self.chunk_size = chunk_size  # linear_grpo_loss's row chunk (None: its default)
         self.autocast_dtype = autocast_dtype
         self.shared_prefix = shared_prefix
+        if prefix_attention not in CHOICES:
+            raise ValueError(f"prefix_attention must be one of {list(CHOICES)}, got {prefix_attention!r}")
+        self.prefix_attention = prefix_attention
         head = model.get_output_embeddings()
         if fused and getattr(head, "bias", None) is not None:
             self.fused = False  # linear_grpo_loss has no bias term
@@ -212,7 +221,8 @@ class CompletionScorer(nn.Module):
             else nullcontext()
         )
         with ctx:
-            states = completion_states(self.model, batch, shared_prefix=self.shared_prefix)
+            states = completion_states(self.model, batch, shared_prefix=self.shared_prefix,
+                                       prefix_attention=self.prefix_attention)
         head = self.model.get_output_embeddings()
         if last_logits:
             last = states[torch.arange(len(batch), device=states.device), batch.lengths.to(states.device)]

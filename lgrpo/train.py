@@ -140,7 +140,7 @@ def build(cfg: JobConfig, dist: D.Dist):
     if cfg.reward.w_listener > 0:
         lm = load_listener(cfg.model.listener or name, dtype=cfg.model.dtype, **common)
         listener = Listener(lm, batcher, micro_batch_size=cfg.reward.listener_batch_size,
-                            shared_prefix=cfg.loss.shared_prefix)
+                            shared_prefix=cfg.loss.shared_prefix, prefix_attention=cfg.loss.prefix_attention)
         if D.use_fsdp(cfg.parallel.fsdp) and cfg.parallel.listener == "shard":
             D.shard(lm, root=listener.scorer)  # the scorer reads the lm_head outside the HF forward
     weights = RewardWeights(cfg.reward.w_format, cfg.reward.w_accuracy, cfg.reward.w_listener)
@@ -175,11 +175,27 @@ def resolve_auto(cfg: JobConfig, dist: D.Dist) -> JobConfig:
     from .model import load_image_processor, resolve_attn_implementation
 
     cfg.model.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation, dist.device)
+    if cfg.loss.shared_prefix:
+        cfg.loss.prefix_attention = resolve_prefix_attention(cfg.loss.prefix_attention, dist.device, cfg.model.dtype)
     size = load_image_processor(
         cfg.model.policy or "tiny", min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels
     ).size
     cfg.data.min_pixels, cfg.data.max_pixels = int(size["shortest_edge"]), int(size["longest_edge"])
     return cfg
+
+
+def resolve_prefix_attention(requested: str, device, dtype: str) -> str:
+    """``auto`` resolved for this machine (varlen checked on the GPU first), and a choice that cannot run
+    here refused at start-up rather than at the first update."""
+    from .attention import resolve_backend
+
+    device = torch.device(device)
+    backend = resolve_backend(requested, device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    if device.type == "cpu" and backend in ("flex", "varlen"):
+        raise ValueError(f"--loss.prefix_attention {backend} cannot run the update on CPU "
+                         f"({'torch has no CPU backward for FlexAttention' if backend == 'flex' else 'CUDA only'}); "
+                         "use sdpa or auto")
+    return backend
 
 
 def run_folder(cfg: JobConfig) -> Path:
@@ -214,7 +230,9 @@ def start_run(cfg: JobConfig, dist: D.Dist) -> Path:
         save_config(cfg, run_dir / "config.json")
         print(
             f"run folder: {run_dir}  ({dist.world_size} rank(s), {dist.device}, attention "
-            f"{cfg.model.attn_implementation}, images {cfg.data.min_pixels}..{cfg.data.max_pixels} pixels)",
+            f"{cfg.model.attn_implementation}"
+            f"{f' (shared prefix: {cfg.loss.prefix_attention})' if cfg.loss.shared_prefix else ''}, "
+            f"images {cfg.data.min_pixels}..{cfg.data.max_pixels} pixels)",
             flush=True,
         )
     return run_dir

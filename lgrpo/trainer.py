@@ -145,6 +145,7 @@ class Trainer:
             chunk_size=cfg.loss.chunk_size,
             autocast_dtype=compute if (compute and params_fp32 and not self.fsdp) else None,
             shared_prefix=cfg.loss.shared_prefix,
+            prefix_attention=cfg.loss.prefix_attention,
         )
         if self.fsdp:
             D.shard(self.policy, root=self.scorer, mixed_precision=compute if params_fp32 else None)
@@ -159,6 +160,7 @@ class Trainer:
                 fused=cfg.loss.fused,
                 autocast_dtype=compute if (compute and ref_fp32) else None,
                 shared_prefix=cfg.loss.shared_prefix,
+                prefix_attention=cfg.loss.prefix_attention,
             )
             if self.fsdp and cfg.parallel.reference == "shard":
                 D.shard(models.reference, root=self.ref_scorer, mixed_precision=None)

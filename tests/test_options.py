@@ -97,6 +97,36 @@ def test_attention_auto_resolves_once_for_every_model(tmp_path):
         resolve_auto(build_config("tiny", {"model": {"attn_implementation": "flash_attention_2"}}), D.Dist())
 
 
+@pytest.mark.usefixtures("reference_kernels")
+def test_prefix_attention_reaches_every_shared_prefix_pass(tmp_path, monkeypatch):
+    """Reference, old-log-prob, update and listener forwards all build their layout for the chosen backend;
+    auto resolves at start-up, and a backend that cannot run the update here is refused there."""
+    import lgrpo.scoring as S
+    from lgrpo.train import build, resolve_auto
+
+    seen = []
+    real = S.build_layout
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(S, "build_layout", spy)
+    make_trainer(tmp_path, loss={"prefix_attention": "sdpa", "beta": 0.04, "epochs": 2}).train_step()
+    assert len(seen) >= 3 and set(seen) == {"sdpa"}  # reference, old log-probs, update
+    _, _, listener = build(build_config("tiny", {"loss": {"prefix_attention": "sdpa"}}), D.Dist())
+    assert listener.scorer.prefix_attention == "sdpa"
+
+    cfg = build_config("tiny", {"train": {"steps": 0}})
+    assert cfg.loss.prefix_attention == "auto"
+    assert resolve_auto(cfg, D.Dist()).loss.prefix_attention == "sdpa"  # CPU
+    for backend in ("flex", "varlen"):
+        with pytest.raises(ValueError, match=f"prefix_attention {backend} cannot run the update on CPU"):
+            resolve_auto(build_config("tiny", {"loss": {"prefix_attention": backend}}), D.Dist())
+    with pytest.raises(ValueError, match="loss.prefix_attention"):
+        build_config("tiny", {"loss": {"prefix_attention": "flash"}})
+
+
 def test_one_stop_set_for_rollouts_masks_and_the_batcher():
     from lgrpo.batching import VLBatcher
     from lgrpo.model import load_policy, load_tokenizer

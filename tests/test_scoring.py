@@ -203,13 +203,17 @@ def test_invalid_inputs_raise(batcher, pairs):
 
 def test_benchmark_smoke(run_bench):
     """bench/bench_shared_prefix.py at smoke sizes: every row measured, shared == repeated in value, and
-    the shared path computes each prompt once (its token count and its saved activations are smaller)."""
+    the shared path computes each prompt once (its token count and its saved activations are smaller).
+    On CPU: sdpa forward and backward, flex forward only."""
     result = run_bench("bench_shared_prefix", "shared_prefix")
     rows = result["rows"]
-    assert len(rows) == 12 and all(r["ms"] > 0 for r in rows)
+    assert len(rows) == 15 and all(r["ms"] > 0 for r in rows)
+    for kind, backends in (("fwd", {None, "sdpa", "flex"}), ("fwd+bwd", {None, "sdpa"})):
+        got = [r["extra"]["prefix_attention"] for r in rows if r["extra"]["kind"] == kind]
+        assert sorted(got, key=str) == sorted(list(backends) * 3, key=str)
     for r in rows:
         e = r["extra"]
-        assert e["max_abs_logp_diff"] < 1e-4
+        assert e["max_abs_logp_diff_vs_repeated"] < 1e-4
         prompt_copies = 1 if e["shared"] else e["group_size"]
         assert e["tokens_computed"] > prompt_copies * e["prompt_tokens"]
         if e["kind"] == "fwd+bwd" and e["shared"]:

@@ -1,0 +1,233 @@
+"""The shared-prefix attention backends (sdpa, flex, varlen) against the attention they replace.
+
+The truth at the attention level is SDPA on each completion's prompt repeated in front of it, built
+here by hand from the segment lengths (not from lgrpo.attention's mask); at the model level, plain
+transformers on repeated prompts (tests/test_scoring.py's truth). On CPU: sdpa forward and backward,
+flex forward (torch has no CPU backward for it), varlen's packing through a reference varlen kernel
+written here (FlashAttention itself is CUDA-only: the real kernels run in the GPU-marked tests, in
+bench/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+
+from lgrpo import attention as A
+from lgrpo.attention import flex as flex_backend
+from lgrpo.attention import varlen as varlen_backend
+from lgrpo.attention.layout import Segments, allowed
+from lgrpo.model import load_model
+from lgrpo.scoring import completion_logprobs
+from tests.test_scoring import _assert_close, _completions, _truth_vlm
+
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+CASES = {
+    # prompt lengths, completion lengths, group (completion n continues prompt group[n])
+    "groups": ([7, 3, 12], [4, 6, 1, 5, 5, 2], [0, 0, 1, 1, 2, 2]),
+    "ragged, empty, out of order": ([37, 5, 130], [9, 0, 140, 3, 1, 20], [2, 0, 0, 2, 1, 0]),
+    "G = 1, one-token prompt": ([1, 9], [3, 8], [0, 1]),
+    "one prompt, one block edge": ([128], [128, 127, 129], [0, 0, 0]),
+}
+
+
+def _case(name, device="cpu"):
+    p, c, g = CASES[name]
+    return Segments.of(torch.tensor(p), torch.tensor(c), torch.tensor(g, device=device))
+
+
+def _qkv(segments, gen, heads=4, kv_heads=2, dim=16, grad=False):
+    t = int(segments.prompt_lengths.sum() + segments.completion_lengths.sum())
+    q = torch.randn(heads, t, dim, generator=gen)
+    k, v = (torch.randn(kv_heads, t, dim, generator=gen) for _ in range(2))
+    return [x.requires_grad_(grad) for x in (q, k, v)]
+
+
+def _truth(segments, q, k, v):
+    """Each prompt causally; each completion after a copy of its prompt, causally: the repeated layout."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    lp, lc = segments.prompt_lengths.tolist(), segments.completion_lengths.tolist()
+    starts = [sum(lp[:i]) for i in range(len(lp))]
+    out = []
+    for s, n in zip(starts, lp):
+        out.append(F.scaled_dot_product_attention(q[:, s:s + n], k[:, s:s + n], v[:, s:s + n], is_causal=True))
+    c0 = sum(lp)
+    for n, g in zip(lc, segments.group.tolist()):
+        if n:
+            rows = list(range(starts[g], starts[g] + lp[g])) + list(range(c0, c0 + n))
+            full = F.scaled_dot_product_attention(q[:, rows], k[:, rows], v[:, rows], is_causal=True)
+            out.append(full[:, lp[g]:])
+        c0 += n
+    return torch.cat(out, 1).transpose(0, 1)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale):
+    """What a FlashAttention varlen call computes (causal aligned bottom right), one sequence at a time."""
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs, ks = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1), k[cu_k[i]:cu_k[i + 1]].transpose(0, 1)
+        vs = v[cu_k[i]:cu_k[i + 1]].transpose(0, 1)
+        nq, nk = qs.shape[1], ks.shape[1]
+        mask = torch.arange(nk)[None] <= torch.arange(nq)[:, None] + (nk - nq)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                                  enable_gqa=True).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dense_mask_is_the_repeated_attention(case, gen):
+    s = _case(case)
+    q, k, v = _qkv(s, gen)
+    got = F.scaled_dot_product_attention(q, k, v, attn_mask=A.dense_mask(s), enable_gqa=True).transpose(0, 1)
+    _assert_close(got, _truth(s, q, k, v), case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sdpa_backend_forward_and_backward(case, gen):
+    s = _case(case)
+    q, k, v = _qkv(s, gen, grad=True)
+    got = A.BACKENDS["sdpa"].build(s).attend(q, k, v, 0.0, None)
+    want = _truth(s, q, k, v)
+    _assert_close(got, want, "output")
+    w = torch.randn(want.shape, generator=gen)
+    grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, torch.autograd.grad((want * w).sum(), (q, k, v))):
+        _assert_close(a, b, f"d{name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_varlen_packing_forward_and_backward(case, gen, monkeypatch):
+    """The cu_seqlens and packed keys the varlen backend hands FlashAttention, through a reference kernel."""
+    monkeypatch.setattr(varlen_backend, "varlen_kernel", lambda: _reference_varlen)
+    s = _case(case)
+    q, k, v = _qkv(s, gen, grad=True)
+    layout = A.BACKENDS["varlen"].build(s)
+    got = layout.attend(q, k, v, 0.0, None)
+    want = _truth(s, q, k, v)
+    _assert_close(got, want, "output")
+    w = torch.randn(want.shape, generator=gen)
+    for name, a, b in zip("qkv", torch.autograd.grad((got * w).sum(), (q, k, v)),
+                          torch.autograd.grad((want * w).sum(), (q, k, v))):
+        _assert_close(a, b, f"d{name}")
+    assert layout.max_key == max(int(s.prompt_lengths[g] + c) for g, c in zip(s.group, s.completion_lengths))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flex_block_mask_equals_torch_create_block_mask(case):
+    """Built a chunk of rows at a time (bounded memory): the same tiles as torch's own builder."""
+    s = _case(case)
+    segment, reads = s.token_segments()
+    t = len(segment)
+
+    def mask_mod(b, h, q, k):
+        return allowed(segment, reads, q, k)
+
+    ours = flex_backend.block_mask(mask_mod, t, torch.device("cpu"))
+    theirs = create_block_mask(mask_mod, None, None, t, t, device="cpu", BLOCK_SIZE=flex_backend.BLOCK)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    for a, b in ((ours.kv_num_blocks, theirs.kv_num_blocks), (ours.full_kv_num_blocks, theirs.full_kv_num_blocks)):
+        assert torch.equal(a.flatten(), b.flatten())
+    assert ours.seq_lengths == (t, t)
+
+
+def test_flex_block_mask_in_several_chunks(monkeypatch):
+    monkeypatch.setattr(flex_backend, "_ROWS_PER_CHUNK", flex_backend.BLOCK)
+    test_flex_block_mask_equals_torch_create_block_mask("ragged, empty, out of order")
+
+
+@pytest.mark.slow
+def test_flex_backend_forward(gen):
+    """Compiled flex_attention (the first call compiles, ~10-20 s on CPU); one compile serves all lengths."""
+    for case in CASES:
+        s = _case(case)
+        q, k, v = _qkv(s, gen)
+        with torch.no_grad():
+            got = A.BACKENDS["flex"].build(s).attend(q, k, v, 0.0, None)
+        _assert_close(got, _truth(s, q, k, v), case)
+
+
+def test_flex_backend_refuses_gradients_on_cpu(gen):
+    s = _case("groups")
+    q, k, v = _qkv(s, gen, grad=True)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        A.BACKENDS["flex"].build(s).attend(q, k, v, 0.0, None)
+
+
+def test_check_backend_catches_a_wrong_kernel(monkeypatch):
+    """The self-check ``auto`` runs before it trusts varlen: passes with the right alignment, fails with
+    top-left causal alignment (the easiest way for a varlen kernel to be wrong)."""
+    monkeypatch.setattr(A, "_checked", {})
+    monkeypatch.setattr(varlen_backend, "varlen_kernel", lambda: _reference_varlen)
+    A.check_backend("varlen", "cpu", torch.float32)
+
+    def top_left(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale):
+        return _reference_varlen(q, k[: len(q)], v[: len(q)], cu_q, cu_q, max_q, max_q, dropout, scale)
+
+    monkeypatch.setattr(A, "_checked", {})
+    monkeypatch.setattr(varlen_backend, "varlen_kernel", lambda: top_left)
+    with pytest.raises(ValueError, match="disagrees"):
+        A.check_backend("varlen", "cpu", torch.float32)
+
+
+def test_resolve_and_build_validate():
+    assert A.resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    assert A.resolve_backend("flex", torch.device("cpu"), torch.float32) == "flex"
+    with pytest.raises(ValueError, match="prefix_attention must be one of"):
+        A.resolve_backend("flash", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="prefix_attention must be one of"):
+        A.build_layout(torch.tensor([2]), torch.tensor([1]), torch.tensor([0]), "dense")
+    with pytest.raises(ValueError, match="completion_lengths"):
+        A.build_layout(torch.tensor([2]), torch.tensor([1, 2]), torch.tensor([0]), "sdpa")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            A.check_backend("varlen", "cpu", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from tests.toy_task import sharpened
+
+    return sharpened(load_model("tiny", seed=1), 4.0)
+
+
+@pytest.mark.slow
+def test_flex_model_forward_equals_repeated_prompts(vlm, batcher, pairs, gen):
+    """The tiny VLM's no-gradient passes (reference, old log-probs, listener) on the flex backend."""
+    texts, images = pairs
+    prompts = batcher.reasoner_batch(texts, images)
+    ids, mask = _completions(gen, 6, 9, 500)
+    with torch.no_grad():
+        got = completion_logprobs(vlm, prompts, ids, mask, 2, prefix_attention="flex")
+        want = _truth_vlm(vlm, batcher, texts, images, ids, mask, 2)
+    _assert_close(got[mask], want[mask], "log-probs")
+
+
+# --- on a GPU (bench/gpu_check.sh runs these) --------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "varlen"])
+def test_gpu_backend_forward_and_backward(backend, gen):
+    """The real kernels (FlashAttention varlen, compiled flex) in bf16 against the fp32 truth."""
+    for case in CASES:
+        s = _case(case, "cuda")
+        q, k, v = _qkv(s, gen, heads=8, kv_heads=2, dim=128)
+        q, k, v = (x.cuda().bfloat16().requires_grad_() for x in (q, k, v))
+        got = A.BACKENDS[backend].build(s).attend(q, k, v, 0.0, None)
+        ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        want = _truth(s, *ref)
+        assert (got.float() - want).abs().max().item() < 2e-2, case
+        w = torch.randn(want.shape, device="cuda")
+        grads = torch.autograd.grad((got.float() * w).sum(), (q, k, v))
+        for a, b in zip(grads, torch.autograd.grad((want * w).sum(), ref)):
+            assert (a.float() - b).abs().max().item() <= 3e-2 * b.abs().max().item() + 1e-3, case
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_a_checked_varlen():
+    assert A.resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "varlen"
+    assert A.resolve_backend("auto", torch.device("cuda"), torch.float32) == "sdpa"
