@@ -141,13 +141,19 @@ def test_flex_block_mask_in_several_chunks(monkeypatch):
 
 @pytest.mark.slow
 def test_flex_backend_forward(gen):
-    """Compiled flex_attention (the first call compiles, ~10-20 s on CPU); one compile serves all lengths."""
+    """Compiled flex_attention (the first call compiles, ~10-20 s on CPU). Compiled with dynamic shapes, a
+    new length does not recompile (dynamo would fall back to eager after 8): two compiles at most, the
+    second when a one-tile sequence (sizes of 1 are specialised) is followed by a longer one."""
+    from torch._dynamo.utils import counters
+
+    before = counters["frames"]["total"]
     for case in CASES:
         s = _case(case)
         q, k, v = _qkv(s, gen)
         with torch.no_grad():
             got = A.BACKENDS["flex"].build(s).attend(q, k, v, 0.0, None)
         _assert_close(got, _truth(s, q, k, v), case)
+    assert counters["frames"]["total"] - before <= 2
 
 
 def test_flex_backend_refuses_gradients_on_cpu(gen):
