@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from bench.common import (  # noqa: E402
     environment,
     peak_extra_bytes,
     print_table,
+    rel_err,
     run_guarded,
     write_json,
 )
@@ -58,14 +60,54 @@ def eager_from_logits(logits, ids, old, ref, adv, mask):
     return grpo_from_logp(lp.gather(-1, ids[..., None]).squeeze(-1), old, ref, adv, mask)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| over the leading dim in slices (no full-size fp32 temporaries)."""
-    num = den = 0.0
-    for i in range(a.shape[0]):
-        x, y = a[i].float(), b[i].float()
-        num += (x - y).pow(2).sum().item()
-        den += y.pow(2).sum().item()
-    return (num / max(den, 1e-30)) ** 0.5
+@dataclass
+class Inputs:
+    """One benchmark case: bf16 logits ``[B, T, V]`` (never modified: in-place rows restore from it),
+    targets, one advantage per sequence, ~90% of tokens live, behaviour and reference log-probs."""
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    adv: torch.Tensor
+    mask: torch.Tensor
+    old: torch.Tensor
+    ref: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.logits.numel() * self.logits.element_size()
+
+
+def make_inputs(B: int, T: int, V: int, device: str, seed: int = 0) -> Inputs:
+    """The benchmark's inputs. ``old``/``ref`` = the policy's log-probs + N(0, 0.05^2), so ratios sit
+    inside the clip range as in training (see the module docstring)."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), device=device)
+    adv = torch.randn(B, device=device)
+    mask = (torch.rand(B, T, device=device) > 0.1).float()
+    logits = (torch.randn(B, T, V, device=device) * 2).to(torch.bfloat16)
+    with torch.no_grad():
+        lp = token_logprobs(logits, ids, TEMP)
+    return Inputs(logits, ids, adv, mask, lp + 0.05 * torch.randn_like(lp), lp + 0.05 * torch.randn_like(lp))
+
+
+def ours_loss(logits: torch.Tensor, x: Inputs, inplace: bool = False) -> torch.Tensor:
+    """lgrpo's grpo_loss with the anchors' settings (the forward; ``.backward()`` on it is the rest)."""
+    return grpo_loss(logits, x.ids, x.adv, x.mask, x.old, x.ref, temperature=TEMP, eps_low=EPS_LO,
+                     eps_high=EPS_HI, beta=BETA, loss_type="dapo", inplace_grad=inplace).loss
+
+
+def liger_logits(logits: torch.Tensor) -> torch.Tensor:
+    """liger shifts internally: it wants logits for T + 1 positions and drops the last."""
+    return torch.cat([logits, logits[:, -1:]], dim=1)
+
+
+def liger_loss(longer: torch.Tensor, x: Inputs) -> torch.Tensor:
+    """liger-kernel's in-place triton_grpo_loss on ``liger_logits(...)`` (its gradient overwrites them)."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    loss, _ = triton_grpo_loss(longer, x.old, x.ref, x.ids, x.adv, x.mask, temperature=TEMP, beta=BETA,
+                               eps_low=EPS_LO, eps_high=EPS_HI, inplace=True, loss_type="dapo", reduce=True)
+    return loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,19 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     B, T, V = (2, 8, 96) if smoke else (8, 1024, 152064)
     device = "cuda" if cuda else "cpu"
     env = environment()
-    torch.manual_seed(0)
-
-    ids = torch.randint(0, V, (B, T), device=device)
-    adv = torch.randn(B, device=device)
-    mask = (torch.rand(B, T, device=device) > 0.1).float()
-    pristine = (torch.randn(B, T, V, device=device) * 2).to(torch.bfloat16)
-    with torch.no_grad():
-        lp = token_logprobs(pristine, ids, TEMP)
-    old = lp + 0.05 * torch.randn_like(lp)
-    ref = lp + 0.05 * torch.randn_like(lp)
-    del lp
+    x = make_inputs(B, T, V, device)
+    ids, adv, mask, old, ref, pristine = x.ids, x.adv, x.mask, x.old, x.ref, x.logits
     logits = pristine.clone().requires_grad_()
-    logits_bytes = logits.numel() * logits.element_size()
+    logits_bytes = x.nbytes
 
     bw = copy_bandwidth_gbs() if cuda else None
     floor_ms = 3 * logits_bytes / (bw * 1e9) * 1e3 if cuda else None
@@ -160,10 +193,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def ours(inplace: bool):
         def step():
-            out = grpo_loss(logits, ids, adv, mask, old, ref, temperature=TEMP, eps_low=EPS_LO,
-                            eps_high=EPS_HI, beta=BETA, loss_type="dapo", inplace_grad=inplace)
-            out.loss.backward()
-            return out.loss.detach()
+            loss = ours_loss(logits, x, inplace)
+            loss.backward()
+            return loss.detach()
         return step
 
     record(run_guarded("ours (lgrpo grpo_loss)", lambda: measure("ours (lgrpo grpo_loss)", ours(False),
@@ -173,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def ours_forward():
         with torch.no_grad():
-            return grpo_loss(logits, ids, adv, mask, old, ref, temperature=TEMP, eps_low=EPS_LO,
-                             eps_high=EPS_HI, beta=BETA, loss_type="dapo").loss
+            return ours_loss(logits, x)
 
     record(run_guarded("ours, forward only", lambda: measure(
         "ours, forward only", ours_forward, inplace=False, floor=fwd_floor_ms, nbytes=logits_bytes,
@@ -198,16 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     record(run_guarded("torch.compile", compiled))
 
     def liger():
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-
-        # liger shifts internally: it wants logits for T + 1 positions and drops the last.
-        longer = torch.cat([pristine, pristine[:, -1:]], dim=1).requires_grad_()
+        longer = liger_logits(pristine).requires_grad_()
         longer_pristine = longer.detach().clone()
 
         def step():
-            loss, _ = triton_grpo_loss(longer, old, ref, ids, adv, mask, temperature=TEMP, beta=BETA,
-                                       eps_low=EPS_LO, eps_high=EPS_HI, inplace=True, loss_type="dapo",
-                                       reduce=True)
+            loss = liger_loss(longer, x)
             loss.backward()
             return loss.detach()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from bench.common import (  # noqa: E402
     matmul_ms,
     peak_extra_bytes,
     print_table,
+    rel_err,
     run_guarded,
     write_json,
 )
@@ -51,14 +53,81 @@ def grpo_from_logp(logp, old, ref, adv, mask):
     return ((pg + BETA * kl) * mask).sum() / mask.sum()
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    num = den = 0.0
-    for i in range(0, a.shape[0], 8192):
-        x, y = a[i:i + 8192].float(), b[i:i + 8192].float()
-        num += (x - y).pow(2).sum().item()
-        den += y.pow(2).sum().item()
-    return (num / max(den, 1e-30)) ** 0.5
+@dataclass
+class Inputs:
+    """One benchmark case: bf16 hidden states ``[B, T, H]`` and lm_head weight ``[V, H]`` (plain tensors:
+    callers make leaves of them), targets, one advantage per sequence, ~90% of tokens live, behaviour
+    and reference log-probs."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    ids: torch.Tensor
+    adv: torch.Tensor
+    mask: torch.Tensor
+    old: torch.Tensor
+    ref: torch.Tensor
+
+
+def make_inputs(B: int, T: int, H: int, V: int, device: str, seed: int = 0) -> Inputs:
+    """The benchmark's inputs. ``old``/``ref`` = the policy's log-probs + N(0, 0.05^2): ratios in the
+    clip range, as in training."""
+    torch.manual_seed(seed)
+    hidden = torch.randn(B, T, H, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(V, H, device=device, dtype=torch.bfloat16) / H**0.5
+    ids = torch.randint(0, V, (B, T), device=device)
+    adv = torch.randn(B, device=device)
+    mask = (torch.rand(B, T, device=device) > 0.1).float()
+    with torch.no_grad():
+        lp = linear_grpo_loss(hidden, weight, ids, adv, mask).logp
+    return Inputs(hidden, weight, ids, adv, mask, lp + 0.05 * torch.randn_like(lp),
+                  lp + 0.05 * torch.randn_like(lp))
+
+
+def matmul_floor(N: int, H: int, V: int) -> tuple[float, str]:
+    """(ms, note): the three lm_head-sized matmuls (logits, grad_hidden, grad_weight), timed here."""
+    shapes = {"logits  [N,H]x[H,V]": (N, V, H), "grad_h  [N,V]x[V,H]": (N, H, V),
+              "grad_W  [V,N]x[N,H]": (V, H, N)}
+    times = {k: matmul_ms(*mnk) for k, mnk in shapes.items()}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    floor_ms = sum(times.values())
+    tflops = 3 * 2 * N * H * V / (floor_ms * 1e-3) / 1e12
+    parts = ", ".join(f"{k.split()[0]} {v:.2f} ms" for k, v in times.items())
+    return floor_ms, f"{parts}; {tflops:.0f} TFLOP/s"
+
+
+def ours_loss(hidden: torch.Tensor, weight: torch.Tensor, x: Inputs, **opts) -> torch.Tensor:
+    """lgrpo's linear_grpo_loss with the anchors' settings (``opts``: chunk_size, importance_level...)."""
+    return linear_grpo_loss(hidden, weight, x.ids, x.adv, x.mask, x.old, x.ref, temperature=TEMP, eps_low=EPS_LO,
+                            eps_high=EPS_HI, beta=BETA, loss_type="dapo", **opts).loss
+
+
+def eager_loss(hidden: torch.Tensor, weight: torch.Tensor, x: Inputs) -> torch.Tensor:
+    """The full logits in bf16, then the TRL-style loss in fp32: what a trainer writes without a fused head."""
+    logits = hidden @ weight.T
+    lp = torch.log_softmax(logits.float() / TEMP, dim=-1).gather(-1, x.ids[..., None]).squeeze(-1)
+    return grpo_from_logp(lp, x.old, x.ref, x.adv, x.mask)
+
+
+def cce_loss(hidden: torch.Tensor, weight: torch.Tensor, x: Inputs, filter_eps) -> torch.Tensor:
+    """cut-cross-entropy's per-token NLL (never the full logits), then the TRL-style loss."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    nll = linear_cross_entropy(hidden, weight, x.ids, reduction="none", filter_eps=filter_eps)
+    return grpo_from_logp(-nll.float(), x.old, x.ref, x.adv, x.mask)
+
+
+def liger_module(compiled: bool):
+    """liger-kernel's fused linear GRPO loss (chunk 4, as the anchors ran it)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    return LigerFusedLinearGRPOLoss(beta=BETA, epsilon_low=EPS_LO, epsilon_high=EPS_HI, loss_type="dapo",
+                                    temperature=TEMP, chunk_size=4, use_ref_model=True, compiled=compiled)
+
+
+def liger_loss(fused, hidden: torch.Tensor, weight: torch.Tensor, x: Inputs) -> torch.Tensor:
+    out = fused(hidden, weight, x.ids, x.mask, x.adv, ref_per_token_logps=x.ref, old_per_token_logps=x.old)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def chunk_breakdown(chunk: int, live_rows: int, H: int, V: int, device: str) -> Row:
@@ -110,7 +179,6 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if cuda else "cpu"
     env = environment()
     title = f"GRPO loss from hidden states, fwd+bwd, N={B}x{T} H={H} V={V} bf16, dapo beta={BETA}"
-    torch.manual_seed(0)
     rows: list[Row] = []
 
     def record(row: Row) -> None:
@@ -121,31 +189,14 @@ def main(argv: list[str] | None = None) -> None:
 
     floor_ms = None
     if cuda:
-        shapes = {"logits  [N,H]x[H,V]": (N, V, H), "grad_h  [N,V]x[V,H]": (N, H, V),
-                  "grad_W  [V,N]x[N,H]": (V, H, N)}
-        times = {k: matmul_ms(*mnk) for k, mnk in shapes.items()}
-        torch.cuda.empty_cache()
-        floor_ms = sum(times.values())
-        tflops = 3 * 2 * N * H * V / (floor_ms * 1e-3) / 1e12
-        parts = ", ".join(f"{k.split()[0]} {v:.2f} ms" for k, v in times.items())
-        record(Row("floor: the three matmuls", floor_ms, None, None, 1.0,
-                   note=f"{parts}; {tflops:.0f} TFLOP/s"))
+        floor_ms, floor_note = matmul_floor(N, H, V)
+        record(Row("floor: the three matmuls", floor_ms, None, None, 1.0, note=floor_note))
 
-    hidden = torch.randn(B, T, H, device=device, dtype=torch.bfloat16).requires_grad_()
-    weight = (torch.randn(V, H, device=device, dtype=torch.bfloat16) / H**0.5).requires_grad_()
-    ids = torch.randint(0, V, (B, T), device=device)
-    adv = torch.randn(B, device=device)
-    mask = (torch.rand(B, T, device=device) > 0.1).float()
-    with torch.no_grad():
-        lp = linear_grpo_loss(hidden, weight, ids, adv, mask).logp
-    old = lp + 0.05 * torch.randn_like(lp)
-    ref = lp + 0.05 * torch.randn_like(lp)
-    del lp
+    x = make_inputs(B, T, H, V, device)
+    hidden, weight, mask = x.hidden.requires_grad_(), x.weight.requires_grad_(), x.mask
 
     def eager():
-        logits = hidden @ weight.T
-        lp = torch.log_softmax(logits.float() / TEMP, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
-        loss = grpo_from_logp(lp, old, ref, adv, mask)
+        loss = eager_loss(hidden, weight, x)
         loss.backward()
         return loss.detach()
 
@@ -173,10 +224,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def ours(**opts):
         def step():
-            out = linear_grpo_loss(hidden, weight, ids, adv, mask, old, ref, temperature=TEMP, eps_low=EPS_LO,
-                                   eps_high=EPS_HI, beta=BETA, loss_type="dapo", **opts)
-            out.loss.backward()
-            return out.loss.detach()
+            loss = ours_loss(hidden, weight, x, **opts)
+            loss.backward()
+            return loss.detach()
         return step
 
     chunk = default_chunk_rows(V, 2)
@@ -201,14 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     record(run_guarded("eager", lambda: measure("eager matmul + loss", eager)))
 
     def liger():
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        fused = LigerFusedLinearGRPOLoss(beta=BETA, epsilon_low=EPS_LO, epsilon_high=EPS_HI, loss_type="dapo",
-                                         temperature=TEMP, chunk_size=4, use_ref_model=True, compiled=cuda)
+        fused = liger_module(compiled=cuda)
 
         def step():
-            out = fused(hidden, weight, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
-            loss = out[0] if isinstance(out, tuple) else out
+            loss = liger_loss(fused, hidden, weight, x)
             loss.backward()
             return loss.detach()
 
@@ -216,11 +262,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def cce(filter_eps):
         def run_cce():
-            from cut_cross_entropy import linear_cross_entropy
-
             def step():
-                nll = linear_cross_entropy(hidden, weight, ids, reduction="none", filter_eps=filter_eps)
-                loss = grpo_from_logp(-nll.float(), old, ref, adv, mask)
+                loss = cce_loss(hidden, weight, x, filter_eps)
                 loss.backward()
                 return loss.detach()
 

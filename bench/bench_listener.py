@@ -162,36 +162,47 @@ def run_case(label: str, inputs: list[tuple], n_bytes: int, copy_gbs: float, smo
     return rows
 
 
+def rows_case(smoke: bool, device: str, gen: torch.Generator) -> tuple[str, list[tuple], int]:
+    """(label, N_CALLS argument tuples, bytes one call must read) of the ``[B, V]`` case: bf16 rows in
+    rotating buffers, so that back-to-back calls stream from DRAM, not from L2."""
+    B, V = (4, 1000) if smoke else (256, QWEN_V)
+    n_buffers = 1 if smoke else 4
+    cand = torch.tensor(CANDIDATES, device=device)
+    buffers = [torch.randn(B, V, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
+               for _ in range(n_buffers)]
+    inputs = [(buffers[i % n_buffers], None, cand) for i in range(N_CALLS)]
+    return f"[{B},V]", inputs, B * V * buffers[0].element_size()
+
+
+def positions_case(smoke: bool, device: str, gen: torch.Generator) -> tuple[str, list[tuple], int]:
+    """The same for ``[B, T, V]`` read at positions: N_CALLS different position sets, so the calls
+    read N_CALLS x B different rows."""
+    B, T, V = (2, 8, 1000) if smoke else (16, 1536, QWEN_V)
+    cand = torch.tensor(CANDIDATES, device=device)
+    logits = torch.empty(B, T, V, device=device, dtype=torch.bfloat16)
+    for b in range(B):  # one sequence at a time: each fill stays under 2^31 elements
+        logits[b].normal_(generator=gen)
+    pos_sets = [torch.randint(0, T, (B,), generator=gen, device=device) for _ in range(N_CALLS)]
+    return f"[{B},{T},V]@pos", [(logits, p, cand) for p in pos_sets], B * V * logits.element_size()
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
-    dtype = torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
-    cand = torch.tensor(CANDIDATES, device=device)
     copy_gbs = copy_bandwidth_gbs()
     if not ops.HAS_EXTENSION:
         print("WARNING: lgrpo._C is not loaded: 'ours' is the PyTorch reference", file=sys.stderr)
 
-    # [B, V]: rotating buffers so that back-to-back calls stream from DRAM, not from L2.
-    B, V = (4, 1000) if smoke else (256, QWEN_V)
-    n_buffers = 1 if smoke else 4
-    buffers = [torch.randn(B, V, generator=gen, device=device, dtype=torch.float32).to(dtype)
-               for _ in range(n_buffers)]
-    bv_inputs = [(buffers[i % n_buffers], None, cand) for i in range(N_CALLS)]
-    rows = run_case(f"[{B},V]", bv_inputs, B * V * buffers[0].element_size(), copy_gbs, smoke)
-    del buffers, bv_inputs
-
-    # [B, T, V] at positions: 100 different position sets, so 100 calls read 100 x 16 rows.
-    Bp, T = (2, 8) if smoke else (16, 1536)
-    logits = torch.empty(Bp, T, V, device=device, dtype=dtype)
-    for b in range(Bp):  # one sequence at a time: each fill stays under 2^31 elements
-        logits[b].normal_(generator=gen)
-    pos_sets = [torch.randint(0, T, (Bp,), generator=gen, device=device) for _ in range(N_CALLS)]
-    pos_inputs = [(logits, p, cand) for p in pos_sets]
-    rows += run_case(f"[{Bp},{T},V]@pos", pos_inputs, Bp * V * logits.element_size(), copy_gbs, smoke)
-    del logits, pos_inputs
+    label, inputs, n_bytes = rows_case(smoke, device, gen)
+    V = inputs[0][0].shape[-1]
+    rows = run_case(label, inputs, n_bytes, copy_gbs, smoke)
+    del inputs
+    label, inputs, n_bytes = positions_case(smoke, device, gen)
+    rows += run_case(label, inputs, n_bytes, copy_gbs, smoke)
+    del inputs
 
     title = f"listener_confidence, K={len(CANDIDATES)}, V={V}, bf16"
     print_table(title, rows, env)

@@ -70,20 +70,30 @@ def measure(name: str, fn, n_bytes: int, copy_gbs: float, smoke: bool) -> Row:
                note=f"step {step:.3f} ms", extra={"step_ms": step})
 
 
-def run_case(rows_b: int, vocab: int, device: str, copy_gbs: float, smoke: bool) -> list[Row]:
+def make_logits(rows_b: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits ``[rows_b, vocab]`` of a decoding step, one uniform number per row)."""
     gen = torch.Generator(device=device).manual_seed(0)
     logits = torch.randn(rows_b, vocab, generator=gen, device=device) * 3
-    u = counter_uniform(1, 2, torch.arange(rows_b), 3).to(device)
-    sampler = CounterSampler(1, 2, torch.arange(rows_b), 1.0, 1.0, prompt_len=0, max_new_tokens=8)
-    input_ids = torch.zeros(rows_b, 3, dtype=torch.long, device=device)
-    n_bytes = logits.numel() * logits.element_size()
-    label = f"[{rows_b},V]"
+    return logits, counter_uniform(1, 2, torch.arange(rows_b), 3).to(device)
 
-    # Same draws from the old and the new sampler on these logits (up to a token at a CDF boundary).
+
+def check_old_new_agree(logits: torch.Tensor, u: torch.Tensor, label: str) -> float:
+    """The old and the new sampler draw the same tokens from the same uniforms (but for a token at a
+    CDF boundary, where their roundings differ): the fraction of equal rows, >= 0.99 or AssertionError."""
     ids, _ = sample_from_logits(logits, u, 1.0)
     agree = (ids == flat_fp64_cumsum(logits, u)).float().mean().item()
     if agree < 0.99:
         raise AssertionError(f"{label}: old and new samplers agree on only {agree:.0%} of rows")
+    return agree
+
+
+def run_case(rows_b: int, vocab: int, device: str, copy_gbs: float, smoke: bool) -> list[Row]:
+    logits, u = make_logits(rows_b, vocab, device)
+    sampler = CounterSampler(1, 2, torch.arange(rows_b), 1.0, 1.0, prompt_len=0, max_new_tokens=8)
+    input_ids = torch.zeros(rows_b, 3, dtype=torch.long, device=device)
+    n_bytes = logits.numel() * logits.element_size()
+    label = f"[{rows_b},V]"
+    check_old_new_agree(logits, u, label)
 
     peers = [
         ("ours", lambda: sample_from_logits(logits, u, 1.0)),

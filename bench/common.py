@@ -121,6 +121,19 @@ def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius), in fp64, ~2^26 elements at a time: no full-size fp64 temporaries
+    of a multi-GB gradient."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    rows = max(1, 2**26 // max(a.shape[-1], 1))
+    num = den = 0.0
+    for i in range(0, a.shape[0], rows):
+        x, y = a[i:i + rows].double(), b[i:i + rows].double()
+        num += (x - y).pow(2).sum().item()
+        den += y.pow(2).sum().item()
+    return (num / max(den, 1e-30)) ** 0.5
+
+
 def copy_bandwidth_gbs(n_bytes: int = 2 * GiB) -> float:
     """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     if not torch.cuda.is_available():
