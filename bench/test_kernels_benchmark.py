@@ -1,0 +1,395 @@
+"""The kernel microbenchmarks as pytest-benchmark tests: ``pytest bench --benchmark-only``.
+
+Each test times one implementation of one kernel; the implementations of one kernel and case share a
+``benchmark.group``, so pytest-benchmark's table and ``--benchmark-json`` put them side by side:
+
+  grpo_loss                          ours, ours in place, ours forward only, torch eager, torch.compile, liger
+  linear_grpo_loss                   ours, eager matmul + loss, liger, cut-cross-entropy (filtered, exact)
+  group_advantages                   ours (one Triton launch), torch eager (the reference), torch.compile
+  listener_confidence [B,V]          ours, ours with the index check, torch eager, torch.compile
+  listener_confidence [B,T,V]@pos    the same, one row per sequence read at given positions
+  sampler [16,V], sampler [64,V]     ours (the rollout engine's Triton kernel), the fixed-point CDF
+                                     sampler, the flat fp64 cumsum before it, torch.multinomial
+
+Inputs and peers are the bench_*.py scripts' own functions. Shapes: with CUDA those of bench/NOTES.md
+(N = 8 x 1024, V = 152064, H = 3584, bf16); without it the scripts' smoke shapes through the Triton
+interpreter, so that the harness runs anywhere (a CPU time measures the interpreter, not a kernel).
+A peer that cannot run here is skipped with the reason.
+
+Before anything is timed, the implementation's output on the timed inputs is compared with the fp64
+reference (lgrpo.kernels.reference): a wrong kernel fails its test instead of reporting a time.
+
+Timing: ``benchmark.pedantic`` with a clock that waits for the GPU before it reads perf_counter, so a
+round is timed until its GPU work has finished; ops of a few µs run ``CALLS`` back-to-back calls per round
+on rotating inputs (pytest-benchmark divides by the count), so the synchronisation is spread over them.
+The bench_*.py scripts stay the precise measurement (do_bench with L2 flushes, CUDA graphs, peak memory);
+this is the same comparison in pytest-benchmark's format. ``extra_info`` holds the shape, the bytes (or
+FLOPs) the op must move, the floor (copy bandwidth or matmul time measured in this session), ``x_floor``
+= median / floor, and the agreement with the reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.*` from any working directory
+
+from lgrpo.kernels import group_advantages, reference  # noqa: E402
+from lgrpo.kernels.sampler import key_tensor, sample_tokens  # noqa: E402
+
+import lgrpo.ops as ops  # noqa: E402
+from bench import bench_grpo_loss as grpo_bench  # noqa: E402
+from bench import bench_linear_grpo as linear_bench  # noqa: E402
+from bench import bench_listener as listener_bench  # noqa: E402
+from bench import bench_sampler as sampler_bench  # noqa: E402
+from bench.common import copy_bandwidth_gbs, environment, rel_err  # noqa: E402
+from lgrpo.sampling import sample_from_logits  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+ENV = environment()
+# Few rounds: the whole module must fit in ~2 minutes of a GPU check's 15 (bench/gpu_check.sh).
+ROUNDS = dict(rounds=7, warmup_rounds=2) if CUDA else dict(rounds=3, warmup_rounds=1)
+CALLS = 20 if CUDA else 1  # calls per round for the µs-scale ops (on CPU the interpreter is slow enough)
+LOSS_TOL = 1e-4  # |loss - fp64| / max(|fp64|, 1): the losses accumulate in fp32
+GRAD_TOL = 1e-2  # relative (Frobenius) error of a bf16 gradient; bf16's rounding alone is ~1e-3
+COMPILE_ON_CPU = "torch.compile: inductor's CPU compile takes minutes; timed with CUDA only"
+LIGER = "liger-kernel is not installed (pip install -e .[bench])"
+CCE = "cut-cross-entropy is not installed (pip install -e .[bench])"
+GRPO_OPTS = dict(temperature=grpo_bench.TEMP, eps_low=grpo_bench.EPS_LO, eps_high=grpo_bench.EPS_HI,
+                 beta=grpo_bench.BETA, loss_type="dapo")
+
+
+def synced_clock() -> float:
+    """perf_counter once the GPU's queued work has finished: a round ends when its kernels do."""
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+pytestmark = pytest.mark.benchmark(timer=synced_clock)
+
+
+@pytest.fixture(scope="session")
+def copy_gbs() -> float:
+    """Device copy bandwidth (read + write) measured once in this session; nan without CUDA."""
+    return copy_bandwidth_gbs()
+
+
+def copy_floor_ms(n_bytes: int, copy_gbs: float) -> float | None:
+    return n_bytes / (copy_gbs * 1e9) * 1e3 if copy_gbs == copy_gbs else None
+
+
+def agreement(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> str:
+    """Assert that ``got`` matches the fp64 ``want`` (relative Frobenius error <= tol; a scalar relative to
+    max(|want|, 1)) and say by how much. NaN fails."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, reference {tuple(want.shape)}"
+    if got.dim():
+        err = rel_err(got, want)
+    else:
+        err = abs(float(got) - float(want)) / max(abs(float(want)), 1.0)
+    assert err <= tol, f"{what} differs from the fp64 reference: relative error {err:.2e} > {tol:.0e}"
+    return f"{what} relerr {err:.1e}"
+
+
+def time_it(benchmark, group: str, run: Callable[[], object], *, setup: Callable[[], None] | None = None,
+            calls: int = 1, floor_ms: float | None = None, **info) -> None:
+    """Time ``run`` (one call) in pedantic rounds, ``setup`` untimed before each; record ``info``, the floor
+    and ``x_floor`` in the JSON's extra_info."""
+    benchmark.group = group
+    benchmark.extra_info.update(info, floor_ms=floor_ms, calls_per_round=calls, device=ENV["device"],
+                                torch=ENV["torch"], triton=ENV["triton"])
+    benchmark.pedantic(run, setup=setup, iterations=calls, **ROUNDS)
+    if benchmark.stats is not None:  # None under --benchmark-disable (one untimed call)
+        median_ms = benchmark.stats.stats.median * 1e3
+        benchmark.extra_info["x_floor"] = median_ms / floor_ms if floor_ms else None
+
+
+# --- grpo_loss from logits -------------------------------------------------------------------------------
+
+GRPO_SHAPE = (8, 1024, 152064) if CUDA else (2, 8, 96)
+GRPO_IMPLS = {
+    "ours": "lgrpo grpo_loss, forward + backward",
+    "ours_inplace": "lgrpo grpo_loss(inplace_grad=True): the gradient overwrites the logits (restored untimed)",
+    "ours_fwd": "lgrpo grpo_loss, forward only (floor: one pass)",
+    "eager": "torch eager, TRL-style: fp32 log_softmax over the full logits",
+    "compile": "torch.compile of the eager loss",
+    "liger": "liger-kernel triton_grpo_loss, in place (restored untimed)",
+}
+
+
+def grpo_truth(x: grpo_bench.Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 loss and d loss / d logits (stored in fp32: half of fp64's memory, far below bf16's error)."""
+    z = x.logits.double().requires_grad_()
+    out = reference.grpo_loss(z, x.ids, x.adv, x.mask, x.old, x.ref, **GRPO_OPTS)
+    out.loss.backward()
+    return out.loss.detach(), z.grad.float()
+
+
+@pytest.fixture(scope="module")
+def grpo_case():
+    x = grpo_bench.make_inputs(*GRPO_SHAPE, DEVICE)
+    return (x, *grpo_truth(x))
+
+
+def grpo_impl(impl: str, x: grpo_bench.Inputs):
+    """(leaf, loss_fn, grad_fn): the tensor the gradient lands on, one forward, and its d loss / d logits."""
+    if impl == "liger":
+        pytest.importorskip("liger_kernel", reason=LIGER)
+        leaf = grpo_bench.liger_logits(x.logits).requires_grad_()
+        return leaf, lambda: grpo_bench.liger_loss(leaf, x), lambda: leaf.grad[:, :-1]
+    leaf = x.logits.clone().requires_grad_()
+    if impl in ("eager", "compile"):
+        fn = grpo_bench.eager_from_logits
+        if impl == "compile":
+            if not CUDA:
+                pytest.skip(COMPILE_ON_CPU)
+            fn = torch.compile(fn)
+        return leaf, lambda: fn(leaf, x.ids, x.old, x.ref, x.adv, x.mask), lambda: leaf.grad
+    return leaf, lambda: grpo_bench.ours_loss(leaf, x, inplace=impl == "ours_inplace"), lambda: leaf.grad
+
+
+@pytest.mark.parametrize("impl", list(GRPO_IMPLS))
+def test_grpo_loss(benchmark, grpo_case, copy_gbs, impl):
+    x, want_loss, want_grad = grpo_case
+    leaf, loss_fn, grad_fn = grpo_impl(impl, x)
+    forward_only, inplace = impl == "ours_fwd", impl in ("ours_inplace", "liger")
+    pristine = leaf.detach().clone() if inplace else None
+
+    def restore() -> None:  # an in-place call destroys its logits: each timed call starts from the same ones
+        leaf.grad = None
+        with torch.no_grad():
+            leaf.copy_(pristine)
+
+    def step() -> torch.Tensor:
+        if forward_only:
+            with torch.no_grad():
+                return loss_fn()
+        leaf.grad = None  # a fresh .grad each call: accumulating into the last one is nobody's kernel
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    if inplace:
+        restore()
+    checks = [agreement("loss", step().detach(), want_loss, LOSS_TOL)]
+    if not forward_only:
+        checks.append(agreement("grad", grad_fn(), want_grad, GRAD_TOL))
+    B, T, V = GRPO_SHAPE
+    passes = 1 if forward_only else 3  # forward reads the logits; backward reads them and writes the gradient
+    time_it(benchmark, "grpo_loss", step, setup=restore if inplace else None,
+            floor_ms=copy_floor_ms(passes * x.nbytes, copy_gbs), impl=GRPO_IMPLS[impl], shape=dict(B=B, T=T, V=V),
+            dtype="bfloat16", bytes=passes * x.nbytes, floor=f"{passes} x the logits at the copy bandwidth",
+            agreement=", ".join(checks))
+
+
+# --- linear_grpo_loss from hidden states -----------------------------------------------------------------
+
+LINEAR_SHAPE = (8, 1024, 3584, 152064) if CUDA else (2, 8, 32, 96)
+LINEAR_IMPLS = {
+    "ours": "lgrpo linear_grpo_loss (chunked, never the full logits), forward + backward",
+    "eager": "eager: full bf16 logits, then the TRL-style loss in fp32",
+    "liger": "liger-kernel LigerFusedLinearGRPOLoss (chunk 4)",
+    "cce": "cut-cross-entropy (filter_eps='high', its default) + torch GRPO",
+    "cce_exact": "cut-cross-entropy (filter_eps=None: exact gradients) + torch GRPO",
+}
+# The logits pass through bf16 in these implementations (a rounding of 2^-9 of each), the fp64 truth does not:
+# 1.4e-4 at the CPU shape; a wrong loss (a clip, a sign, a temperature) is off by far more.
+LINEAR_LOSS_TOL = 2e-3
+# cut-cross-entropy's default filter skips gradient entries below bf16's resolution by design (1.5e-2 on an
+# H100, bench/results): a looser bound for it; a wrong kernel is off by O(1) all the same.
+LINEAR_GRAD_TOL = {"cce": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def linear_case():
+    B, T, H, V = LINEAR_SHAPE
+    x = linear_bench.make_inputs(B, T, H, V, DEVICE)
+    h, w = x.hidden.double().requires_grad_(), x.weight.double().requires_grad_()
+    out = reference.linear_grpo_loss(h, w, x.ids, x.adv, x.mask, x.old, x.ref, **GRPO_OPTS)
+    out.loss.backward()
+    floor = linear_bench.matmul_floor(B * T, H, V) if CUDA else (None, "")
+    return x, out.loss.detach(), h.grad.float(), w.grad.float(), floor
+
+
+@pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
+def test_linear_grpo_loss(benchmark, linear_case, impl):
+    x, want_loss, want_gh, want_gw, (floor_ms, floor_note) = linear_case
+    hidden, weight = x.hidden.clone().requires_grad_(), x.weight.clone().requires_grad_()
+    if impl == "ours":
+        loss_fn = lambda: linear_bench.ours_loss(hidden, weight, x)  # noqa: E731
+    elif impl == "eager":
+        loss_fn = lambda: linear_bench.eager_loss(hidden, weight, x)  # noqa: E731
+    elif impl == "liger":
+        pytest.importorskip("liger_kernel", reason=LIGER)
+        fused = linear_bench.liger_module(compiled=CUDA)  # its torch.compile of a chunk is for CUDA
+        loss_fn = lambda: linear_bench.liger_loss(fused, hidden, weight, x)  # noqa: E731
+    else:
+        pytest.importorskip("cut_cross_entropy", reason=CCE)
+        if not CUDA:
+            pytest.skip("cut-cross-entropy's Triton kernels fail in the Triton interpreter: CUDA only")
+        filter_eps = "high" if impl == "cce" else None
+        loss_fn = lambda: linear_bench.cce_loss(hidden, weight, x, filter_eps)  # noqa: E731
+
+    def step() -> torch.Tensor:
+        hidden.grad = weight.grad = None  # fresh gradients each call, no accumulation pass timed
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    tol = LINEAR_GRAD_TOL.get(impl, GRAD_TOL)
+    checks = [agreement("loss", step().detach(), want_loss, LINEAR_LOSS_TOL),
+              agreement("grad_h", hidden.grad, want_gh, tol), agreement("grad_W", weight.grad, want_gw, tol)]
+    B, T, H, V = LINEAR_SHAPE
+    time_it(benchmark, "linear_grpo_loss", step, floor_ms=floor_ms, impl=LINEAR_IMPLS[impl],
+            shape=dict(B=B, T=T, H=H, V=V), dtype="bfloat16", flops=3 * 2 * B * T * H * V,
+            floor=f"the three lm_head matmuls, timed in this session ({floor_note})" if floor_ms else None,
+            agreement=", ".join(checks))
+
+
+# --- group advantages ------------------------------------------------------------------------------------
+
+ADV_SHAPE = (512, 8) if CUDA else (64, 8)  # rewards [B], groups of G
+ADV_IMPLS = {
+    "ours": "lgrpo group_advantages: one Triton launch",
+    "eager": "the PyTorch reference in fp32 (~10 small torch ops)",
+    "compile": "torch.compile of the PyTorch reference",
+}
+
+
+@pytest.fixture(scope="module")
+def advantages_case():
+    B, G = ADV_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    # Rewards like the judge task's (0 / 0.5 / 1 steps plus a listener part): ties inside groups, and a
+    # group whose rewards are all equal, whose advantages must be exactly 0.
+    rewards = torch.randint(0, 3, (B,), generator=gen) * 0.5 + torch.rand(B, generator=gen) * 0.5
+    rewards[:G] = 1.0
+    return rewards.to(DEVICE), reference.group_advantages(rewards.double(), G).to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", list(ADV_IMPLS))
+def test_group_advantages(benchmark, advantages_case, impl):
+    rewards, want = advantages_case
+    B, G = ADV_SHAPE
+    fn = group_advantages if impl == "ours" else reference.group_advantages
+    if impl == "compile":
+        if not CUDA:
+            pytest.skip(COMPILE_ON_CPU)
+        fn = torch.compile(fn)
+    got = fn(rewards, G)
+    check = agreement("advantages", got, want, 1e-5)
+    assert (got[:G] == 0).all(), "a group of equal rewards must get advantage exactly 0"
+    time_it(benchmark, "group_advantages", lambda: fn(rewards, G), calls=CALLS, impl=ADV_IMPLS[impl],
+            shape=dict(B=B, G=G), dtype="float32", bytes=2 * B * rewards.element_size(),
+            floor="none: a few KB, launch-bound", agreement=check)
+
+
+# --- listener_confidence ---------------------------------------------------------------------------------
+
+LISTENER_CASES = {"[B,V]": listener_bench.rows_case, "[B,T,V]@pos": listener_bench.positions_case}
+LISTENER_IMPLS = {
+    "ours": "lgrpo._C listener_confidence, check_indices=False (one asynchronous launch)",
+    "ours_checked": "lgrpo._C listener_confidence, the default call (+ a D2H copy and sync for the index check)",
+    "eager": "torch eager: index the rows, log_softmax, gather, softmax",
+    "compile": "torch.compile(fullgraph=True) of the eager code",
+}
+
+
+@pytest.fixture(scope="module")
+def listener_cases() -> dict:
+    """case -> (shape label, argument tuples (rotating buffers / positions), bytes a call must read, fp64
+    (probs, logp) of the first tuple)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    cases = {}
+    for case, make in LISTENER_CASES.items():
+        label, inputs, n_bytes = make(not CUDA, DEVICE, gen)
+        logits, positions, cand = inputs[0]
+        rows = logits if positions is None else logits[torch.arange(logits.shape[0], device=DEVICE), positions]
+        cases[case] = label, inputs, n_bytes, reference.listener_confidence(rows.double(), None, cand)
+    return cases
+
+
+@pytest.mark.parametrize("impl", list(LISTENER_IMPLS))
+@pytest.mark.parametrize("case", list(LISTENER_CASES))
+def test_listener_confidence(benchmark, listener_cases, copy_gbs, case, impl):
+    label, inputs, n_bytes, (want_probs, want_logp) = listener_cases[case]
+    if impl.startswith("ours") and not ops.HAS_EXTENSION:
+        pytest.skip("lgrpo._C is not loaded: 'ours' would time the PyTorch reference")
+    fn = {"ours": listener_bench.ours, "ours_checked": listener_bench.ours_checked}.get(impl,
+                                                                                        listener_bench.torch_eager)
+    if impl == "compile":
+        if not CUDA:
+            pytest.skip(COMPILE_ON_CPU)
+        fn = torch.compile(listener_bench.torch_eager, fullgraph=True, dynamic=False)
+    probs, logp = fn(*inputs[0])
+    checks = [agreement("probs", probs, want_probs, 1e-5), agreement("logp", logp, want_logp, 1e-5)]
+    rotating = itertools.cycle(inputs)  # back-to-back calls read different buffers / rows, not L2's copy
+    time_it(benchmark, f"listener_confidence {case}", lambda: fn(*next(rotating)), calls=CALLS,
+            floor_ms=copy_floor_ms(n_bytes, copy_gbs), impl=LISTENER_IMPLS[impl],
+            shape=dict(logits=list(inputs[0][0].shape), K=len(listener_bench.CANDIDATES), case=label), dtype="bfloat16",
+            bytes=n_bytes, floor="one read of the rows at the copy bandwidth", agreement=", ".join(checks))
+
+
+# --- the rollout sampler ---------------------------------------------------------------------------------
+
+SAMPLER_ROWS = (16, 64)
+SAMPLER_VOCAB = sampler_bench.QWEN_V if CUDA else 1000
+SAMPLER_IMPLS = {
+    "ours": "the rollout engine's Triton kernel (lgrpo.kernels.sampler.sample_tokens): Gumbel-max, Philox",
+    "fixed_point": "lgrpo.sampling.sample_from_logits: fixed-point CDF, blocked scan (the generate path)",
+    "cumsum_fp64": "the sampler before it: one flat fp64 cumsum per row + searchsorted",
+    "multinomial": "torch.multinomial(softmax(logits)) (HF do_sample)",
+}
+
+
+def kernel_args(rows_b: int) -> tuple[torch.Tensor, ...]:
+    """The engine kernel's (key, row ids, positions, temperature) for one decoding step, temperature 1."""
+    return (key_tensor(1, 2, DEVICE), torch.arange(rows_b, device=DEVICE),
+            torch.zeros(1, dtype=torch.long, device=DEVICE).expand(rows_b), torch.ones(1, device=DEVICE))
+
+
+def samplers(rows_b: int, u: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """impl -> logits [rows_b, V] -> one token id per row (temperature 1, no top-p)."""
+    args = kernel_args(rows_b)
+    return {
+        "ours": lambda z: sample_tokens(z, *args)[0],
+        "fixed_point": lambda z: sample_from_logits(z, u, 1.0)[0],
+        "cumsum_fp64": lambda z: sampler_bench.flat_fp64_cumsum(z, u),
+        "multinomial": lambda z: torch.multinomial(torch.softmax(z, -1), 1).squeeze(-1),
+    }
+
+
+@pytest.mark.parametrize("impl", list(SAMPLER_IMPLS))
+@pytest.mark.parametrize("rows_b", SAMPLER_ROWS)
+def test_sampler(benchmark, copy_gbs, rows_b, impl):
+    logits, u = sampler_bench.make_logits(rows_b, SAMPLER_VOCAB, DEVICE)
+    fn = samplers(rows_b, u)[impl]
+    # Samplers draw with different noise, so each is held to what pins it down: the kernel draws exactly its
+    # PyTorch twin's tokens; the fixed-point sampler and the one before it the same tokens from the same
+    # uniforms; and every one, on logits where one token per row outweighs the rest by e^100, that token.
+    if impl == "ours":
+        want, empty = reference.sample_tokens(logits, *kernel_args(rows_b))
+        assert not empty.any() and torch.equal(fn(logits), want), "the kernel's tokens differ from its PyTorch twin's"
+        check = "same tokens as the PyTorch twin"
+    elif impl in ("fixed_point", "cumsum_fp64"):
+        agree = sampler_bench.check_old_new_agree(logits, u, impl)
+        check = f"fixed-point and fp64-cumsum samplers agree on {agree:.0%} of rows"
+    else:
+        check = "the certain token drawn"
+    hot = torch.randint(0, SAMPLER_VOCAB, (rows_b,), generator=torch.Generator().manual_seed(rows_b)).to(DEVICE)
+    peaked = logits.clone()
+    peaked[torch.arange(rows_b, device=DEVICE), hot] += 100.0
+    assert torch.equal(fn(peaked), hot), f"{impl} did not draw the token that holds all the probability"
+    del peaked
+    n_bytes = logits.numel() * logits.element_size()
+    time_it(benchmark, f"sampler [{rows_b},V]", lambda: fn(logits), calls=CALLS,
+            floor_ms=copy_floor_ms(n_bytes, copy_gbs), impl=SAMPLER_IMPLS[impl], shape=dict(B=rows_b, V=SAMPLER_VOCAB),
+            dtype="float32", bytes=n_bytes, floor="one read of the logits at the copy bandwidth", agreement=check)
