@@ -4,12 +4,15 @@
 #
 #   bench/gpu_check.sh OUT_DIR            # everything
 #   ONLY="grpo_loss listener" bench/gpu_check.sh OUT_DIR   # a subset of the benchmarks
+#   ONLY=pytest bench/gpu_check.sh OUT_DIR   # only `pytest bench --benchmark-only` (PYTEST_BENCH_TIMEOUT, 300 s;
+#                                            # PYTEST_BENCH_K="not compile" to leave out some rows)
 #
 # Peers (liger-kernel, cut-cross-entropy) are installed from .whl/ when that folder holds wheels
 # (machines without network), else whatever the environment already has is used.
 # bench_trl_step.py (TRL's GRPO update beside LGRPOTrainer's) needs trl 1.16.0 and its dependencies
 # (`pip install -e .[trl]`, or their wheels in .whl/: `pip download trl==1.16.0 -d .whl`); without them it
-# says it was skipped. ONLY=trl_step runs it alone.
+# says it was skipped. ONLY=trl_step runs it alone. The pytest-benchmark step needs pytest-benchmark and
+# py-cpuinfo2 (the [dev] extra; offline: `pip download --no-deps pytest-benchmark py-cpuinfo2 -d .whl`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-bench_results}" && cd "${1:-bench_results}" && pwd)
@@ -45,6 +48,23 @@ for bench in bench/bench_*.py; do
   say "$name"
   timeout "${BENCH_TIMEOUT:-300}" $PY "$bench" --out "$OUT" 2>&1 | tee -a "$LOG"
 done
+
+# The same kernels as pytest-benchmark tests (bench/test_kernels_benchmark.py, ~2-3 min on an H100/H200):
+# one JSON in pytest-benchmark's format, every implementation checked against the fp64 reference before it
+# is timed. After the scripts, so that its torch.compile rows find inductor's cache warm. SIGINT on timeout:
+# pytest then ends the session normally and the JSON keeps what was measured.
+if [ -z "${ONLY:-}" ] || grep -qw pytest <<< "$ONLY"; then
+  say "pytest bench --benchmark-only"
+  if $PY -c "import pytest_benchmark" 2> /dev/null; then
+    timeout -s INT -k 30 "${PYTEST_BENCH_TIMEOUT:-300}" $PY -m pytest bench --benchmark-only -q -rs \
+      -p no:cacheprovider --benchmark-json "$OUT/pytest_benchmark.json" ${PYTEST_BENCH_K:+-k "$PYTEST_BENCH_K"} 2>&1 \
+      | tee "$OUT/pytest_benchmark.log" | tail -15
+    cat "$OUT/pytest_benchmark.log" >> "$LOG"
+  else
+    echo "skipped: pytest-benchmark is not installed (pip install -e .[dev], or its wheel and py-cpuinfo2's in .whl/)" \
+      | tee -a "$LOG"
+  fi
+fi
 
 say "summary"
 $PY bench/summary.py "$OUT" | tee "$OUT/summary.txt"

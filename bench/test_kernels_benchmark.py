@@ -126,11 +126,20 @@ GRPO_IMPLS = {
 
 
 def grpo_truth(x: grpo_bench.Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp64 loss and d loss / d logits (stored in fp32: half of fp64's memory, far below bf16's error)."""
-    z = x.logits.double().requires_grad_()
-    out = reference.grpo_loss(z, x.ids, x.adv, x.mask, x.old, x.ref, **GRPO_OPTS)
-    out.loss.backward()
-    return out.loss.detach(), z.grad.float()
+    """fp64 loss and d loss / d logits (stored in fp32: half of fp64's memory, far below bf16's error).
+
+    A sequence at a time, so that the fp64 copies stay ~10 GB at the GPU shape instead of ~80: with dapo and
+    token-level ratios each sequence's terms depend on its own rows only, and the global normaliser (the
+    live-token count) is passed to every piece as ``num_items``, so the pieces add up to the whole loss."""
+    num_items = float(x.mask.sum())
+    loss, grads = 0.0, []
+    for b in range(x.logits.shape[0]):
+        z = x.logits[b:b + 1].double().requires_grad_()
+        piece = reference.grpo_loss(z, x.ids[b:b + 1], x.adv[b:b + 1], x.mask[b:b + 1], x.old[b:b + 1],
+                                    x.ref[b:b + 1], num_items=num_items, **GRPO_OPTS)
+        piece.loss.backward()
+        loss, grads = loss + piece.loss.detach(), grads + [z.grad.float()]
+    return loss, torch.cat(grads)
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +221,18 @@ LINEAR_GRAD_TOL = {"cce": 5e-2}
 def linear_case():
     B, T, H, V = LINEAR_SHAPE
     x = linear_bench.make_inputs(B, T, H, V, DEVICE)
-    h, w = x.hidden.double().requires_grad_(), x.weight.double().requires_grad_()
-    out = reference.linear_grpo_loss(h, w, x.ids, x.adv, x.mask, x.old, x.ref, **GRPO_OPTS)
-    out.loss.backward()
+    # fp64 truth a sequence at a time, as grpo_truth (the weight's gradient adds up over the pieces)
+    w = x.weight.double().requires_grad_()
+    num_items = float(x.mask.sum())
+    loss, grad_h = 0.0, []
+    for b in range(B):
+        h = x.hidden[b:b + 1].double().requires_grad_()
+        piece = reference.linear_grpo_loss(h, w, x.ids[b:b + 1], x.adv[b:b + 1], x.mask[b:b + 1], x.old[b:b + 1],
+                                           x.ref[b:b + 1], num_items=num_items, **GRPO_OPTS)
+        piece.loss.backward()
+        loss, grad_h = loss + piece.loss.detach(), grad_h + [h.grad.float()]
     floor = linear_bench.matmul_floor(B * T, H, V) if CUDA else (None, "")
-    return x, out.loss.detach(), h.grad.float(), w.grad.float(), floor
+    return x, loss, torch.cat(grad_h), w.grad.float(), floor
 
 
 @pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
