@@ -45,6 +45,7 @@ from bench.common import (  # noqa: E402
 )
 
 TEMP, BETA, EPS_LO, EPS_HI = 1.0, 0.04, 0.2, 0.28
+SHAPE, SMOKE_SHAPE = (8, 1024, 152064), (2, 8, 96)  # B, T, V
 
 
 def grpo_from_logp(logp, old, ref, adv, mask):
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
-    B, T, V = (2, 8, 96) if smoke else (8, 1024, 152064)
+    B, T, V = SMOKE_SHAPE if smoke else SHAPE
     device = "cuda" if cuda else "cpu"
     env = environment()
     x = make_inputs(B, T, V, device)

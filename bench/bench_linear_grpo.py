@@ -43,6 +43,7 @@ from bench.common import (  # noqa: E402
 )
 
 TEMP, BETA, EPS_LO, EPS_HI = 1.0, 0.04, 0.2, 0.28
+SHAPE, SMOKE_SHAPE = (8, 1024, 3584, 152064), (2, 8, 32, 96)  # B, T, H, V
 
 
 def grpo_from_logp(logp, old, ref, adv, mask):
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
-    B, T, H, V = (2, 8, 32, 96) if smoke else (8, 1024, 3584, 152064)
+    B, T, H, V = SMOKE_SHAPE if smoke else SHAPE
     N = B * T
     device = "cuda" if cuda else "cpu"
     env = environment()

@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
 from lgrpo.sampling import CounterSampler, counter_uniform, sample_from_logits  # noqa: E402
 
 QWEN_V = 152064
+SMOKE_VOCAB = 5000
 
 
 def flat_fp64_cumsum(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
     copy_gbs = copy_bandwidth_gbs()
-    vocab = 5000 if smoke else QWEN_V
+    vocab = SMOKE_VOCAB if smoke else QWEN_V
     rows = []
     for rows_b in (16, 64):
         rows += run_case(rows_b, vocab, device, copy_gbs, smoke)

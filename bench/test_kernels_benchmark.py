@@ -114,7 +114,7 @@ def time_it(benchmark, group: str, run: Callable[[], object], *, setup: Callable
 
 # --- grpo_loss from logits -------------------------------------------------------------------------------
 
-GRPO_SHAPE = (8, 1024, 152064) if CUDA else (2, 8, 96)
+GRPO_SHAPE = grpo_bench.SHAPE if CUDA else grpo_bench.SMOKE_SHAPE
 GRPO_IMPLS = {
     "ours": "lgrpo grpo_loss, forward + backward",
     "ours_inplace": "lgrpo grpo_loss(inplace_grad=True): the gradient overwrites the logits (restored untimed)",
@@ -201,7 +201,7 @@ def test_grpo_loss(benchmark, grpo_case, copy_gbs, impl):
 
 # --- linear_grpo_loss from hidden states -----------------------------------------------------------------
 
-LINEAR_SHAPE = (8, 1024, 3584, 152064) if CUDA else (2, 8, 32, 96)
+LINEAR_SHAPE = linear_bench.SHAPE if CUDA else linear_bench.SMOKE_SHAPE
 LINEAR_IMPLS = {
     "ours": "lgrpo linear_grpo_loss (chunked, never the full logits), forward + backward",
     "eager": "eager: full bf16 logits, then the TRL-style loss in fp32",
@@ -357,7 +357,7 @@ def test_listener_confidence(benchmark, listener_cases, copy_gbs, case, impl):
 # --- the rollout sampler ---------------------------------------------------------------------------------
 
 SAMPLER_ROWS = (16, 64)
-SAMPLER_VOCAB = sampler_bench.QWEN_V if CUDA else 1000
+SAMPLER_VOCAB = sampler_bench.QWEN_V if CUDA else sampler_bench.SMOKE_VOCAB
 SAMPLER_IMPLS = {
     "ours": "the rollout engine's Triton kernel (lgrpo.kernels.sampler.sample_tokens): Gumbel-max, Philox",
     "fixed_point": "lgrpo.sampling.sample_from_logits: fixed-point CDF, blocked scan (the generate path)",
