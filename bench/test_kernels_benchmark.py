@@ -125,21 +125,30 @@ GRPO_IMPLS = {
 }
 
 
-def grpo_truth(x: grpo_bench.Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp64 loss and d loss / d logits (stored in fp32: half of fp64's memory, far below bf16's error).
-
-    A sequence at a time, so that the fp64 copies stay ~10 GB at the GPU shape instead of ~80: with dapo and
-    token-level ratios each sequence's terms depend on its own rows only, and the global normaliser (the
-    live-token count) is passed to every piece as ``num_items``, so the pieces add up to the whole loss."""
+def fp64_by_sequence(x, piece) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp64 loss and the gradient of one leaf, a sequence at a time: the fp64 copies stay ~10 GB at the GPU
+    shape instead of ~80. With dapo and token-level ratios each sequence's terms depend on its own rows only,
+    and the global normaliser (the live-token count) is passed to every piece as ``num_items``, so the pieces
+    add up to the whole loss. ``piece(rows, num_items)`` -> (the loss of those sequences, the leaf whose
+    gradient is kept, in fp32: half of fp64's memory, far below bf16's error)."""
     num_items = float(x.mask.sum())
     loss, grads = 0.0, []
-    for b in range(x.logits.shape[0]):
-        z = x.logits[b:b + 1].double().requires_grad_()
-        piece = reference.grpo_loss(z, x.ids[b:b + 1], x.adv[b:b + 1], x.mask[b:b + 1], x.old[b:b + 1],
-                                    x.ref[b:b + 1], num_items=num_items, **GRPO_OPTS)
-        piece.loss.backward()
-        loss, grads = loss + piece.loss.detach(), grads + [z.grad.float()]
+    for b in range(x.mask.shape[0]):
+        piece_loss, leaf = piece(slice(b, b + 1), num_items)
+        piece_loss.backward()
+        loss, grads = loss + piece_loss.detach(), grads + [leaf.grad.float()]
     return loss, torch.cat(grads)
+
+
+def grpo_truth(x: grpo_bench.Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 loss and d loss / d logits."""
+
+    def piece(rows: slice, num_items: float):
+        z = x.logits[rows].double().requires_grad_()
+        return reference.grpo_loss(z, x.ids[rows], x.adv[rows], x.mask[rows], x.old[rows], x.ref[rows],
+                                   num_items=num_items, **GRPO_OPTS).loss, z
+
+    return fp64_by_sequence(x, piece)
 
 
 @pytest.fixture(scope="module")
@@ -221,18 +230,16 @@ LINEAR_GRAD_TOL = {"cce": 5e-2}
 def linear_case():
     B, T, H, V = LINEAR_SHAPE
     x = linear_bench.make_inputs(B, T, H, V, DEVICE)
-    # fp64 truth a sequence at a time, as grpo_truth (the weight's gradient adds up over the pieces)
-    w = x.weight.double().requires_grad_()
-    num_items = float(x.mask.sum())
-    loss, grad_h = 0.0, []
-    for b in range(B):
-        h = x.hidden[b:b + 1].double().requires_grad_()
-        piece = reference.linear_grpo_loss(h, w, x.ids[b:b + 1], x.adv[b:b + 1], x.mask[b:b + 1], x.old[b:b + 1],
-                                           x.ref[b:b + 1], num_items=num_items, **GRPO_OPTS)
-        piece.loss.backward()
-        loss, grad_h = loss + piece.loss.detach(), grad_h + [h.grad.float()]
+    w = x.weight.double().requires_grad_()  # its gradient adds up over the pieces
+
+    def piece(rows: slice, num_items: float):
+        h = x.hidden[rows].double().requires_grad_()
+        return reference.linear_grpo_loss(h, w, x.ids[rows], x.adv[rows], x.mask[rows], x.old[rows], x.ref[rows],
+                                          num_items=num_items, **GRPO_OPTS).loss, h
+
+    loss, grad_h = fp64_by_sequence(x, piece)
     floor = linear_bench.matmul_floor(B * T, H, V) if CUDA else (None, "")
-    return x, loss, torch.cat(grad_h), w.grad.float(), floor
+    return x, loss, grad_h, w.grad.float(), floor
 
 
 @pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
