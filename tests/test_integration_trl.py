@@ -134,15 +134,15 @@ def trainer_pair(tmp_path, model, tok, **options):
     return pair
 
 
-def loss_inputs(gen, B, P, C, vocab, dtype, *, beta=True):
+def loss_inputs(gen, B, P, C, vocab, dtype, *, beta=True, low=2):
     """What TRL's _generate_and_score_completions hands to _compute_loss: left-padded prompts,
-    right-padded completions, behaviour and reference log-probs near the policy's."""
+    right-padded completions (ids in ``[low, vocab)``), behaviour and reference log-probs near the policy's."""
     prompt_mask = torch.ones(B, P, dtype=torch.long)
     prompt_mask[1, :2] = 0
     completion_mask = (torch.rand(B, C, generator=gen) < 0.8).long().cummin(dim=1).values
     completion_mask[:, 0] = 1
     inputs = dict(prompt_ids=torch.randint(2, vocab, (B, P), generator=gen), prompt_mask=prompt_mask,
-                  completion_ids=torch.randint(2, vocab, (B, C), generator=gen), completion_mask=completion_mask,
+                  completion_ids=torch.randint(low, vocab, (B, C), generator=gen), completion_mask=completion_mask,
                   advantages=torch.randn(B, generator=gen, dtype=dtype),
                   old_per_token_logps=-3.8 + 0.3 * torch.randn(B, C, generator=gen, dtype=dtype),
                   num_items_in_batch=completion_mask.sum() + 5)
@@ -206,7 +206,9 @@ def test_vlm_inputs_reach_the_backbone(tmp_path, gen):
     task = SyntheticTask(seed=0)
     examples = [task.example("train", i) for i in range(2)]
     prompts = batcher.reasoner_batch([e.prompt for e in examples], [list(e.images) for e in examples])
-    inputs = loss_inputs(gen, B=2, P=prompts.length, C=5, vocab=200, dtype=torch.float32)
+    # Completion ids above the tiny VLM's special tokens (< 30): an image token (12) drawn there would be
+    # an image without pixels ("image features and image tokens do not match").
+    inputs = loss_inputs(gen, B=2, P=prompts.length, C=5, vocab=200, dtype=torch.float32, low=30)
     inputs.update(prompt_ids=prompts.input_ids, prompt_mask=prompts.attention_mask,
                   pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
                   num_images=[2, 2])
