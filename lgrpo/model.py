@@ -225,6 +225,13 @@ def load_listener(name_or_path: str | os.PathLike = TINY, **kwargs):
     return load_model(name_or_path, trainable=False, **kwargs)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward. transformers 5.2x renamed the switch
+    (``gradient_checkpointing_enable`` warns it goes away in v6); the older name where the new one is missing."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def freeze(model):
     """No gradients, eval mode (no dropout). Returns the model."""
     model.requires_grad_(False)

@@ -114,7 +114,7 @@ def build(cfg: JobConfig, dist: D.Dist):
     try:
         from .batching import VLBatcher
         from .listener import Listener
-        from .model import load_listener, load_policy, load_reference
+        from .model import enable_activation_checkpointing, load_listener, load_policy, load_reference
         from .prompts import PromptFormat
         from .rewards import RewardWeights
     except ImportError as err:  # pragma: no cover - only before the model pipeline is installed
@@ -127,7 +127,7 @@ def build(cfg: JobConfig, dist: D.Dist):
     common = dict(device=dist.device, attn_implementation=cfg.model.attn_implementation, seed=cfg.train.seed)
     policy = load_policy(name, dtype=master, **common)
     if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
     fmt = PromptFormat(listener_strip_verdict=cfg.reward.listener_strip_verdict)
     batcher = VLBatcher.from_pretrained(name, fmt, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     clean_generation_config(policy, batcher.tokenizer)

@@ -127,6 +127,20 @@ def test_prefix_attention_reaches_every_shared_prefix_pass(tmp_path, monkeypatch
         build_config("tiny", {"loss": {"prefix_attention": "flash"}})
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_gradient_checkpointing_reaches_the_policy_only(on):
+    from lgrpo.train import build
+
+    def checkpointing(model):  # the property's name before transformers 5.2x
+        name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+            "is_gradient_checkpointing"
+        return getattr(model, name)
+
+    _, models, listener = build(build_config("tiny", {"model": {"gradient_checkpointing": on}}), D.Dist())
+    assert checkpointing(models.policy) is on
+    assert not checkpointing(models.reference) and not checkpointing(listener.model)
+
+
 def test_one_stop_set_for_rollouts_masks_and_the_batcher():
     from lgrpo.batching import VLBatcher
     from lgrpo.model import load_policy, load_tokenizer

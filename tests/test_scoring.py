@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lgrpo.group import GroupBatch, PromptBatch
-from lgrpo.model import load_model
+from lgrpo.model import enable_activation_checkpointing, load_model
 from lgrpo.scoring import CompletionScorer, completion_logprobs, completion_states, text_positions
 from lgrpo.synthetic import SyntheticTask
 from tests.toy_task import char_tokenizer, sharpened, tiny_lm
@@ -152,7 +152,7 @@ def test_fused_loss_and_gradient_checkpointing_match(batcher, gen):
     gradient checkpointing (transformers turns its KV cache off there; the layout goes through the
     checkpoint's replay), equals the repeated path."""
     model = load_model("tiny", seed=4)
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model.train()
     task = SyntheticTask(seed=1)
     exs = [task.example("train", i) for i in range(2)]
