@@ -179,6 +179,26 @@ def test_check_backend_catches_a_wrong_kernel(monkeypatch):
         A.check_backend("varlen", "cpu", torch.float32)
 
 
+def test_attention_runs_in_the_autocast_dtype(gen):
+    """fp32 weights under bf16 autocast: the rotary embedding leaves q, k in fp32 beside a bf16 v; every
+    backend receives the three in autocast's dtype (FlashAttention takes one 16-bit dtype)."""
+    s = _case("groups")
+    q, k, v = _qkv(s, gen)
+    seen = []
+
+    class Recording(A.SharedPrefixLayout):
+        num_tokens = q.shape[1]
+
+        def attend(self, query, key, value, dropout, scale):
+            seen.append({x.dtype for x in (query, key, value)})
+            return torch.zeros(query.shape[1], query.shape[0], value.shape[-1], dtype=value.dtype)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = A.shared_prefix_attention(None, q[None], k[None], v[None].bfloat16(), Recording())
+    A.shared_prefix_attention(None, q[None], k[None], v[None], Recording())
+    assert seen == [{torch.bfloat16}, {torch.float32}] and out.shape == (1, q.shape[1], 4, 16)
+
+
 def test_resolve_and_build_validate():
     assert A.resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
     assert A.resolve_backend("flex", torch.device("cpu"), torch.float32) == "flex"
@@ -237,3 +257,33 @@ def test_gpu_backend_forward_and_backward(backend, gen):
 def test_gpu_auto_picks_a_checked_varlen():
     assert A.resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "varlen"
     assert A.resolve_backend("auto", torch.device("cuda"), torch.float32) == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "varlen"])
+def test_gpu_trainer_precision_on_the_tiny_vlm(backend, batcher, pairs, gen):
+    """The single-GPU trainer's setting: fp32 weights, bf16 autocast, the fused loss backward. Log-probs
+    and gradients of each backend against the repeated path in the same precision."""
+    from lgrpo.group import GroupBatch
+    from lgrpo.scoring import CompletionScorer
+
+    model = load_model("tiny", seed=1, device="cuda", dtype=torch.float32)
+    texts, images = pairs
+    prompts = batcher.reasoner_batch(texts, images).to("cuda")
+    ids, mask = _completions(gen, 6, 9, 500)
+    batch = GroupBatch.grouped(prompts, ids.cuda(), mask.cuda(), 2)
+    adv = torch.randn(3, generator=gen).repeat_interleave(2).cuda()
+    out = {}
+    for name, kw in (("repeated", dict(shared_prefix=False)), (backend, dict(prefix_attention=backend))):
+        scorer = CompletionScorer(model, autocast_dtype=torch.bfloat16, **kw)
+        loss, logp = scorer(batch, loss={"advantages": adv, "loss_type": "dapo"})[:2]
+        loss.backward()
+        out[name] = (logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    (lp, grads), (lp_ref, grads_ref) = out[backend], out["repeated"]
+    m = mask.cuda()
+    assert (lp - lp_ref)[m].abs().max().item() < 0.1
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        scale = grads_ref[n].abs().max().item()
+        assert (grads[n] - grads_ref[n]).abs().max().item() <= 0.1 * scale + 1e-4, n

@@ -62,6 +62,7 @@ class AutoLayout(SharedPrefixLayout):
 
     def attend(self, query, key, value, dropout, scale):
         if self.built is None:
+            # query.dtype is the compute dtype: shared_prefix_attention cast q, k, v to it
             self.built = BACKENDS[resolve_backend("auto", query.device, query.dtype)].build(self.segments)
         return self.built.attend(query, key, value, dropout, scale)
 

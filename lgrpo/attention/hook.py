@@ -10,6 +10,8 @@ during the backward, after any per-call switch would have been undone. No modeli
 
 from __future__ import annotations
 
+import torch
+
 from .layout import SharedPrefixLayout
 
 
@@ -24,7 +26,18 @@ def shared_prefix_attention(module, query, key, value, layout: SharedPrefixLayou
                          f"got query of shape {tuple(query.shape)}")
     if sliding_window:
         raise ValueError("shared-prefix attention does not implement sliding-window layers")
-    return layout.attend(query[0], key[0], value[0], dropout, scaling)[None], None
+    dtype = compute_dtype(query.device, value.dtype)
+    q, k, v = (x[0].to(dtype) for x in (query, key, value))
+    return layout.attend(q, k, v, dropout, scaling)[None], None
+
+
+def compute_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The dtype attention runs in: autocast's where it is on (fp32 weights, bf16 compute: the rotary
+    embedding leaves q and k in fp32 beside a bf16 v; SDPA would cast under autocast, the FlashAttention
+    and flex kernels take one 16-bit dtype), else ``default``."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return default
 
 
 def _dispatcher(original):
