@@ -175,8 +175,32 @@ def test_check_backend_catches_a_wrong_kernel(monkeypatch):
 
     monkeypatch.setattr(A, "_checked", {})
     monkeypatch.setattr(varlen_backend, "varlen_kernel", lambda: top_left)
-    with pytest.raises(ValueError, match="disagrees"):
+    with pytest.raises(ValueError, match="disagrees.*output"):
         A.check_backend("varlen", "cpu", torch.float32)
+
+    class WrongBackward(torch.autograd.Function):  # the right output, a 10% wrong gradient
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.1 * g
+
+    def wrong_grad(q, *args):
+        return _reference_varlen(WrongBackward.apply(q), *args)
+
+    monkeypatch.setattr(A, "_checked", {})
+    monkeypatch.setattr(varlen_backend, "varlen_kernel", lambda: wrong_grad)
+    with pytest.raises(ValueError, match="disagrees.*dq"):
+        A.check_backend("varlen", "cpu", torch.float32)
+
+
+def test_check_backend_passes_the_cpu_backends_even_in_inference_mode(monkeypatch):
+    monkeypatch.setattr(A, "_checked", {})
+    with torch.inference_mode():  # auto may resolve inside a no-gradient forward
+        A.check_backend("sdpa", "cpu", torch.float32)
+        A.check_backend("flex", "cpu", torch.float32)  # forward only: no backward on CPU
 
 
 def test_attention_runs_in_the_autocast_dtype(gen):

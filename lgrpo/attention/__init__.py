@@ -15,7 +15,8 @@ Three backends compute it (``prefix_attention``):
 - ``flex`` (:mod:`.flex`): one compiled ``flex_attention`` call with a block mask, no copies; CUDA
   forward and backward, CPU forward only (torch has no CPU backward for it);
 - ``varlen`` (:mod:`.varlen`): FlashAttention varlen kernels, no mask at all; CUDA, 16-bit;
-- ``auto``: ``varlen`` on CUDA in 16-bit once it has passed :func:`check_backend` on this device,
+- ``auto``: ``varlen`` on CUDA in 16-bit once it has passed :func:`check_backend` (output and
+  gradients against the dense reference) on this device,
   else ``sdpa`` (the CPU, fp32, or a failed check: with a warning).
 """
 
@@ -89,7 +90,8 @@ _warned: set = set()
 
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     """Run ``backend`` once on a small random case (ragged prompts, an empty completion, groups out of
-    order, grouped-query heads) and compare it with SDPA under :func:`dense_mask`; raises ``ValueError``
+    order, grouped-query heads) and compare its output and q/k/v gradients with SDPA under
+    :func:`dense_mask`; raises ``ValueError``
     when it disagrees, or whatever the backend raises where it cannot run. Cached per device and dtype."""
     key = (backend, str(device), dtype)
     if key not in _checked:
@@ -106,18 +108,29 @@ def _compare_with_dense(backend: str, device: torch.device, dtype: torch.dtype) 
     segments = Segments.of(torch.tensor([37, 5, 130]), torch.tensor([9, 0, 140, 3, 1, 20]),
                            torch.tensor([2, 0, 0, 2, 1, 0], device=device))
     t = int(segments.prompt_lengths.sum() + segments.completion_lengths.sum())
-    q = torch.randn(4, t, 64, generator=gen).to(device, dtype)
-    k, v = (torch.randn(2, t, 64, generator=gen).to(device, dtype) for _ in range(2))
-    with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        got = BACKENDS[backend].build(segments).attend(q, k, v, 0.0, None).float()
+    # Gradients too, where the backend has a backward here (flex has none on CPU): the update trusts them.
+    backward = not (backend == "flex" and device.type == "cpu")
+    # The check may run inside a no-grad or inference-mode forward (auto resolves at the first layer).
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        q = torch.randn(4, t, 64, generator=gen).to(device, dtype)
+        k, v = (torch.randn(2, t, 64, generator=gen).to(device, dtype) for _ in range(2))
+        inputs = [x.clone().requires_grad_(backward) for x in (q, k, v)]
+        ref = [x.detach().float().requires_grad_(backward) for x in (q, k, v)]
+        got = BACKENDS[backend].build(segments).attend(*inputs, 0.0, None).float()
         want = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), k.float().repeat_interleave(2, 0), v.float().repeat_interleave(2, 0),
+            ref[0], ref[1].repeat_interleave(2, 0), ref[2].repeat_interleave(2, 0),
             attn_mask=dense_mask(segments)).transpose(0, 1)
-    err = (got - want).abs().max().item()
+        pairs = [("output", got, want)]
+        if backward:
+            w = torch.randn(want.shape, generator=gen).to(device)
+            grads = torch.autograd.grad((got * w).sum(), inputs)
+            pairs += zip(("dq", "dk", "dv"), grads, torch.autograd.grad((want * w).sum(), ref))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    if not err <= tol:
-        raise ValueError(f"the {backend} shared-prefix attention disagrees with the dense reference on {device} "
-                         f"({dtype}): max error {err:.3g} > {tol}")
+    for name, a, b in pairs:
+        err, scale = (a.float() - b).abs().max().item(), b.abs().max().item()
+        if not err <= tol * max(scale, 1.0):
+            raise ValueError(f"the {backend} shared-prefix attention disagrees with the dense reference on "
+                             f"{device} ({dtype}): {name} max error {err:.3g}, scale {scale:.3g}")
 
 
 def _warn_once(message: str) -> None:
