@@ -223,6 +223,24 @@ def test_attention_runs_in_the_autocast_dtype(gen):
     assert seen == [{torch.bfloat16}, {torch.float32}] and out.shape == (1, q.shape[1], 4, 16)
 
 
+def test_auto_layout_builds_once_per_forward(vlm, batcher, pairs, gen, monkeypatch):
+    """``auto`` resolves at the first layer and every later layer reuses that layout (the host syncs of a
+    build happen once per forward, not per layer)."""
+    builds = []
+    real = A.SdpaLayout.build.__func__
+
+    def counting(cls, segments):
+        builds.append(len(segments.group))
+        return real(cls, segments)
+
+    monkeypatch.setattr(A.SdpaLayout, "build", classmethod(counting))
+    texts, images = pairs
+    ids, mask = _completions(gen, 6, 5, 500)
+    with torch.no_grad():
+        completion_logprobs(vlm, batcher.reasoner_batch(texts, images), ids, mask, 2)
+    assert vlm.config.get_text_config().num_hidden_layers > 1 and builds == [6]
+
+
 def test_resolve_and_build_validate():
     assert A.resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
     assert A.resolve_backend("flex", torch.device("cpu"), torch.float32) == "flex"
