@@ -27,7 +27,12 @@ from datasets import Dataset  # noqa: E402  (after the importorskip)
 from toy_task import char_tokenizer, tiny_lm  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from lgrpo.integrations.trl import LGRPOTrainer, ListenerReward, unsupported_settings  # noqa: E402
+from lgrpo.integrations.trl import (  # noqa: E402
+    LGRPOTrainer,
+    ListenerReward,
+    group_rows,
+    unsupported_settings,
+)
 
 PROMPTS = ["a red circle", "two blue squares", "a green star", "one small triangle"]
 # TRL's loss metrics, filled by LGRPOTrainer from the kernel's per-token outputs.
@@ -119,16 +124,17 @@ def test_train_matches_trl(tmp_path, model_dir, tok, loss_type):
 # ---------------------------------------------------------------------------------------------------
 
 
-def trainer_pair(tmp_path, model, tok, **options):
-    """TRL's trainer and ours on two identical copies of ``model``, in eval mode (normaliser 1)."""
+def trainer_pair(tmp_path, model, tok, ours=({},), **options):
+    """TRL's trainer and ours (one per keyword dict in ``ours``) on identical copies of ``model``, in eval
+    mode (normaliser 1)."""
     args = config(tmp_path, **options)
     model.save_pretrained(tmp_path / "model")  # TRL builds the reference model (beta > 0) from this path
     model.config._name_or_path = str(tmp_path / "model")
     data = Dataset.from_dict({"prompt": PROMPTS})
     pair = []
-    for cls in (GRPOTrainer, LGRPOTrainer):
+    for cls, kwargs in [(GRPOTrainer, {}), *((LGRPOTrainer, k) for k in ours)]:
         trainer = cls(model=copy.deepcopy(model), reward_funcs=diversity, args=args, train_dataset=data,
-                      processing_class=tok)
+                      processing_class=tok, **kwargs)
         trainer.model.eval()
         pair.append(trainer)
     return pair
@@ -233,6 +239,102 @@ def test_peft_lora_matches_trl(tmp_path, gen, tok):
     grads = compare_losses(pair, loss_inputs(gen, B=4, P=5, C=6, vocab=len(tok), dtype=torch.float32, beta=False),
                            rtol=1e-5)
     assert grads and all("lora_" in name for name in grads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each prompt once per micro-batch (shared_prefix)
+# ---------------------------------------------------------------------------------------------------
+
+
+class InputCounter:
+    """Rows reaching a module (token ids at the embedding, patches at the vision tower), over calls."""
+
+    def __init__(self, module):
+        self.count = 0
+        module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        self.count += first.numel() if first.dtype == torch.long else first.shape[0]
+
+
+def compare_counting(trainers, inputs, rtol=1e-5):
+    """compare_losses of TRL (first) with each of ours; the tokens each of ours embeds."""
+    counters = [InputCounter(t.model.get_input_embeddings()) for t in trainers[1:]]
+    for trainer in trainers[1:]:
+        compare_losses([trainers[0], trainer], inputs, rtol)
+    return [c.count for c in counters]
+
+
+def test_shared_prefix_matches_trl_text(tmp_path, gen, tok):
+    """Three prompts (left padded 0, 2, 4) repeated 3, 3, 2 times, rows interleaved, ragged completions:
+    the shared-prefix update equals TRL's in loss, gradients and metrics, computing each prompt once;
+    shared_prefix=False runs every row's prompt and padding, as before."""
+    pair = trainer_pair(tmp_path, tiny_lm(tok, seed=1), tok, ours=({}, dict(shared_prefix=False)),
+                        loss_type="grpo", beta=0.05, epsilon_high=0.28)
+    assert pair[1].shared_prefix and not pair[2].shared_prefix
+    B, P, C = 8, 7, 6
+    group = torch.tensor([0, 1, 2, 0, 2, 1, 0, 1])
+    inputs = loss_inputs(gen, B=B, P=P, C=C, vocab=len(tok), dtype=torch.float32)
+    pads = torch.tensor([0, 2, 4])
+    mask = (torch.arange(P)[None] >= pads[:, None]).long()
+    ids = torch.randint(2, len(tok), (3, P), generator=gen).masked_fill(mask == 0, tok.pad_token_id)
+    inputs.update(prompt_ids=ids[group], prompt_mask=mask[group])
+    assert torch.equal(group_rows(inputs).group, group)
+
+    shared, repeated = compare_counting(pair, inputs)
+    assert shared == int(mask.sum() + inputs["completion_mask"].sum()) < repeated == B * (P + C)
+
+
+def vlm_group_inputs(gen, batcher):
+    """Six rows of three prompts, interleaved: A, B, C, A, C, B. A and B have the same text and image
+    sizes (so the same ids) but B's pixels are inverted; C is another example."""
+    from PIL import ImageOps
+
+    from lgrpo.synthetic import SyntheticTask
+
+    task = SyntheticTask(seed=0)
+    a, c = (task.example("train", i) for i in range(2))
+    prompts = [(a.prompt, list(a.images)), (a.prompt, [ImageOps.invert(im.convert("RGB")) for im in a.images]),
+               (c.prompt, list(c.images))]
+    group = torch.tensor([0, 1, 2, 0, 2, 1])
+    batch = batcher.reasoner_batch([prompts[g][0] for g in group], [prompts[g][1] for g in group])
+    inputs = loss_inputs(gen, B=6, P=batch.length, C=5, vocab=200, dtype=torch.float32, low=30)
+    inputs.update(prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                  image_grid_thw=batch.image_grid_thw, num_images=[2] * 6)
+    inputs["mm_token_type_ids"] = torch.cat([batch.mm_token_type_ids,
+                                            torch.zeros_like(inputs["completion_ids"])], dim=1)
+    assert torch.equal(batch.input_ids[0], batch.input_ids[1]), "A and B must differ in pixels only"
+    return inputs, group
+
+
+def test_shared_prefix_matches_trl_vlm(tmp_path, gen):
+    """The tiny Qwen2.5-VL, two images per prompt, the same text over other pixels as another prompt:
+    equal to TRL (vision tower gradients included), each prompt's patches through the tower once."""
+    from lgrpo.batching import VLBatcher
+    from lgrpo.model import load_policy
+
+    batcher = VLBatcher.from_pretrained("tiny")
+    pair = trainer_pair(tmp_path, load_policy("tiny", dtype=torch.float32, seed=2), batcher.tokenizer,
+                        loss_type="bnpo", beta=0.05)
+    inputs, group = vlm_group_inputs(gen, batcher)
+    assert torch.equal(group_rows(inputs).group, group)
+    patches = [InputCounter(t.model.model.visual) for t in pair]
+    grads = compare_losses(pair, inputs, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "visual" in n), "the images must reach the loss"
+    assert patches[1].count * 2 == patches[0].count == int(inputs["image_grid_thw"].prod(-1).sum())
+
+
+def test_shared_prefix_falls_back_for_eager_attention(tmp_path, gen, tok):
+    """eager attention has no registry entry to hook: a warning naming it, then every row's prompt."""
+    model = tiny_lm(tok, seed=1)
+    model.config._attn_implementation = "eager"
+    with pytest.warns(RuntimeWarning, match="'eager'"):
+        pair = trainer_pair(tmp_path, model, tok, loss_type="bnpo")
+    assert not pair[1].shared_prefix
+    inputs = loss_inputs(gen, B=4, P=5, C=6, vocab=len(tok), dtype=torch.float32, beta=False)
+    inputs.update(prompt_ids=inputs["prompt_ids"][[0, 0, 1, 1]], prompt_mask=inputs["prompt_mask"][[0, 0, 1, 1]])
+    assert compare_counting(pair, inputs) == [4 * (5 + 6)]
 
 
 # ---------------------------------------------------------------------------------------------------

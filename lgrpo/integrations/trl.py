@@ -18,6 +18,13 @@ How TRL 1.16's ``GRPOTrainer._compute_loss`` maps onto the kernel (each line tes
   ``w * -min(r̂ A, clip(r) A) = -min(r̂ (wA), clip(r) (wA))``: it rides in per-token advantages ``wA``.
 - ``tool_mask`` multiplies the completion mask; images and the other VLM inputs go to the backbone as TRL
   passes them.
+- each prompt once (``shared_prefix=True``): TRL's micro-batch holds each prompt once per completion
+  (its ``RepeatSampler``), split and shuffled across micro-batches. Rows with the same prompt (ids, mask,
+  and for a VLM the same images) become one prompt of a :class:`~lgrpo.group.GroupBatch`, and the backbone
+  runs :func:`lgrpo.scoring.completion_states`' shared-prefix forward: each distinct prompt (its images
+  through the vision tower) once, no padding. TRL's forward numbers a text row's positions over the padded
+  row (no ``position_ids``), the shared one from the first real token: a constant shift per row, which RoPE
+  scores do not see (tested equal to TRL within rounding).
 
 Settings the kernel cannot honour raise ``ValueError`` naming them (:func:`unsupported_settings`).
 """
@@ -28,6 +35,7 @@ import dataclasses
 import functools
 import os
 import types
+import warnings
 
 import torch
 from accelerate.utils import is_peft_model
@@ -36,13 +44,19 @@ from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
+from lgrpo.attention import install as install_shared_prefix
+from lgrpo.group import GroupBatch, PromptBatch
 from lgrpo.kernels import linear_grpo_loss
+from lgrpo.scoring import completion_states
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Inputs TRL's _get_per_token_logps_and_entropies hands to the model besides input_ids/attention_mask
 # (num_images / num_tiles only split batches there; the whole batch goes in one call here).
 MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                      "token_type_ids", "mm_token_type_ids", "image_position_ids")
+# The multimodal inputs lgrpo.scoring's shared-prefix forward knows (Qwen2-VL style); any other (Gemma's
+# token_type_ids, LLaVA's image_sizes...) keeps a micro-batch on the repeated path.
+SHARED_PREFIX_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 # Config fields that scale the logits before the softmax (TRL's fused head reads them): not in the kernel.
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -92,12 +106,16 @@ class LGRPOTrainer(GRPOTrainer):
 
     Same constructor and behaviour as ``GRPOTrainer`` (module docstring for the mapping); raises
     ``ValueError`` naming every setting it cannot honour (:func:`unsupported_settings`).
+    ``shared_prefix``: the update computes each distinct prompt of a micro-batch once (module
+    docstring); False, or a model it cannot serve (``eager`` attention, sliding-window layers, other VLM
+    inputs: a warning names the reason once), runs the backbone on every row's prompt + completion.
     """
 
-    def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
+    def __init__(self, model, reward_funcs=None, args=None, *more, shared_prefix: bool = True, **kwargs):
         if args is not None:  # fail before any model loads
             _reject(unsupported_settings(args))
         super().__init__(model, reward_funcs, args, *more, **kwargs)
+        self._warned_fallbacks: set[str] = set()
         found = unsupported_settings(self.args, self.model)
         if self.aux_loss_enabled:
             found.append(f"router_aux_loss_coef={self.router_aux_loss_coef}: the MoE load-balancing loss is not "
@@ -107,6 +125,36 @@ class LGRPOTrainer(GRPOTrainer):
         # every parameter it uses (the lm_head weight included) within their forward.
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_hidden_state_loss(target, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        self.shared_prefix = shared_prefix
+        if shared_prefix:
+            reason = _shared_prefix_unsupported(target)
+            if reason is not None:
+                self._fallback(reason)
+                self.shared_prefix = False
+
+    def _fallback(self, reason: str) -> None:
+        """Warn once per reason that the update runs each row's prompt (shared_prefix=True asked otherwise)."""
+        if reason not in self._warned_fallbacks:
+            self._warned_fallbacks.add(reason)
+            warnings.warn(f"LGRPOTrainer: each row's prompt is computed in the update (no shared prefix): {reason}",
+                          RuntimeWarning, stacklevel=3)
+
+    def _shared_batch(self, inputs: dict) -> GroupBatch | None:
+        """The micro-batch as distinct prompts plus a group index per row, or None (with a one-time
+        warning) where the shared-prefix forward cannot reproduce TRL's."""
+        if not self.shared_prefix:
+            return None
+        others = sorted(k for k in MULTIMODAL_INPUTS if inputs.get(k) is not None and k not in SHARED_PREFIX_INPUTS)
+        if others:
+            self._fallback(f"the shared-prefix forward does not handle the inputs {others}")
+            return None
+        completion_mask = inputs["completion_mask"]
+        # TRL attends to completion tokens through completion_mask; the flat sequence keeps a prefix of each
+        # row. A mask with holes would give the later tokens other positions than TRL's.
+        if bool((completion_mask[:, 1:] > completion_mask[:, :-1]).any()):
+            self._fallback("a completion_mask row is not a prefix (tokens, then padding)")
+            return None
+        return group_rows(inputs)
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -136,6 +184,11 @@ class LGRPOTrainer(GRPOTrainer):
         request = dict(options, prompt_length=prompt_ids.size(1), targets=completion_ids, advantages=advantages,
                        mask=mask, old_logp=inputs.get("old_per_token_logps"),
                        ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None)
+        batch = self._shared_batch(inputs)
+        if batch is not None:
+            # The backbone inputs ride in the request: the forward reads the GroupBatch, not input_ids.
+            request["groups"] = batch
+            model_inputs = {}
         with self.accelerator.autocast():
             out = model(**model_inputs, lgrpo_loss=request)
 
@@ -203,7 +256,9 @@ def add_hidden_state_loss(model, *, cast_lm_head_to_fp32: bool = False) -> None:
     ``request`` holds ``prompt_length`` P and the keyword arguments of ``linear_grpo_loss`` except
     ``hidden``/``weight``; the backbone (``model.base_model``) runs on the inputs, rows ``[:, P-1:-1]``
     meet the lm_head weight in the kernel, and the result comes back as a dict of ``GRPOLossOutput``'s
-    fields. Without ``lgrpo_loss`` the forward is the previous one (generation and TRL's fused log-prob
+    fields. With ``groups`` (a :class:`GroupBatch` of the same rows) in the request the backbone runs the
+    shared-prefix forward of :func:`lgrpo.scoring.completion_states` instead, and the positional inputs
+    are ignored. Without ``lgrpo_loss`` the forward is the previous one (generation and TRL's fused log-prob
     head are untouched). The lm_head runs in the autocast dtype when autocast is on (as ``F.linear``
     would), in fp32 with ``cast_lm_head_to_fp32``, else in the weight's dtype.
     """
@@ -215,8 +270,12 @@ def add_hidden_state_loss(model, *, cast_lm_head_to_fp32: bool = False) -> None:
             return previous(*args, **kwargs)
         request = dict(lgrpo_loss)
         prompt_length = request.pop("prompt_length")
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, prompt_length - 1: -1]
+        groups = request.pop("groups", None)
+        if groups is not None:  # column c of [:, :-1] predicts completion token c, as below
+            hidden = completion_states(self, groups)[:, :-1]
+        else:
+            kwargs["use_cache"] = False
+            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, prompt_length - 1: -1]
         weight = self.get_output_embeddings().weight
         if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once (differentiably)
             weight = weight.full_tensor()
@@ -232,6 +291,62 @@ def add_hidden_state_loss(model, *, cast_lm_head_to_fp32: bool = False) -> None:
         return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
 
     model.forward = types.MethodType(forward, model)
+
+
+def _shared_prefix_unsupported(model) -> str | None:
+    """Why the shared-prefix forward cannot stand in for ``model``'s, or None."""
+    try:
+        install_shared_prefix(model)  # raises for eager attention: no registry entry to hook
+    except ValueError as e:
+        return str(e)
+    text = model.config.get_text_config()
+    if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        return "sliding-window layers (the shared-prefix attention computes full attention only)"
+    # Positions: the shared forward numbers a row from its first real token, TRL's over the padded row;
+    # only relative (rotary) positions make the two the same.
+    if getattr(text, "rope_parameters", None) is None and getattr(text, "rope_theta", None) is None:
+        return f"{type(model).__name__} has no rotary position embedding (absolute positions would shift)"
+    return None
+
+
+def group_rows(inputs: dict) -> GroupBatch:
+    """TRL's micro-batch as a :class:`GroupBatch`: each distinct prompt once, ``group[b]`` row ``b``'s.
+
+    Two rows share a prompt when their ``prompt_ids`` and ``prompt_mask`` rows are equal and, for a VLM,
+    their images are (``image_grid_thw`` rows and ``pixel_values`` slices, ``num_images`` per row): the
+    same text over other pixels is another prompt. Rows of a prompt may be anywhere in the batch.
+    """
+    ids, mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    rows, width = ids.shape
+    types = inputs.get("mm_token_type_ids")
+    prompts = PromptBatch(ids, mask, mm_token_type_ids=None if types is None else types[:, :width])
+    thw = inputs.get("image_grid_thw")
+    if thw is not None:
+        per_row = inputs.get("num_images")
+        per_row = None if per_row is None else torch.as_tensor(per_row, dtype=torch.long)
+        prompts = PromptBatch(ids, mask, prompts.mm_token_type_ids, inputs["pixel_values"], thw, per_row)
+
+    def key(b):  # what the backbone reads of row b's prompt
+        parts = [ids[b], mask[b]] + ([] if types is None else [prompts.mm_token_type_ids[b]])
+        if thw is not None:
+            one = prompts.select([b])
+            parts += [one.image_grid_thw, one.pixel_values]
+        return parts
+
+    # B is a micro-batch (a few rows to a few dozen): comparing each row with each distinct prompt is cheap.
+    distinct, group = [], []  # the key of each distinct prompt; row b's index into it
+    for b in range(rows):
+        mine = key(b)
+        same = (g for g, theirs in enumerate(distinct)
+                if all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(theirs, mine)))
+        found = next(same, None)
+        if found is None:
+            found = len(distinct)
+            distinct.append(mine)
+        group.append(found)
+    leaders = [group.index(g) for g in range(len(distinct))]
+    group = torch.tensor(group, dtype=torch.long, device=ids.device)
+    return GroupBatch(prompts.select(leaders), inputs["completion_ids"], inputs["completion_mask"], group)
 
 
 class ListenerReward:
@@ -310,4 +425,4 @@ def _image(item) -> Image.Image:
     raise ValueError(f"images must be PIL images or file paths, got {type(item).__name__}")
 
 
-__all__ = ["LGRPOTrainer", "ListenerReward", "add_hidden_state_loss", "unsupported_settings"]
+__all__ = ["LGRPOTrainer", "ListenerReward", "add_hidden_state_loss", "group_rows", "unsupported_settings"]
