@@ -285,6 +285,11 @@ def test_shared_prefix_matches_trl_text(tmp_path, gen, tok):
     shared, repeated = compare_counting(pair, inputs)
     assert shared == int(mask.sum() + inputs["completion_mask"].sum()) < repeated == B * (P + C)
 
+    # A completion mask with a hole: TRL's positions count the hole, the flat sequence would not.
+    inputs["completion_mask"][0] = torch.tensor([1, 1, 0, 1, 1, 0])
+    with pytest.warns(RuntimeWarning, match="not a prefix"):
+        assert compare_counting(pair[:2], inputs) == [B * (P + C)]
+
 
 def vlm_group_inputs(gen, batcher):
     """Six rows of three prompts, interleaved: A, B, C, A, C, B. A and B have the same text and image
@@ -323,6 +328,11 @@ def test_shared_prefix_matches_trl_vlm(tmp_path, gen):
     grads = compare_losses(pair, inputs, rtol=1e-5)
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "visual" in n), "the images must reach the loss"
     assert patches[1].count * 2 == patches[0].count == int(inputs["image_grid_thw"].prod(-1).sum())
+
+    # Images inside a completion (TRL's tool responses): the flat sequence reads completions as text.
+    inputs["mm_token_type_ids"][0, -1] = 1
+    with pytest.warns(RuntimeWarning, match="images inside completions"):
+        assert pair[1]._shared_batch(inputs) is None
 
 
 def test_shared_prefix_falls_back_for_eager_attention(tmp_path, gen, tok):
@@ -450,6 +460,7 @@ def test_benchmark_smoke(run_bench, reference_kernels):
     # the script runs end to end at smoke sizes and both trainers' losses agree (GPU numbers: bench/gpu_check.sh)
     result = run_bench("bench_trl_step", "bench_trl_step")
     losses = result["losses"]
-    assert [r["name"].split()[1] for r in result["rows"]] == ["GRPOTrainer", "LGRPOTrainer"]
+    assert [r["name"].split()[1] for r in result["rows"]] == ["GRPOTrainer", "LGRPOTrainer", "LGRPOTrainer"]
     assert all(r["ms"] > 0 for r in result["rows"])
-    assert losses["LGRPOTrainer"] == pytest.approx(losses["GRPOTrainer"], rel=1e-5)
+    assert losses["shared_prefix=False"] == pytest.approx(losses["trl"], rel=1e-5)
+    assert losses["shared_prefix=True"] == pytest.approx(losses["trl"], rel=1e-5)

@@ -148,6 +148,9 @@ class LGRPOTrainer(GRPOTrainer):
         if others:
             self._fallback(f"the shared-prefix forward does not handle the inputs {others}")
             return None
+        if self._images_in_completions(inputs):
+            self._fallback("images inside completions (tool responses): the shared forward reads completions as text")
+            return None
         completion_mask = inputs["completion_mask"]
         # TRL attends to completion tokens through completion_mask; the flat sequence keeps a prefix of each
         # row. A mask with holes would give the later tokens other positions than TRL's.
@@ -155,6 +158,18 @@ class LGRPOTrainer(GRPOTrainer):
             self._fallback("a completion_mask row is not a prefix (tokens, then padding)")
             return None
         return group_rows(inputs)
+
+    def _images_in_completions(self, inputs: dict) -> bool:
+        # TRL marks tool-response images in the completion part of mm_token_type_ids; without that tensor,
+        # the image/video placeholder ids in the completions say the same.
+        width = inputs["prompt_ids"].shape[1]
+        types = inputs.get("mm_token_type_ids")
+        if types is not None:
+            return bool(types[:, width:].any())
+        ids = inputs["completion_ids"]
+        marks = [getattr(self.model.config, k, None) for k in ("image_token_id", "video_token_id")]
+        marks = torch.tensor([m for m in marks if m is not None], dtype=ids.dtype, device=ids.device)
+        return bool(torch.isin(ids, marks).any())
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
