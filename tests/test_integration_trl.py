@@ -86,11 +86,13 @@ def assert_rel(got, want, rtol, what):
 
 # The second step is off-policy: it reuses the first step's rollouts (num_iterations=2), or, for dapo, the
 # second half of a generation batch made before the first update (steps_per_generation=4 > accumulation 2,
-# which also puts a factor 2/4 into TRL's dapo normaliser).
+# which also puts a factor 2/4 into TRL's dapo normaliser). TRL's micro-batches (4 rows drawn from a shuffled
+# generation batch of 4 completions per prompt) repeat prompts: the shared-prefix update runs on TRL's own
+# batches. dr_grpo with TRL's default activation checkpointing (layers replayed in the backward).
 TRAIN_CASES = {
     "grpo": dict(importance_sampling_level="sequence", beta=0.1, delta=1.5, epsilon_high=0.28, num_iterations=2),
     "bnpo": dict(beta=0.1, use_bias_correction_kl=False, temperature=0.7, num_iterations=2),
-    "dr_grpo": dict(epsilon=0.1, num_iterations=2),
+    "dr_grpo": dict(epsilon=0.1, num_iterations=2, gradient_checkpointing=True),
     "dapo": dict(beta=0.1, epsilon=0.02, epsilon_high=0.05, steps_per_generation=4),
 }
 
