@@ -107,8 +107,9 @@ class LGRPOTrainer(GRPOTrainer):
     Same constructor and behaviour as ``GRPOTrainer`` (module docstring for the mapping); raises
     ``ValueError`` naming every setting it cannot honour (:func:`unsupported_settings`).
     ``shared_prefix``: the update computes each distinct prompt of a micro-batch once (module
-    docstring); False, or a model it cannot serve (``eager`` attention, sliding-window layers, other VLM
-    inputs: a warning names the reason once), runs the backbone on every row's prompt + completion.
+    docstring); False, or a model or micro-batch it cannot serve (``eager`` attention, sliding-window
+    layers, other VLM inputs, images in completions: a warning names the reason once), runs the backbone
+    on every row's prompt + completion.
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *more, shared_prefix: bool = True, **kwargs):
@@ -175,9 +176,13 @@ class LGRPOTrainer(GRPOTrainer):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        model_inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
-                        "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1)}
-        model_inputs.update({k: inputs[k] for k in MULTIMODAL_INPUTS if inputs.get(k) is not None})
+        batch = self._shared_batch(inputs)
+        if batch is None:
+            model_inputs = {"input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+                            "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1)}
+            model_inputs.update({k: inputs[k] for k in MULTIMODAL_INPUTS if inputs.get(k) is not None})
+        else:  # the backbone's inputs ride in the request: the forward reads the GroupBatch
+            model_inputs = {}
 
         advantages = inputs["advantages"]
         if self.use_vllm and self.vllm_importance_sampling_correction:
@@ -199,11 +204,8 @@ class LGRPOTrainer(GRPOTrainer):
         request = dict(options, prompt_length=prompt_ids.size(1), targets=completion_ids, advantages=advantages,
                        mask=mask, old_logp=inputs.get("old_per_token_logps"),
                        ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None)
-        batch = self._shared_batch(inputs)
         if batch is not None:
-            # The backbone inputs ride in the request: the forward reads the GroupBatch, not input_ids.
             request["groups"] = batch
-            model_inputs = {}
         with self.accelerator.autocast():
             out = model(**model_inputs, lgrpo_loss=request)
 
