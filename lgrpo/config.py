@@ -212,6 +212,8 @@ class RewardConfig:
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+# lgrpo.attention.CHOICES, spelled out so the config imports no torch (a test holds them equal).
+PREFIX_ATTENTION = ("auto", "sdpa", "flex", "varlen")
 
 
 @dataclass
@@ -271,7 +273,7 @@ class LossConfig:
         _one_of(self.loss_type, LOSS_TYPES, "loss.loss_type")
         _one_of(self.importance_level, ("token", "sequence"), "loss.importance_level")
         _one_of(self.advantage_scale, ("group", "batch", "none"), "loss.advantage_scale")
-        _one_of(self.prefix_attention, ("auto", "sdpa", "flex", "varlen"), "loss.prefix_attention")
+        _one_of(self.prefix_attention, PREFIX_ATTENTION, "loss.prefix_attention")
         _check(self.epochs >= 1, "loss.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.minibatches >= 1, "loss.minibatches", f"must be >= 1, got {self.minibatches}")
         _check(

@@ -117,6 +117,10 @@ def test_prefix_attention_reaches_every_shared_prefix_pass(tmp_path, monkeypatch
     _, _, listener = build(build_config("tiny", {"loss": {"prefix_attention": "sdpa"}}), D.Dist())
     assert listener.scorer.prefix_attention == "sdpa"
 
+    from lgrpo import attention
+    from lgrpo.config import PREFIX_ATTENTION
+
+    assert PREFIX_ATTENTION == attention.CHOICES
     cfg = build_config("tiny", {"train": {"steps": 0}})
     assert cfg.loss.prefix_attention == "auto"
     assert resolve_auto(cfg, D.Dist()).loss.prefix_attention == "sdpa"  # CPU

@@ -38,6 +38,7 @@ class VarlenLayout(SharedPrefixLayout):
     key_index: torch.Tensor
     max_query: int
     max_key: int
+    kernel: object  # varlen_kernel()'s function, looked up once per forward rather than per layer
     backend = "varlen"
 
     @classmethod
@@ -56,12 +57,12 @@ class VarlenLayout(SharedPrefixLayout):
         prompt_tokens = int(s.prompt_lengths.sum())
         return cls(prompt_tokens + int(s.completion_lengths.sum()), prompt_tokens, _cumulative(s.prompt_lengths),
                    int(s.prompt_lengths.max()), _cumulative(len_q), cu_key, key_index,
-                   int(len_q.max()) if len(len_q) else 0, int(len_k.max()) if len(len_k) else 0)
+                   int(len_q.max()) if len(len_q) else 0, int(len_k.max()) if len(len_k) else 0, varlen_kernel())
 
     def attend(self, query, key, value, dropout, scale):
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
         n = self.prompt_tokens
-        fn = varlen_kernel()
+        fn = self.kernel
         parts = [fn(q[:n], k[:n], v[:n], self.cu_prompt, self.cu_prompt, self.max_prompt, self.max_prompt,
                     dropout, scale)]
         if self.max_query:
