@@ -196,6 +196,43 @@ def test_check_backend_catches_a_wrong_kernel(monkeypatch):
         A.check_backend("varlen", "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("torch_release", ["2.11", "2.13"])
+def test_torch_varlen_attn_is_called_as_each_release_spells_it(torch_release, monkeypatch):
+    """Without flash-attn the backend calls torch.nn.attention.varlen.varlen_attn, whose keywords differ:
+    2.13 asks for grouped-query heads with ``enable_gqa``, 2.10-2.11 (the GPU image's torch) have no such
+    argument. Both spellings, each standing in for torch's function with the reference kernel, pass the
+    self-check on grouped heads; passing ``enable_gqa`` to 2.11's raises TypeError."""
+    import torch.nn.attention.varlen as torch_varlen
+
+    from lgrpo import model
+
+    calls = []
+
+    def check(cu_q, cu_k, window_size):
+        assert window_size == (-1, 0), "causal: the left window unbounded, nothing to the right"
+        assert cu_q.dtype == cu_k.dtype == torch.int32
+
+    def release_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+        check(cu_seq_q, cu_seq_k, window_size)
+        calls.append(None)
+        return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, scale)
+
+    def release_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        check(cu_seq_q, cu_seq_k, window_size)
+        calls.append(enable_gqa)
+        assert enable_gqa == (query.shape[1] != key.shape[1])
+        return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, scale)
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", release_2_11 if torch_release == "2.11" else release_2_13)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model, "flash_attn_available", lambda: False)
+    monkeypatch.setattr(A, "_checked", {})
+    A.check_backend("varlen", "cpu", torch.float32)
+    assert calls and all(c is (None if torch_release == "2.11" else True) for c in calls)
+
+
 def test_check_backend_passes_the_cpu_backends_even_in_inference_mode(monkeypatch):
     monkeypatch.setattr(A, "_checked", {})
     with torch.inference_mode():  # auto may resolve inside a no-gradient forward

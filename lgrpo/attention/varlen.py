@@ -14,6 +14,7 @@ of torch >= 2.10). Both are CUDA-only; forward and backward.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -96,9 +97,14 @@ def varlen_kernel():
         raise ValueError("prefix_attention='varlen' needs flash-attn or torch >= 2.10 "
                          "(torch.nn.attention.varlen); use 'sdpa' or 'flex'") from e
 
+    # torch 2.13 asks for grouped-query heads with enable_gqa; 2.10-2.11 (the GPU image's torch) have no
+    # such argument and pass any head counts to FlashAttention, which reads a key head per query-head
+    # group natively. The start-up check (check_backend) compares both forms with SDPA on grouped heads.
+    gqa_flag = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
     def builtin(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale):
         if dropout:
             raise ValueError("torch's varlen_attn has no dropout; install flash-attn or use 'sdpa'")
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0),
-                           enable_gqa=q.shape[1] != k.shape[1])
+        gqa = dict(enable_gqa=q.shape[1] != k.shape[1]) if gqa_flag else {}
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), **gqa)
     return builtin
