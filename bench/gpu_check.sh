@@ -7,12 +7,11 @@
 #   ONLY=pytest bench/gpu_check.sh OUT_DIR   # only `pytest bench --benchmark-only` (PYTEST_BENCH_TIMEOUT, 300 s;
 #                                            # PYTEST_BENCH_K="not compile" to leave out some rows)
 #
-# Peers (liger-kernel, cut-cross-entropy) are installed from .whl/ when that folder holds wheels
-# (machines without network), else whatever the environment already has is used.
-# bench_trl_step.py (TRL's GRPO update beside LGRPOTrainer's) needs trl 1.16.0 and its dependencies
-# (`pip install -e .[trl]`, or their wheels in .whl/: `pip download trl==1.16.0 -d .whl`); without them it
-# says it was skipped. ONLY=trl_step runs it alone. The pytest-benchmark step needs pytest-benchmark and
-# py-cpuinfo2 (the [dev] extra; offline: `pip download --no-deps pytest-benchmark py-cpuinfo2 -d .whl`).
+# Peers (liger-kernel, cut-cross-entropy) and TRL (for bench_trl_step.py) are installed from .whl/ when that
+# folder holds wheels (machines without network: fetch them beforehand with bench/fetch_wheels.sh and carry
+# .whl along), else whatever the environment already has is used; without TRL bench_trl_step.py says it was
+# skipped (ONLY=trl_step runs it alone). The pytest-benchmark step needs pytest-benchmark and py-cpuinfo
+# (the [dev] extra; the GPU image has both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-bench_results}" && cd "${1:-bench_results}" && pwd)
