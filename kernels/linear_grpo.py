@@ -30,6 +30,13 @@ fewer, larger chunks are faster and larger: measured on an H100 (N = 8192, H = 3
 rows: 1.27x the three-matmul floor at 1.26 GiB extra; 768: 1.19x at 1.30 GiB; 1024: 1.20x at
 1.37 GiB (bench/results/).
 
+Overlap (``overlap=True``, opt-in until measured on a GPU): chunk k's weight-gradient GEMM runs on
+a side stream while the current stream computes chunk k's grad_hidden GEMM (``overlap_buffers=1``)
+and, with two logits buffers (``overlap_buffers=2``, the default), chunk k+1's logits GEMM and row
+passes. The aim is to hide grad_W's read-modify-write (2.18 GB per chunk at Qwen's size) behind
+compute; the price is one more logits buffer, so the default chunk halves (2 x 384 rows) to keep
+the buffers at ~224 MiB, or nothing with one buffer (bench/NOTES.md, "overlap").
+
 Weight-gradient precision: ``grad_W`` accumulates across chunks in the weight's dtype; each chunk's
 product is computed by cuBLAS in fp32 and rounded once when added. With ``K`` chunks and unit
 roundoff ``u`` (2^-8 for bf16), elementwise ``|grad_W - exact| <= (K + 1) u sum_t |D_t| |h_t|`` on
@@ -39,6 +46,8 @@ final cast: 3 GiB for Qwen2.5-VL-7B's lm_head, over the 1.3 GiB budget).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -52,11 +61,47 @@ from .logprobs import launch_row_grad, launch_row_stats
 CHUNK_BYTES = 224 << 20  # default logits buffer: ~224 MiB (see the module docstring for the trade-off)
 
 
-def default_chunk_rows(vocab: int, element_size: int) -> int:
-    """Rows per chunk so the ``[chunk, V]`` logits buffer stays near ``CHUNK_BYTES``; a multiple of 64
-    (GEMM tiles) when that is at least 64."""
-    rows = CHUNK_BYTES // max(vocab * element_size, 1)
+def default_chunk_rows(vocab: int, element_size: int, buffers: int = 1) -> int:
+    """Rows per chunk so the ``buffers`` ``[chunk, V]`` logits buffers together stay near ``CHUNK_BYTES``;
+    a multiple of 64 (GEMM tiles) when that is at least 64."""
+    rows = CHUNK_BYTES // max(buffers, 1) // max(vocab * element_size, 1)
     return max(64, rows // 64 * 64) if rows >= 64 else max(rows, 1)
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+class _SideStream:
+    """Work queued on a side stream S beside the current stream M, with the waits the forward's
+    overlap needs (the numbers refer to the ordering argument in ``_linear_fwd``)."""
+
+    def __init__(self, device: torch.device):
+        # One S per device, kept for the process: cuBLAS keeps a workspace per stream, so a new stream
+        # per call would allocate (and count as peak memory) a new workspace each time.
+        if device.index not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device.index] = torch.cuda.Stream(device)
+        self.side, self.main = _SIDE_STREAMS[device.index], torch.cuda.current_stream(device)
+
+    def submit(self, work, keep: tuple[torch.Tensor, ...]) -> torch.cuda.Event:
+        """Queue ``work()`` on S after everything queued on M so far (1); ``keep``: tensors allocated on M
+        that S reads, not to be reused by M's allocations before S is done (3). Returns S's event."""
+        self.side.wait_stream(self.main)  # (1)
+        with torch.cuda.stream(self.side):
+            work()
+        for t in keep:
+            t.record_stream(self.side)  # (3)
+        return self.side.record_event()
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        self.main.wait_event(event)  # (2)
+
+    def join(self) -> None:
+        self.main.wait_stream(self.side)  # (4)
+
+
+def _overlap_stream(device: torch.device) -> _SideStream | None:
+    """The side stream on CUDA; None elsewhere (the overlap's schedule then runs in order)."""
+    return _SideStream(device) if device.type == "cuda" else None
 
 
 def plan_chunks(live_counts: list[int], chunk: int, whole_sequences: bool
@@ -130,13 +175,15 @@ def _linear_fwd(
     seq_id: torch.Tensor, num_items: torch.Tensor, temperature: float, eps_low: float, eps_high: float,
     delta: float | None, beta: float, loss_type: str, sequence_level: bool, max_len: int, n_seqs: int,
     chunk_size: int, fp32_weight_grad: bool, need_grad_hidden: bool, need_grad_weight: bool,
-    kl_bias_correction: bool,
+    kl_bias_correction: bool, overlap_buffers: int,
 ) -> _FWD_OUT:
     """hidden [N, H], weight [V, H], flat per-token inputs from grpo_inputs. Returns (loss, logp,
     entropy, kl, clipped, grad_hidden, grad_weight, last_dlogits, last_hidden, accumulated) where
     the gradients are for a unit incoming gradient, except the last chunk's weight-gradient term,
     which the backward adds (``last_*``; ``accumulated`` says whether grad_weight already holds
-    earlier chunks)."""
+    earlier chunks). ``overlap_buffers``: 0, one logits buffer and everything in order on the current
+    stream; 1 or 2, that many buffers and, on CUDA, the weight-gradient GEMMs on a side stream (below).
+    """
     n_rows, vocab, dim = targets.numel(), weight.shape[0], weight.shape[1]
     device, dtype = hidden.device, hidden.dtype
     finish_check = start_target_check(targets, vocab, mask)
@@ -165,14 +212,38 @@ def _linear_fwd(
 
     chunks, bounds, seqs, first = plan_chunks(live_counts, chunk_size, whole_sequences=sequence_level)
     chunks = [c for c in chunks if c[1] > c[0]]
+    # Overlap (overlap_buffers > 0, only where there is a weight-gradient GEMM to move): chunk k's
+    # grad_W += D_k.T @ h_k runs on a side stream S while this stream M goes on with chunk k's grad_h
+    # GEMM and, with two buffers, chunk k+1's logits GEMM and row passes. Why each wait exists:
+    # (1) S reads D_k and h_k only once M has written them: S waits for M right after the gradient
+    #     pass of chunk k (before grad_h's GEMM is queued on M, so that the two can overlap). This
+    #     also orders S's first write to grad_W after M's earlier use of that memory.
+    # (2) M overwrites buffer k % n at chunk k + n's logits GEMM only after S's read of D_k: M waits
+    #     for freed[slot], S's event recorded right after chunk k's addmm.
+    # (3) h_k is freed (by Python) when the next chunk rebinds it: record_stream keeps the caching
+    #     allocator from handing its block to a later M allocation while S still reads it.
+    # (4) grad_W is written only by S in the forward, its addmms queued on S in chunk order (same
+    #     summation order as the sequential path); M waits for all of S before returning, so the
+    #     caller, the backward's deferred addmm on grad_W, and the buffers' return to the allocator
+    #     at exit all come after S's last read and write.
+    # The work is bound with functools.partial (values, not loop variables), so it may run late.
+    # Without CUDA the same schedule (n buffers used in turn) runs in order, with no stream: results
+    # are bit-identical to overlap_buffers = 0 (same operations, same order, other memory).
+    n_buf = overlap_buffers if need_grad_weight and len(chunks) > 1 else 0
+    side = _overlap_stream(device) if n_buf else None
+    buffers, freed = [], [None] * max(n_buf, 1)  # freed[b]: S's event after its last read of buffer b
     if chunks:
         bounds_t = torch.tensor(bounds, dtype=torch.int64).to(device, non_blocking=True)
         seqs_t = torch.tensor(seqs, dtype=torch.int64).to(device, non_blocking=True)
-        buffer = torch.empty(max(c1 - c0 for c0, c1 in chunks), vocab, dtype=dtype, device=device)
+        rows_max = max(c1 - c0 for c0, c1 in chunks)
+        buffers = [torch.empty(rows_max, vocab, dtype=dtype, device=device) for _ in range(max(n_buf, 1))]
     for k, (c0, c1) in enumerate(chunks):
+        slot = k % len(buffers)
         rows_c = rows[c0:c1]
         h_c = hidden.index_select(0, rows_c)
-        z = buffer[: c1 - c0]
+        z = buffers[slot][: c1 - c0]
+        if freed[slot] is not None:
+            side.wait(freed[slot])  # (2)
         torch.mm(h_c, weight.t(), out=z)
         launch_row_stats(z, targets, temperature, logp, lse, entropy=entropy, row_idx=rows_c)
         n_seg = first[k + 1] - first[k]
@@ -188,14 +259,20 @@ def _linear_fwd(
         if not need_grad:
             continue
         launch_row_grad(z, z, targets, lse, out["dlogp"], temperature, scale=inv_denom, row_idx=rows_c)
-        if need_grad_hidden:
-            grad_h.index_copy_(0, rows_c, torch.mm(z, weight))
         if need_grad_weight:
             if k == len(chunks) - 1:
                 last_d, last_h = z, h_c  # added by the backward, scaled by the incoming gradient
-            else:
+            elif side is None:
                 _accumulate(grad_w, z, h_c, beta=1.0 if accumulated else 0.0, alpha=1.0)
                 accumulated = True
+            else:  # queued on S before grad_h's GEMM on M, so that the two can run together
+                work = functools.partial(_accumulate, grad_w, z, h_c, beta=1.0 if accumulated else 0.0, alpha=1.0)
+                freed[slot] = side.submit(work, keep=(h_c,))  # (1), (3)
+                accumulated = True
+        if need_grad_hidden:
+            grad_h.index_copy_(0, rows_c, torch.mm(z, weight))
+    if side is not None:
+        side.join()  # (4)
     if need_grad_weight and not chunks:
         grad_w.zero_()
         accumulated = True
@@ -208,7 +285,7 @@ def _linear_fwd(
 @_linear_fwd.register_fake
 def _(hidden, weight, targets, mask, advantages, old_logp, ref_logp, seq_id, num_items, temperature, eps_low,
       eps_high, delta, beta, loss_type, sequence_level, max_len, n_seqs, chunk_size, fp32_weight_grad,
-      need_grad_hidden, need_grad_weight, kl_bias_correction):
+      need_grad_hidden, need_grad_weight, kl_bias_correction, overlap_buffers):
     n, (vocab, dim) = targets.numel(), weight.shape
     f = hidden.new_empty(n, dtype=torch.float32)
     grad_h = hidden.new_empty(n, dim) if need_grad_hidden else hidden.new_empty(0)
@@ -251,7 +328,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_loss, *_unused):
-    nones = (None,) * 21
+    nones = (None,) * 22
     if grad_loss is None:
         return (None, None, *nones)
     if ctx.consumed:
@@ -298,6 +375,8 @@ def linear_grpo_loss(
     num_items: int | float | torch.Tensor | None = None,
     kl_bias_correction: bool = False,
     inplace_grad: bool = False,
+    overlap: bool = False,
+    overlap_buffers: int = 2,
 ) -> GRPOLossOutput:
     """``grpo_loss(hidden @ weight.T, ...)`` without materialising the logits (module docstring).
 
@@ -308,11 +387,21 @@ def linear_grpo_loss(
     docstring for the bf16 error bound). ``inplace_grad`` is accepted for signature parity: the
     chunk buffers are always overwritten in place, the caller's tensors never.
 
+    ``overlap`` (CUDA, off by default until measured): each chunk's weight-gradient GEMM runs on a side
+    stream, beside the same chunk's grad_hidden GEMM (``overlap_buffers=1``: no extra memory) or also
+    beside the next chunk's logits GEMM and row passes (``overlap_buffers=2``: two logits buffers; the
+    default chunk is then halved so that they take the memory of one). Same results as without (same
+    operations in the same order per output); without CUDA the same schedule runs in order.
+
     The backward must run at most once per forward (the gradients are computed in the forward and
     scaled in place). Falls back to ``reference.linear_grpo_loss`` (which materialises the logits)
     where the Triton kernels do not run.
     """
     del inplace_grad
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap must be a bool, got {overlap!r}")
+    if type(overlap_buffers) is not int or overlap_buffers not in (1, 2):
+        raise ValueError(f"overlap_buffers must be 1 or 2 (logits buffers in flight), got {overlap_buffers!r}")
     options = dict(cu_seqlens=cu_seqlens, temperature=temperature, eps_low=eps_low, eps_high=eps_high,
                    delta=delta, beta=beta, loss_type=loss_type, importance_level=importance_level,
                    max_len=max_len, num_items=num_items, kl_bias_correction=kl_bias_correction)
@@ -333,14 +422,15 @@ def linear_grpo_loss(
     vocab = weight.shape[0]
     inp = grpo_inputs(hidden.shape[:-1], vocab, hidden.device, targets, advantages, mask, old_logp, ref_logp,
                       **options, name="hidden", check_target_ids=False)
-    chunk = chunk_size or default_chunk_rows(vocab, weight.element_size())
+    buffers = overlap_buffers if overlap else 0
+    chunk = chunk_size or default_chunk_rows(vocab, weight.element_size(), buffers=max(buffers, 1))
     grad_on = torch.is_grad_enabled()
     loss, logp, entropy, kl, clipped, *_ = _linear_fwd(
         hidden.reshape(-1, hidden.shape[-1]), weight, inp.targets, inp.mask, inp.advantages, inp.old_logp,
         inp.ref_logp, inp.seq_id, inp.num_items, float(temperature), float(eps_low), float(eps_high),
         None if delta is None else float(delta), float(beta), loss_type, importance_level == "sequence",
         inp.max_len, inp.n_seqs, int(chunk), bool(fp32_weight_grad), grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad, bool(kl_bias_correction),
+        grad_on and weight.requires_grad, bool(kl_bias_correction), buffers,
     )
     shape = inp.token_shape
     return GRPOLossOutput(loss=loss, logp=logp.view(shape), entropy=entropy.view(shape), kl=kl.view(shape),

@@ -8,6 +8,7 @@ import pytest
 import torch
 from grpo_checks import VALUE_RTOL, assert_close_rel, small_tiles  # noqa: F401  (fixture)
 from lgrpo.kernels import _common, linear_grpo_loss
+from lgrpo.kernels import linear_grpo as linear_module
 from lgrpo.kernels import reference as ref
 from lgrpo.kernels.linear_grpo import default_chunk_rows, plan_chunks
 
@@ -44,9 +45,11 @@ def linear_case(gen, B=3, T=7, H=23, V=37, *, dtype=torch.float32, mask_p=0.7, p
     return case
 
 
-def run(fn, case, grad_scale=1.0, **options):
-    hidden = case["hidden"].detach().clone().requires_grad_()
-    weight = case["weight"].detach().clone().requires_grad_()
+def run(fn, case, grad_scale=1.0, leaves="hw", **options):
+    """(output, d/d hidden, d/d weight) after a backward of ``loss * grad_scale``; ``leaves``: which of
+    hidden ("h") and weight ("w") require a gradient (the other's is None)."""
+    hidden = case["hidden"].detach().clone().requires_grad_("h" in leaves)
+    weight = case["weight"].detach().clone().requires_grad_("w" in leaves)
     cu = case.get("cu_seqlens")
     args = {k: v for k, v in case.items() if k not in ("hidden", "weight", "cu_seqlens")}
     if cu is not None:
@@ -209,7 +212,8 @@ def test_linear_torch_compile_fullgraph(gen, small_tiles):  # noqa: F811
     args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
     for level in ("token", "sequence"):
         def step(h, w):
-            return linear_grpo_loss(h, w, **args, **FULL, importance_level=level, chunk_size=3).loss * 2  # noqa: B023
+            return linear_grpo_loss(h, w, **args, **FULL, importance_level=level, chunk_size=3,  # noqa: B023
+                                    overlap=level == "sequence").loss * 2  # noqa: B023
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
         he, we = case["hidden"].clone().requires_grad_(), case["weight"].clone().requires_grad_()
         hc, wc = case["hidden"].clone().requires_grad_(), case["weight"].clone().requires_grad_()
@@ -232,6 +236,7 @@ def test_plan_chunks():
     assert chunks == [(0, 10)] and seqs == [0, 2, 3]
     assert plan_chunks([0, 0], 4, whole_sequences=False)[0] == []
     assert default_chunk_rows(152064, 2) == 768 and default_chunk_rows(152064, 4) == 384
+    assert default_chunk_rows(152064, 2, buffers=2) == 384  # overlap's two buffers: the memory of one
     assert default_chunk_rows(10**9, 4) == 1
 
 
@@ -255,6 +260,80 @@ def test_linear_errors(gen):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# overlap=True: on CUDA the weight-gradient GEMMs run on a side stream; without CUDA the same schedule
+# (buffers used in turn) runs in order and must give bit-identical results
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_identical(got, want):
+    (out, gh, gw), (rout, rgh, rgw) = got, want
+    for name in ("loss", "logp", "entropy", "kl", "clipped"):
+        assert torch.equal(getattr(out, name), getattr(rout, name)), name
+    for name, a, b in (("d loss / d hidden", gh, rgh), ("d loss / d weight", gw, rgw)):
+        assert (a is None) == (b is None), name
+        assert a is None or torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_linear_overlap_bit_identical_on_cpu(gen, small_tiles, level):  # noqa: F811
+    # bf16: the weight gradient's rounding depends on the chunking and the accumulation order, so
+    # equality says both are unchanged; several chunks, so both buffers are used in turn
+    case = linear_case(gen, B=4, T=7, V=37, dtype=torch.bfloat16, spread=0.02)
+    variants = (dict(chunk_size=3), dict(chunk_size=5, fp32_weight_grad=True), dict(chunk_size=4, leaves="h"),
+                dict(chunk_size=4, leaves="w"))
+    for opts in variants:
+        opts = dict(FULL, loss_type="grpo", importance_level=level, **opts)
+        want = run(linear_grpo_loss, case, grad_scale=-1.3, **opts)
+        for n_buf in (1, 2):
+            got = run(linear_grpo_loss, case, grad_scale=-1.3, overlap=True, overlap_buffers=n_buf, **opts)
+            assert_identical(got, want)
+
+
+class LaggingSide:
+    """Stands in for the CUDA side stream: runs its work as late as the overlap's waits allow (the worst a
+    real side stream can do), so that a wait missing from the schedule gives wrong numbers on the CPU."""
+
+    def __init__(self):
+        self.queue, self.done = [], 0
+
+    def submit(self, work, keep):
+        self.queue.append(work)
+        return len(self.queue)  # the event: "the first n pieces of work have run"
+
+    def wait(self, event):
+        while self.done < event:
+            self.queue[self.done]()
+            self.done += 1
+
+    def join(self):
+        self.wait(len(self.queue))
+
+
+@pytest.mark.parametrize("n_buf", [1, 2])
+def test_linear_overlap_schedule_with_a_lagging_side_stream(gen, small_tiles, monkeypatch, n_buf):  # noqa: F811
+    sides = []
+    monkeypatch.setattr(linear_module, "_overlap_stream", lambda device: sides.append(LaggingSide()) or sides[-1])
+    case = linear_case(gen, B=4, T=7, V=37, dtype=torch.bfloat16, spread=0.02)
+    for opts in (dict(chunk_size=3), dict(chunk_size=4, importance_level="sequence", fp32_weight_grad=True)):
+        opts = dict(FULL, loss_type="dapo", **opts)
+        want = run(linear_grpo_loss, case, grad_scale=0.6, **opts)
+        got = run(linear_grpo_loss, case, grad_scale=0.6, overlap=True, overlap_buffers=n_buf, **opts)
+        assert_identical(got, want)
+    assert len(sides) == 2 and all(len(s.queue) >= 2 and s.done == len(s.queue) for s in sides)
+
+
+def test_linear_overlap_arguments(gen):
+    case = linear_case(gen, B=2, T=3, H=8, V=11)
+    h, w = case.pop("hidden"), case.pop("weight")
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="overlap must be a bool"):
+            linear_grpo_loss(h, w, **case, overlap=bad)
+    for bad in (0, 3, True, 2.0):
+        with pytest.raises(ValueError, match="overlap_buffers must be 1 or 2"):
+            linear_grpo_loss(h, w, **case, overlap=True, overlap_buffers=bad)
 
 
 # ---------------------------------------------------------------------------------------------
