@@ -345,6 +345,15 @@ def _cuda(case):
     return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
 
 
+def assert_bf16_matches(got, want):
+    """bf16 logits and gradients against exact arithmetic: bf16-level agreement."""
+    (out, gh, gw), (rout, rgh, rgw) = got, want
+    assert_close_rel(out.loss, rout.loss, 2e-2, atol_scale=1.0, what="loss")
+    assert_close_rel(out.logp, rout.logp, 2e-2, atol_scale=rout.logp.abs().max().item(), what="logp")
+    assert_close_rel(gh, rgh, 3e-2, what="d loss / d hidden")
+    assert_close_rel(gw, rgw, 3e-2, what="d loss / d weight")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_gpu_linear_qwen_vocab(level):
@@ -352,37 +361,98 @@ def test_gpu_linear_qwen_vocab(level):
     case = _cuda(linear_case(gen, B=3, T=160, H=512, V=152064, dtype=torch.bfloat16, mask_p=0.9,
                              spread=0.02))
     opts = dict(FULL, loss_type="dapo", importance_level=level, chunk_size=96)
-    out, gh, gw = run(linear_grpo_loss, case, **opts)
     rout, rgh, rgw = run_ref64(case, **opts)
-    assert_close_rel(out.loss, rout.loss, 2e-2, atol_scale=1.0, what="loss")  # bf16 logits vs exact
-    assert_close_rel(out.logp, rout.logp, 2e-2, atol_scale=rout.logp.abs().max().item(), what="logp")
-    assert_close_rel(gh, rgh, 3e-2, what="d loss / d hidden")
-    assert_close_rel(gw, rgw, 3e-2, what="d loss / d weight")
+    assert_bf16_matches(run(linear_grpo_loss, case, **opts), (rout, rgh, rgw))
     _, _, gw32 = run(linear_grpo_loss, case, **opts, fp32_weight_grad=True)  # cuBLAS mixed-precision path
     assert gw32.dtype == torch.bfloat16
     assert_close_rel(gw32, rgw, 3e-2, what="d loss / d weight (fp32 accumulation)")
 
 
 @pytest.mark.gpu
-def test_gpu_linear_memory_bound():
-    # Peak extra = weight grad + hidden grad + one chunk of logits + small vectors; never N x V.
+@pytest.mark.parametrize("n_buf", [0, 1, 2])  # 0: no overlap; else overlap with that many logits buffers
+def test_gpu_linear_memory_bound(n_buf):
+    # Peak extra = weight grad + hidden grad + n_buf (at least 1) chunks of logits + a few gathered hidden
+    # chunks + small vectors; never N x V. The side stream's cuBLAS workspace is allocated once per process
+    # (a new stream per call would add one to every call's peak).
     gen = torch.Generator().manual_seed(5)
     B, T, H, V, chunk = 4, 512, 1024, 32768, 256
     case = _cuda(linear_case(gen, B=B, T=T, H=H, V=V, dtype=torch.bfloat16, mask_p=0.9))
     hidden = case.pop("hidden").requires_grad_()
     weight = case.pop("weight").requires_grad_()
-    expected = (V * H + B * T * H + chunk * V + chunk * H * 2) * 2 + 64 * B * T * 4 + (16 << 20)
+    buffers = max(n_buf, 1)
+    expected = (V * H + B * T * H + buffers * chunk * V + chunk * H * (buffers + 2)) * 2 + 64 * B * T * 4 + (16 << 20)
+    opts = dict(beta=0.04, chunk_size=chunk, overlap=n_buf > 0, overlap_buffers=buffers)
     # warm-up: cuBLAS allocates its workspace on first use, which is not ours to count
-    linear_grpo_loss(hidden, weight, **case, beta=0.04, chunk_size=chunk).loss.backward()
+    linear_grpo_loss(hidden, weight, **case, **opts).loss.backward()
     hidden.grad = weight.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    linear_grpo_loss(hidden, weight, **case, beta=0.04, chunk_size=chunk).loss.backward()
+    linear_grpo_loss(hidden, weight, **case, **opts).loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak <= expected, f"peak extra {peak / 2**20:.1f} MiB > {expected / 2**20:.1f} MiB"
     assert peak < B * T * V * 2, "never N x V"
+
+
+def assert_same_as_sequential(got, want):
+    """overlap=True against the same call without: the forward and grad_h are the same bits (same kernels on
+    the same stream); grad_W's GEMMs run on the side stream, where cuBLAS might pick another algorithm, so
+    within a bf16 rounding of the largest entry (a chunk read too early, too late or from a reused block
+    is off by O(1) in its target rows)."""
+    (out, gh, gw), (rout, rgh, rgw) = got, want
+    for name in ("loss", "logp", "entropy", "kl", "clipped"):
+        assert torch.equal(getattr(out, name), getattr(rout, name)), name
+    assert (gh is None) == (rgh is None) and (gw is None) == (rgw is None)
+    assert gh is None or torch.equal(gh, rgh), "d loss / d hidden"
+    if gw is not None:
+        assert_close_rel(gw, rgw, 2.0**-7, what="d loss / d weight")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_buf", [1, 2])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gpu_linear_overlap(level, n_buf):
+    # odd sizes; token level: 6 chunks with a ragged last one; sequence level: a chunk per sequence
+    gen = torch.Generator().manual_seed(13)
+    case = _cuda(linear_case(gen, B=5, T=101, H=328, V=50021, dtype=torch.bfloat16, mask_p=0.9, spread=0.02))
+    opts = dict(FULL, loss_type="grpo", importance_level=level, chunk_size=72)
+    overlap = dict(overlap=True, overlap_buffers=n_buf)
+    got = run(linear_grpo_loss, case, **opts, **overlap)
+    assert_bf16_matches(got, run_ref64(case, **opts))
+    assert_same_as_sequential(got, run(linear_grpo_loss, case, **opts))
+    for extra in (dict(fp32_weight_grad=True), dict(leaves="h"), dict(leaves="w")):
+        assert_same_as_sequential(run(linear_grpo_loss, case, **opts, **extra, **overlap),
+                                  run(linear_grpo_loss, case, **opts, **extra))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_buf", [1, 2])
+def test_gpu_linear_overlap_stress(monkeypatch, n_buf):
+    """Where a wait missing from the overlap gives wrong numbers: ~34 chunks of 16 rows whose weight-gradient
+    GEMM (a read and a write of the [V, H] gradient: 0.6 GB in bf16, 1.2 GB in fp32) takes far longer than
+    the chunk's logits GEMM and row passes, so the side stream is always as far behind as the waits let it be
+    (waits 2, 3, 4 of the ordering argument in kernels/linear_grpo.py); and the current stream sleeps ~2 ms before
+    the first chunk's row pass, so a side stream that did not wait for it would read the buffer early (1)."""
+    gen = torch.Generator().manual_seed(17)
+    case = _cuda(linear_case(gen, B=6, T=120, H=1024, V=152064, dtype=torch.bfloat16, mask_p=0.9, spread=0.02))
+    stats, slept = linear_module.launch_row_stats, []
+
+    def first_chunk_late(*args, **kwargs):
+        if not slept:
+            slept.append(True)
+            torch.cuda._sleep(4_000_000)  # GPU cycles on the current stream: ~2 ms
+        return stats(*args, **kwargs)
+
+    for fp32 in (False, True):
+        opts = dict(FULL, loss_type="dapo", chunk_size=16, fp32_weight_grad=fp32)
+        want = run(linear_grpo_loss, case, **opts)
+        slept.clear()
+        monkeypatch.setattr(linear_module, "launch_row_stats", first_chunk_late)
+        got = run(linear_grpo_loss, case, **opts, overlap=True, overlap_buffers=n_buf)
+        monkeypatch.setattr(linear_module, "launch_row_stats", stats)
+        assert slept
+        assert_same_as_sequential(got, want)
 
 
 def test_benchmark_smoke(run_bench):
