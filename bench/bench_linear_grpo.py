@@ -44,6 +44,8 @@ from bench.common import (  # noqa: E402
 
 TEMP, BETA, EPS_LO, EPS_HI = 1.0, 0.04, 0.2, 0.28
 SHAPE, SMOKE_SHAPE = (8, 1024, 3584, 152064), (2, 8, 32, 96)  # B, T, H, V
+# overlap rows: (logits buffers, rows per chunk; None: the default, 384 at SHAPE with 2 buffers)
+OVERLAP_ROWS = ((2, None), (2, 512), (2, 768), (1, 768), (1, 1024))
 
 
 def grpo_from_logp(logp, old, ref, adv, mask):
@@ -237,9 +239,17 @@ def main(argv: list[str] | None = None) -> None:
         note="a different loss (GSPO ratio): agreement not expected")))
     record(run_guarded("ours fp32", lambda: measure("ours, fp32_weight_grad=True",
                                                     ours(fp32_weight_grad=True))))
-    for chunk_rows in (768, 896, 1024):  # the speed / memory trade-off around the default
+    for chunk_rows in (384, 768, 896, 1024):  # the speed / memory trade-off around the default
         record(run_guarded(f"ours {chunk_rows}", lambda c=chunk_rows: measure(f"ours (chunk {c} rows)",
                                                                                ours(chunk_size=c))))
+    # overlap=True (bench/NOTES.md, "overlap"): each chunk's grad_W GEMM on a side stream, beside grad_h's GEMM
+    # (1 buffer: no extra memory) or also the next chunk's logits GEMM (2 buffers; default 2 x 384 rows = the
+    # memory of one 768-row buffer). Compare with the sequential rows above (same chunk); smoke: 4-row chunks,
+    # so that the overlap's schedule runs at all (one row per buffer count).
+    configs = dict.fromkeys((n, 4 if smoke else c or default_chunk_rows(V, 2, buffers=n)) for n, c in OVERLAP_ROWS)
+    for n_buf, c_rows in configs:
+        record(run_guarded(f"overlap {n_buf}x{c_rows}", lambda n=n_buf, c=c_rows: measure(
+            f"ours overlap ({n} x {c} rows)", ours(overlap=True, overlap_buffers=n, chunk_size=c))))
     live = int(mask.sum())
     for chunk_rows in sorted({min(chunk, live), min(1024, live)}):  # where a chunk's time goes (vs the floor)
         def model(c=chunk_rows) -> Row:

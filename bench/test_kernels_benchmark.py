@@ -4,7 +4,8 @@ Each test times one implementation of one kernel; the implementations of one ker
 ``benchmark.group``, so pytest-benchmark's table and ``--benchmark-json`` put them side by side:
 
   grpo_loss                          ours, ours in place, ours forward only, torch eager, torch.compile, liger
-  linear_grpo_loss                   ours, eager matmul + loss, liger, cut-cross-entropy (filtered, exact)
+  linear_grpo_loss                   ours, ours with overlap (2 buffers; 1 buffer), eager matmul + loss, liger,
+                                     cut-cross-entropy (filtered, exact)
   group_advantages                   ours (one Triton launch), torch eager (the reference), torch.compile
   listener_confidence [B,V]          ours, ours with the index check, torch eager, torch.compile
   listener_confidence [B,T,V]@pos    the same, one row per sequence read at given positions
@@ -213,11 +214,14 @@ def test_grpo_loss(benchmark, grpo_case, copy_gbs, impl):
 LINEAR_SHAPE = linear_bench.SHAPE if CUDA else linear_bench.SMOKE_SHAPE
 LINEAR_IMPLS = {
     "ours": "lgrpo linear_grpo_loss (chunked, never the full logits), forward + backward",
+    "ours_overlap": "ours, overlap=True: grad_W's GEMM on a side stream (2 logits buffers of half the default chunk)",
+    "ours_overlap1": "ours, overlap=True, overlap_buffers=1: grad_W's GEMM beside grad_h's (default chunk)",
     "eager": "eager: full bf16 logits, then the TRL-style loss in fp32",
     "liger": "liger-kernel LigerFusedLinearGRPOLoss (chunk 4)",
     "cce": "cut-cross-entropy (filter_eps='high', its default) + torch GRPO",
     "cce_exact": "cut-cross-entropy (filter_eps=None: exact gradients) + torch GRPO",
 }
+LINEAR_OURS = {"ours": {}, "ours_overlap": dict(overlap=True), "ours_overlap1": dict(overlap=True, overlap_buffers=1)}
 # The logits pass through bf16 in these implementations (a rounding of 2^-9 of each), the fp64 truth does not:
 # 1.4e-4 at the CPU shape; a wrong loss (a clip, a sign, a temperature) is off by far more.
 LINEAR_LOSS_TOL = 2e-3
@@ -246,8 +250,8 @@ def linear_case():
 def test_linear_grpo_loss(benchmark, linear_case, impl):
     x, want_loss, want_gh, want_gw, (floor_ms, floor_note) = linear_case
     hidden, weight = x.hidden.clone().requires_grad_(), x.weight.clone().requires_grad_()
-    if impl == "ours":
-        loss_fn = lambda: linear_bench.ours_loss(hidden, weight, x)  # noqa: E731
+    if impl in LINEAR_OURS:
+        loss_fn = lambda: linear_bench.ours_loss(hidden, weight, x, **LINEAR_OURS[impl])  # noqa: E731
     elif impl == "eager":
         loss_fn = lambda: linear_bench.eager_loss(hidden, weight, x)  # noqa: E731
     elif impl == "liger":

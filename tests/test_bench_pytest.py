@@ -27,7 +27,7 @@ SAMPLERS = {"ours", "fixed_point", "cumsum_fp64", "multinomial"}
 LISTENER = {"eager"} | ({"ours", "ours_checked"} if ops.HAS_EXTENSION else set())
 ON_ANY_CPU = {
     "grpo_loss": {"ours", "ours_inplace", "ours_fwd", "eager"},
-    "linear_grpo_loss": {"ours", "eager"},
+    "linear_grpo_loss": {"ours", "ours_overlap", "ours_overlap1", "eager"},
     "group_advantages": {"ours", "eager"},
     "listener_confidence [B,V]": LISTENER,
     "listener_confidence [B,T,V]@pos": LISTENER,

@@ -459,7 +459,9 @@ def test_benchmark_smoke(run_bench):
     """bench/bench_linear_grpo.py at smoke sizes: ours agrees with eager, the per-chunk model is written."""
     data = run_bench("bench_linear_grpo", "linear_grpo")
     rows = {r["name"]: r for r in data["rows"]}
-    ours = [r for name, r in rows.items() if name.startswith("ours (chunk")]
+    ours = [r for name, r in rows.items() if name.startswith(("ours (chunk", "ours overlap"))]
+    assert {name for name in rows if name.startswith("ours overlap")} == {"ours overlap (1 x 4 rows)",
+                                                                        "ours overlap (2 x 4 rows)"}
     assert ours and all(r["ms"] > 0 for r in ours)
     for r in ours:  # "loss diff X, grad_h relerr Y, grad_W relerr Z"
         errs = [float(part.split()[-1]) for part in r["note"].split(";")[0].split(",")]
