@@ -390,7 +390,8 @@ def linear_grpo_loss(
     ``overlap`` (CUDA, off by default until measured): each chunk's weight-gradient GEMM runs on a side
     stream, beside the same chunk's grad_hidden GEMM (``overlap_buffers=1``: no extra memory) or also
     beside the next chunk's logits GEMM and row passes (``overlap_buffers=2``: two logits buffers; the
-    default chunk is then halved so that they take the memory of one). Same results as without (same
+    default chunk is then halved so that they take the memory of one; only with a weight gradient to
+    compute: otherwise there is nothing to overlap and nothing changes). Same results as without (same
     operations in the same order per output); without CUDA the same schedule runs in order.
 
     The backward must run at most once per forward (the gradients are computed in the forward and
@@ -422,15 +423,16 @@ def linear_grpo_loss(
     vocab = weight.shape[0]
     inp = grpo_inputs(hidden.shape[:-1], vocab, hidden.device, targets, advantages, mask, old_logp, ref_logp,
                       **options, name="hidden", check_target_ids=False)
-    buffers = overlap_buffers if overlap else 0
-    chunk = chunk_size or default_chunk_rows(vocab, weight.element_size(), buffers=max(buffers, 1))
     grad_on = torch.is_grad_enabled()
+    need_grad_w = grad_on and weight.requires_grad
+    buffers = overlap_buffers if overlap and need_grad_w else 0  # no weight gradient: nothing to overlap
+    chunk = chunk_size or default_chunk_rows(vocab, weight.element_size(), buffers=max(buffers, 1))
     loss, logp, entropy, kl, clipped, *_ = _linear_fwd(
         hidden.reshape(-1, hidden.shape[-1]), weight, inp.targets, inp.mask, inp.advantages, inp.old_logp,
         inp.ref_logp, inp.seq_id, inp.num_items, float(temperature), float(eps_low), float(eps_high),
         None if delta is None else float(delta), float(beta), loss_type, importance_level == "sequence",
         inp.max_len, inp.n_seqs, int(chunk), bool(fp32_weight_grad), grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad, bool(kl_bias_correction), buffers,
+        need_grad_w, bool(kl_bias_correction), buffers,
     )
     shape = inp.token_shape
     return GRPOLossOutput(loss=loss, logp=logp.view(shape), entropy=entropy.view(shape), kl=kl.view(shape),

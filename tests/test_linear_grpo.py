@@ -280,10 +280,10 @@ def assert_identical(got, want):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_linear_overlap_bit_identical_on_cpu(gen, small_tiles, level):  # noqa: F811
     # bf16: the weight gradient's rounding depends on the chunking and the accumulation order, so
-    # equality says both are unchanged; several chunks, so both buffers are used in turn
+    # equality says both are unchanged; several chunks, so both buffers are used in turn. (Without a weight
+    # gradient the option is not passed on at all: nothing to overlap.)
     case = linear_case(gen, B=4, T=7, V=37, dtype=torch.bfloat16, spread=0.02)
-    variants = (dict(chunk_size=3), dict(chunk_size=5, fp32_weight_grad=True), dict(chunk_size=4, leaves="h"),
-                dict(chunk_size=4, leaves="w"))
+    variants = (dict(chunk_size=3), dict(chunk_size=5, fp32_weight_grad=True), dict(chunk_size=4, leaves="w"))
     for opts in variants:
         opts = dict(FULL, loss_type="grpo", importance_level=level, **opts)
         want = run(linear_grpo_loss, case, grad_scale=-1.3, **opts)
@@ -323,6 +323,16 @@ def test_linear_overlap_schedule_with_a_lagging_side_stream(gen, small_tiles, mo
         got = run(linear_grpo_loss, case, grad_scale=0.6, overlap=True, overlap_buffers=n_buf, **opts)
         assert_identical(got, want)
     assert len(sides) == 2 and all(len(s.queue) >= 2 and s.done == len(s.queue) for s in sides)
+
+
+def test_linear_overlap_default_chunk_keeps_the_buffer_memory(gen, small_tiles, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 8 * 37 * 2)  # default chunk: 8 rows of bf16 logits
+    case = linear_case(gen, B=4, T=7, V=37, dtype=torch.bfloat16, spread=0.02)
+    default, halved = run(linear_grpo_loss, case, **FULL), run(linear_grpo_loss, case, **FULL, chunk_size=4)
+    assert_identical(default, run(linear_grpo_loss, case, **FULL, chunk_size=8))
+    assert not torch.equal(default[2], halved[2]), "bf16 grad_W must tell the two chunkings apart"
+    assert_identical(run(linear_grpo_loss, case, **FULL, overlap=True), halved)  # two buffers of 4 rows
+    assert_identical(run(linear_grpo_loss, case, **FULL, overlap=True, overlap_buffers=1), default)
 
 
 def test_linear_overlap_arguments(gen):
