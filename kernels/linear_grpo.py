@@ -82,14 +82,17 @@ class _SideStream:
             _SIDE_STREAMS[device.index] = torch.cuda.Stream(device)
         self.side, self.main = _SIDE_STREAMS[device.index], torch.cuda.current_stream(device)
 
-    def submit(self, work, keep: tuple[torch.Tensor, ...]) -> torch.cuda.Event:
-        """Queue ``work()`` on S after everything queued on M so far (1); ``keep``: tensors allocated on M
-        that S reads, not to be reused by M's allocations before S is done (3). Returns S's event."""
+    def guard(self, *tensors: torch.Tensor) -> None:
+        """Tensors allocated on M that S uses: the caching allocator will not reuse their memory before S's
+        work queued by the time they are freed is done (needed only if an error skips ``join``)."""
+        for t in tensors:
+            t.record_stream(self.side)
+
+    def submit(self, work) -> torch.cuda.Event:
+        """Queue ``work()`` on S after everything queued on M so far (1); returns S's event after it."""
         self.side.wait_stream(self.main)  # (1)
         with torch.cuda.stream(self.side):
             work()
-        for t in keep:
-            t.record_stream(self.side)  # (3)
         return self.side.record_event()
 
     def wait(self, event: torch.cuda.Event) -> None:
@@ -220,23 +223,29 @@ def _linear_fwd(
     #     also orders S's first write to grad_W after M's earlier use of that memory.
     # (2) M overwrites buffer k % n at chunk k + n's logits GEMM only after S's read of D_k: M waits
     #     for freed[slot], S's event recorded right after chunk k's addmm.
-    # (3) h_k is freed (by Python) when the next chunk rebinds it: record_stream keeps the caching
-    #     allocator from handing its block to a later M allocation while S still reads it.
+    # (3) h_k, a fresh allocation on M, is held (held[slot]) until M has waited for S's read of it
+    #     (2), so the caching allocator cannot hand its block to a later M allocation while S still
+    #     reads it. (record_stream would keep each block until the host sees S's event: with the host
+    #     running ahead of the GPU, possibly every chunk's rows at once.)
     # (4) grad_W is written only by S in the forward, its addmms queued on S in chunk order (same
     #     summation order as the sequential path); M waits for all of S before returning, so the
     #     caller, the backward's deferred addmm on grad_W, and the buffers' return to the allocator
     #     at exit all come after S's last read and write.
-    # The work is bound with functools.partial (values, not loop variables), so it may run late.
+    # The buffers and grad_W are freed only after (4), or by an error that skips it (an out-of-memory
+    # a caller retries): guard() covers that case. The work is bound with functools.partial (values,
+    # not loop variables), so that it may run late.
     # Without CUDA the same schedule (n buffers used in turn) runs in order, with no stream: results
     # are bit-identical to overlap_buffers = 0 (same operations, same order, other memory).
     n_buf = overlap_buffers if need_grad_weight and len(chunks) > 1 else 0
     side = _overlap_stream(device) if n_buf else None
-    buffers, freed = [], [None] * max(n_buf, 1)  # freed[b]: S's event after its last read of buffer b
+    buffers, freed, held = [], [None] * max(n_buf, 1), [None] * max(n_buf, 1)  # (2), (3): per buffer
     if chunks:
         bounds_t = torch.tensor(bounds, dtype=torch.int64).to(device, non_blocking=True)
         seqs_t = torch.tensor(seqs, dtype=torch.int64).to(device, non_blocking=True)
         rows_max = max(c1 - c0 for c0, c1 in chunks)
         buffers = [torch.empty(rows_max, vocab, dtype=dtype, device=device) for _ in range(max(n_buf, 1))]
+        if side is not None:
+            side.guard(grad_w, *buffers)
     for k, (c0, c1) in enumerate(chunks):
         slot = k % len(buffers)
         rows_c = rows[c0:c1]
@@ -244,6 +253,8 @@ def _linear_fwd(
         z = buffers[slot][: c1 - c0]
         if freed[slot] is not None:
             side.wait(freed[slot])  # (2)
+        if side is not None:
+            held[slot] = h_c  # (3): chunk k - n's rows are let go only now, after the wait
         torch.mm(h_c, weight.t(), out=z)
         launch_row_stats(z, targets, temperature, logp, lse, entropy=entropy, row_idx=rows_c)
         n_seg = first[k + 1] - first[k]
@@ -267,7 +278,7 @@ def _linear_fwd(
                 accumulated = True
             else:  # queued on S before grad_h's GEMM on M, so that the two can run together
                 work = functools.partial(_accumulate, grad_w, z, h_c, beta=1.0 if accumulated else 0.0, alpha=1.0)
-                freed[slot] = side.submit(work, keep=(h_c,))  # (1), (3)
+                freed[slot] = side.submit(work)  # (1)
                 accumulated = True
         if need_grad_hidden:
             grad_h.index_copy_(0, rows_c, torch.mm(z, weight))
