@@ -4,6 +4,7 @@
 #
 #   bench/gpu_check.sh OUT_DIR            # everything
 #   ONLY="grpo_loss listener" bench/gpu_check.sh OUT_DIR   # a subset of the benchmarks
+#   TESTS_K="not flex" bench/gpu_check.sh OUT_DIR   # GPU tests chosen by a pytest -k expression (TESTS_TIMEOUT, 240 s)
 #   ONLY=pytest bench/gpu_check.sh OUT_DIR   # only `pytest bench --benchmark-only` (PYTEST_BENCH_TIMEOUT, 300 s;
 #                                            # PYTEST_BENCH_K="not compile" to leave out some rows)
 #
@@ -38,7 +39,7 @@ if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >> "$LOG" 2>&1; t
 fi
 
 say "GPU tests"
-timeout "${TESTS_TIMEOUT:-240}" $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout "${TESTS_TIMEOUT:-240}" $PY -m pytest -q -m gpu tests -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 cat "$OUT/gpu_tests.log" >> "$LOG"
 
 for bench in bench/bench_*.py; do
