@@ -116,17 +116,14 @@ def test_varlen_packing_forward_and_backward(case, gen, monkeypatch):
     assert layout.max_key == max(int(s.prompt_lengths[g] + c) for g, c in zip(s.group, s.completion_lengths))
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_flex_block_mask_equals_torch_create_block_mask(case):
-    """Built a chunk of rows at a time (bounded memory): the same tiles as torch's own builder."""
-    s = _case(case)
+def _assert_same_block_mask(s):
     segment, reads = s.token_segments()
     t = len(segment)
 
     def mask_mod(b, h, q, k):
         return allowed(segment, reads, q, k)
 
-    ours = flex_backend.block_mask(mask_mod, t, torch.device("cpu"))
+    ours = flex_backend.block_mask(s, mask_mod)
     theirs = create_block_mask(mask_mod, None, None, t, t, device="cpu", BLOCK_SIZE=flex_backend.BLOCK)
     assert torch.equal(ours.to_dense(), theirs.to_dense())
     for a, b in ((ours.kv_num_blocks, theirs.kv_num_blocks), (ours.full_kv_num_blocks, theirs.full_kv_num_blocks)):
@@ -134,9 +131,22 @@ def test_flex_block_mask_equals_torch_create_block_mask(case):
     assert ours.seq_lengths == (t, t)
 
 
-def test_flex_block_mask_in_several_chunks(monkeypatch):
-    monkeypatch.setattr(flex_backend, "_ROWS_PER_CHUNK", flex_backend.BLOCK)
-    test_flex_block_mask_equals_torch_create_block_mask("ragged, empty, out of order")
+@pytest.mark.parametrize("case", CASES)
+def test_flex_block_mask_equals_torch_create_block_mask(case):
+    """Counted from the segment intervals (no T x T mask): the same tiles, partial and full, as torch's own
+    builder evaluating the rule on every pair."""
+    _assert_same_block_mask(_case(case))
+
+
+def test_flex_block_mask_on_random_layouts(gen):
+    """Fresh random geometries: tile edges falling inside, at the start and at the end of prompts and
+    completions, empty completions, several tiles per segment and several segments per tile."""
+    for _ in range(12):
+        p = int(torch.randint(1, 4, (1,), generator=gen))
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        prompts = torch.randint(1, 300, (p,), generator=gen)
+        completions = torch.randint(0, 200, (n,), generator=gen) * (torch.rand(n, generator=gen) > 0.15)
+        _assert_same_block_mask(Segments.of(prompts, completions, torch.randint(0, p, (n,), generator=gen)))
 
 
 @pytest.mark.slow
