@@ -7,6 +7,9 @@
 - ``_compute_loss`` on fixed inputs: the settings a CPU run of ``train()`` cannot reach (vLLM importance
   weights, ``tool_mask``) and the tiny Qwen2.5-VL with images (vision tower gradients included); fp32, the
   Triton kernels through the interpreter.
+- two CPU ranks (torchrun, accelerate's DDP over gloo, ``tests/trl_ddp_rank.py``) with unevenly grouped
+  micro-batches: TRL's trainer, ``shared_prefix`` off, on, and on with one rank falling back per micro-step
+  train to the same weights (identical on both ranks) and losses.
 - every setting the kernel cannot honour raises ``ValueError`` naming it.
 - ``ListenerReward`` in ``reward_funcs``: TRL's per-completion rewards equal the listener's confidence.
 
@@ -15,6 +18,7 @@ matmul 10-70x slower than one.
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,6 +351,61 @@ def test_shared_prefix_falls_back_for_eager_attention(tmp_path, gen, tok):
     inputs = loss_inputs(gen, B=4, P=5, C=6, vocab=len(tok), dtype=torch.float32, beta=False)
     inputs.update(prompt_ids=inputs["prompt_ids"][[0, 0, 1, 1]], prompt_mask=inputs["prompt_mask"][[0, 0, 1, 1]])
     assert compare_counting(pair, inputs) == [4 * (5 + 6)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two ranks: TRL's training loop under torchrun (accelerate's DDP over gloo)
+# ---------------------------------------------------------------------------------------------------
+
+STEP_KEYS = ("loss", "grad_norm", "reward", *LOSS_METRICS)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks(tmp_path, model_dir):
+    """Two CPU ranks with uneven work (rank 0's micro-batches hold one prompt, rank 1's two to four;
+    tests/trl_ddp_rank.py): TRL's GRPOTrainer, shared_prefix False and True, and a run where one rank
+    falls back to every row's prompt on each micro-step while the other shares, all train to the same
+    weights, identical on both ranks, with TRL's losses and metrics. A rank-dependent collective or
+    parameter set would hang (the launch's timeout fails the test) or fail DDP's reducer."""
+    from safetensors.torch import load_file
+    from trl_ddp_rank import RUNS
+
+    from tests.launch import torchrun
+
+    proc = torchrun(Path(__file__).with_name("trl_ddp_rank.py"), str(tmp_path), model_dir, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = {(run, r): torch.load(tmp_path / f"{run}.rank{r}.pt") for run in RUNS for r in (0, 1)}
+
+    # the work the ranks did: 2 steps x 2 micro-batches each, grouped differently
+    shared = [res["shared", r]["groups"] for r in (0, 1)]
+    assert shared[0] == [[0, 0, 0, 0]] * 4, "rank 0: one prompt per micro-batch"
+    assert all(g is not None and 2 <= len(set(g)) <= 4 for g in shared[1]), f"rank 1: {shared[1]}"
+    assert res["repeated", 0]["groups"] == res["repeated", 1]["groups"] == [None] * 4
+    mixed = [[g is None for g in res["mixed", r]["groups"]] for r in (0, 1)]
+    assert mixed == [[False, True] * 2, [True, False] * 2], "one rank shares while the other falls back"
+
+    for run in RUNS:  # DDP keeps the ranks in step: the same weights to the bit, the same (global) logs
+        (a, b) = (res[run, r] for r in (0, 1))
+        assert all(torch.equal(a["weights"][n], w) for n, w in b["weights"].items()), run
+        assert [[h[k] for k in STEP_KEYS if k in h] for h in a["logs"]] == \
+            [[h[k] for k in STEP_KEYS if k in h] for h in b["logs"]], run
+
+    init = load_file(Path(model_dir) / "model.safetensors")
+    want = res["trl", 0]
+    assert len(want["logs"]) == 2 and want["logs"][1]["clip_ratio/region_mean"] > 0, "step 2 must be off-policy"
+    scale = max((w - init[n]).abs().max().item() for n, w in want["weights"].items())
+    assert scale > 1e-2, "the weights must move"
+    for run, base in [("repeated", "trl"), ("shared", "trl"), ("mixed", "trl"), ("shared", "repeated")]:
+        got, want, pair = res[run, 0], res[base, 0], f"{run} vs {base}"
+        # SGD: the weights' change is the gradients' sum; ~3e-7 of the largest change apart here (rounding)
+        for n, w in want["weights"].items():
+            torch.testing.assert_close(got["weights"][n] - init[n], w - init[n], rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m, n=n, pair=pair: f"{pair}, {n}: {m}")
+        for step, (g, w) in enumerate(zip(got["logs"], want["logs"], strict=True)):
+            assert g.get("completions/mean_length") == w.get("completions/mean_length"), "same rollouts"
+            for k in STEP_KEYS:
+                if k in w or k in g:
+                    assert_rel(g[k], w[k], 1e-5, f"{pair}, step {step} {k}")
 
 
 # ---------------------------------------------------------------------------------------------------
