@@ -19,11 +19,11 @@ from tests.launch import torchrun
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through Linux /proc")
 def test_hung_ranks_are_killed(tmp_path):
     start = time.monotonic()
-    with pytest.raises(AssertionError, match="did not finish in 10 s"):
-        torchrun(__file__, str(tmp_path), timeout=10)
-    assert time.monotonic() - start < 30
+    with pytest.raises(AssertionError, match="did not finish in 15 s"):
+        torchrun(__file__, str(tmp_path), timeout=15)
+    assert time.monotonic() - start < 40
     pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
-    assert len(pids) == 2, "both ranks must have started within the timeout"
+    assert len(pids) == 2, "both ranks must have started within the timeout (a very busy machine?)"
     time.sleep(0.5)  # SIGKILL is asynchronous; the kernel reaps the orphans through init
     alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
     assert not alive, f"ranks {alive} outlived the timeout"
