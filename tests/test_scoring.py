@@ -17,6 +17,13 @@ from lgrpo.synthetic import SyntheticTask
 from tests.toy_task import char_tokenizer, sharpened, tiny_lm
 
 REL = 1e-5
+# Gradients sum many more products than log-probs (an embedding row over every position of its token, the
+# vision tower over all patches), in another order on each path. Measured on a seed where the two fp32 paths
+# differed by 1.14e-5 of the largest embedding gradient: each was itself ~1.4e-5 of it away from the same
+# computation in fp64 (shared 2.61e-3, repeated 2.55e-3, scale 188), so 1e-5 between two fp32 paths is
+# below their own rounding; over 80 other seeds the largest difference was 8.7e-6. For scale: a completion
+# token allowed one future token of its own fails the log-probs by 0.13 of theirs.
+REL_GRAD = 3e-5
 # The Triton kernels are checked against fp64 in their own tests; here the interpreter would only add time.
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 
@@ -55,16 +62,16 @@ def _grads(model, out, weights):
     return grads
 
 
-def _assert_close(got, want, what):
+def _assert_close(got, want, what, rel=REL):
     scale = want.abs().max().item()
     err = (got - want).abs().max().item()
-    assert err <= REL * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+    assert err <= rel * max(scale, 1e-30), f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
 def _assert_grads(got, want):
     assert got.keys() == want.keys()
     for name in want:
-        _assert_close(got[name], want[name], name)
+        _assert_close(got[name], want[name], name, REL_GRAD)
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
