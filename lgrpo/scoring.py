@@ -64,13 +64,17 @@ def completion_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tenso
     return logp.masked_fill(~batch.completion_mask, 0.0)
 
 
-def head_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float = 1.0,
-                  chunk_rows: int = 2048) -> torch.Tensor:
-    """``log_softmax(head(hidden) / T)[targets]`` ``[N, C]``, ``chunk_rows`` rows of logits at a time."""
+def head_logprobs(hidden: torch.Tensor, head: nn.Module | torch.Tensor, targets: torch.Tensor,
+                  temperature: float = 1.0, chunk_rows: int = 2048) -> torch.Tensor:
+    """``log_softmax(head(hidden) / T)[targets]`` ``[N, C]``, ``chunk_rows`` rows of logits at a time.
+    ``head``: the output embedding module, or its weight ``[V, H]`` alone (no bias)."""
     n, c, h = hidden.shape
     flat, tgt = hidden.reshape(-1, h), targets.reshape(-1)
-    weight = head.weight.to(flat.dtype)
-    bias = None if getattr(head, "bias", None) is None else head.bias.to(flat.dtype)
+    if isinstance(head, torch.Tensor):
+        weight, bias = head.to(flat.dtype), None
+    else:
+        weight = head.weight.to(flat.dtype)
+        bias = None if getattr(head, "bias", None) is None else head.bias.to(flat.dtype)
     parts = [token_logprobs(F.linear(flat[i: i + chunk_rows], weight, bias), tgt[i: i + chunk_rows], temperature)
              for i in range(0, flat.shape[0], chunk_rows)]
     return torch.cat(parts).view(n, c)
