@@ -106,13 +106,17 @@ TRAIN_CASES = {
 def test_train_matches_trl(tmp_path, model_dir, tok, loss_type):
     options = dict(TRAIN_CASES[loss_type], loss_type=loss_type)
     data = Dataset.from_dict({"prompt": PROMPTS})
-    logs = {}
+    logs, ref_tokens = {}, {}
     for cls in (GRPOTrainer, LGRPOTrainer):
         trainer = cls(model=model_dir, reward_funcs=diversity, args=config(tmp_path / cls.__name__, **options),
                       train_dataset=data, processing_class=tok)
+        ref = trainer.ref_model and InputCounter(trainer.ref_model.get_input_embeddings())
         trainer.train()
         logs[cls] = [h for h in trainer.state.log_history if "grad_norm" in h]
+        ref_tokens[cls] = ref and ref.count
     want, got = logs[GRPOTrainer], logs[LGRPOTrainer]
+    if options.get("beta"):  # the reference pass (and the kl it feeds) ran with each prompt once per chunk
+        assert 0 < ref_tokens[LGRPOTrainer] < ref_tokens[GRPOTrainer], ref_tokens
     assert len(want) == len(got) == 2
     assert want[1]["clip_ratio/region_mean"] > 0, "the second step must be off-policy"
     for step, (g, w) in enumerate(zip(got, want)):
@@ -242,9 +246,19 @@ def test_peft_lora_matches_trl(tmp_path, gen, tok):
                       train_dataset=data, processing_class=tok, peft_config=lora)
         trainer.model.eval()
         pair.append(trainer)
-    grads = compare_losses(pair, loss_inputs(gen, B=4, P=5, C=6, vocab=len(tok), dtype=torch.float32, beta=False),
-                           rtol=1e-5)
+    inputs = loss_inputs(gen, B=4, P=5, C=6, vocab=len(tok), dtype=torch.float32, beta=False)
+    inputs.update(prompt_ids=inputs["prompt_ids"][[0, 1, 0, 1]], prompt_mask=inputs["prompt_mask"][[0, 1, 0, 1]])
+    grads = compare_losses(pair, inputs, rtol=1e-5)
     assert grads and all("lora_" in name for name in grads)
+
+    # the log-prob passes: old (adapter on) and TRL's reference for a LoRA policy (adapter off), shared
+    old = logprob_passes(pair, inputs, batch_size=None, passes=("old",))
+    with pair[0].model.disable_adapter(), pair[1].model.disable_adapter():
+        ref = logprob_passes(pair, inputs, batch_size=None, passes=("old",))
+    for results in (old, ref):
+        assert_logprobs_match(results)
+        assert results[1]["old"][2] == int(inputs["prompt_mask"][:2].sum() + inputs["completion_mask"].sum())
+    assert not torch.allclose(old[1]["old"][0], ref[1]["old"][0]), "the adapter must matter"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,6 +368,102 @@ def test_shared_prefix_falls_back_for_eager_attention(tmp_path, gen, tok):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The no-gradient passes (old and reference log-probs), each prompt once
+# ---------------------------------------------------------------------------------------------------
+
+
+def logprob_passes(trainers, inputs, batch_size, passes=("ref", "old"), **kwargs):
+    """Each trainer's ``_get_per_token_logps_and_entropies`` as TRL calls it (no_grad, ``[prompt;
+    completion]``, ``batch_size`` rows per chunk) for the reference model and for the policy (old
+    log-probs), with the tokens each pass embeds."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    images = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")
+              if k in inputs}
+    results = []
+    for trainer in trainers:
+        got = {}
+        for which in passes:
+            model = trainer.ref_model if which == "ref" else trainer.model
+            counter = InputCounter(model.get_input_embeddings())
+            with torch.no_grad():
+                logps, *rest = trainer._get_per_token_logps_and_entropies(
+                    model, ids, mask, inputs["completion_ids"].shape[1], batch_size=batch_size, **images, **kwargs)
+            got[which] = (logps, rest, counter.count)
+        results.append(got)
+    return results
+
+
+def assert_logprobs_match(results, rtol=1e-6):
+    """Ours (results[1:]) equal TRL's (results[0]) at every position: log-probs, 0 at padding as TRL's."""
+    for got in results[1:]:
+        for which, (want, want_rest, _) in results[0].items():
+            logps, rest, _ = got[which]
+            assert logps.shape == want.shape and logps.dtype == want.dtype
+            torch.testing.assert_close(logps, want, rtol=rtol, atol=rtol * want.abs().max().item(),
+                                       msg=lambda m, which=which: f"{which} log-probs: {m}")
+            assert torch.equal(logps == 0, want == 0), f"{which}: zeros (padding) where TRL has them"
+            assert len(rest) == len(want_rest) and all((r is None) == (w is None) for r, w in zip(rest, want_rest))
+
+
+def test_logprob_passes_match_trl_text(tmp_path, gen, tok):
+    """The reference and old-log-prob passes on three left-padded prompts repeated 3, 3, 2 times, rows
+    interleaved, in chunks of 3 rows, at a temperature: TRL's numbers (0 at padding), each prompt computed
+    once per chunk it reaches (rows taken in prompt order) instead of once per row."""
+    pair = trainer_pair(tmp_path, tiny_lm(tok, seed=1), tok, loss_type="grpo", beta=0.05, temperature=0.7)
+    assert pair[1].ref_model is not None
+    B, P, C = 8, 7, 6
+    group = torch.tensor([0, 1, 2, 0, 2, 1, 0, 1])
+    inputs = loss_inputs(gen, B=B, P=P, C=C, vocab=len(tok), dtype=torch.float32)
+    pads = torch.tensor([0, 2, 4])
+    mask = (torch.arange(P)[None] >= pads[:, None]).long()
+    ids = torch.randint(2, len(tok), (3, P), generator=gen).masked_fill(mask == 0, tok.pad_token_id)
+    inputs.update(prompt_ids=ids[group], prompt_mask=mask[group])
+
+    results = logprob_passes(pair, inputs, batch_size=3)
+    assert_logprobs_match(results)
+    # prompt order 0 0 0 | 1 1 1 | 2 2: each chunk holds one prompt
+    shared = int(mask.sum() + inputs["completion_mask"].sum())
+    assert [r[2] for r in results[1].values()] == [shared] * 2
+    assert [r[2] for r in results[0].values()] == [B * (P + C)] * 2
+
+    # entropies asked for (TRL's fused head gives them for the policy only): TRL's own method
+    results = logprob_passes(pair, inputs, batch_size=None, passes=("old",), compute_entropy=True)
+    assert_logprobs_match(results)
+    assert results[1]["old"][2] == B * (P + C)
+    torch.testing.assert_close(results[1]["old"][1][0], results[0]["old"][1][0])
+
+    # a completion mask with a hole: the update's rule and warning, TRL's pass
+    inputs["completion_mask"][0] = torch.tensor([1, 1, 0, 1, 1, 0])
+    with pytest.warns(RuntimeWarning, match="not a prefix"):
+        results = logprob_passes(pair, inputs, batch_size=3)
+    assert_logprobs_match(results)
+    assert [r[2] for r in results[1].values()] == [B * (P + C)] * 2
+
+
+def test_logprob_passes_match_trl_vlm(tmp_path, gen):
+    """The tiny Qwen2.5-VL, two images per prompt, the same text over other pixels as another prompt,
+    chunks of 4 of 6 rows: TRL's reference and old log-probs, each prompt's patches through the tower once."""
+    from lgrpo.batching import VLBatcher
+    from lgrpo.model import load_policy
+
+    batcher = VLBatcher.from_pretrained("tiny")
+    pair = trainer_pair(tmp_path, load_policy("tiny", dtype=torch.float32, seed=2), batcher.tokenizer,
+                        loss_type="bnpo", beta=0.05)
+    inputs, group = vlm_group_inputs(gen, batcher)
+    patches = [[InputCounter(m.model.visual) for m in (t.ref_model, t.model)] for t in pair]
+    assert_logprobs_match(logprob_passes(pair, inputs, batch_size=4))
+    trl_patches = int(inputs["image_grid_thw"].prod(-1).sum())
+    assert [c.count for c in patches[0]] == [trl_patches] * 2
+    assert [c.count * 2 for c in patches[1]] == [trl_patches] * 2  # chunks A A B B | C C: each prompt once
+
+    # pixel values without a grid (InternVL-style tiles): nothing to group them by prompt
+    del inputs["image_grid_thw"]
+    with pytest.warns(RuntimeWarning, match="without image_grid_thw"):
+        assert pair[1]._shared_batch(inputs) is None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Two ranks: TRL's training loop under torchrun (accelerate's DDP over gloo)
 # ---------------------------------------------------------------------------------------------------
 
@@ -383,6 +493,11 @@ def test_ddp_two_ranks(tmp_path, model_dir):
     assert res["repeated", 0]["groups"] == res["repeated", 1]["groups"] == [None] * 4
     mixed = [[g is None for g in res["mixed", r]["groups"]] for r in (0, 1)]
     assert mixed == [[False, True] * 2, [True, False] * 2], "one rank shares while the other falls back"
+    # one generation batch of 8 rows per rank: its old and reference log-prob passes, each prompt once
+    for run in ("shared", "mixed"):
+        assert res[run, 0]["passes"] == [[0] * 8] * 2, f"{run}, rank 0: {res[run, 0]['passes']}"
+        assert [len(set(g)) for g in res[run, 1]["passes"]] == [4, 4], f"{run}, rank 1: {res[run, 1]['passes']}"
+    assert res["repeated", 0]["passes"] == res["repeated", 1]["passes"] == [None] * 2
 
     for run in RUNS:  # DDP keeps the ranks in step: the same weights to the bit, the same (global) logs
         (a, b) = (res[run, r] for r in (0, 1))

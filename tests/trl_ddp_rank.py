@@ -4,7 +4,8 @@
 environment and, with ``use_cpu=True``, wraps the policy in DDP over gloo. Each rank trains once per
 entry of ``RUNS`` from the same model folder and seed, and saves ``OUT/<run>.rank<r>.pt``: its final
 weights, its step logs and, for LGRPOTrainer, the group index of each micro-batch's rows (None where the
-update ran every row's prompt).
+update ran every row's prompt) and of each old/reference log-prob pass's rows (beta > 0 and
+num_iterations=2: TRL runs both on the generation batch).
 
 The ranks' work is uneven by construction: with ``shuffle_dataset=False`` TRL's sampler hands rank 0 the
 first half of each generation batch (4 prompts x 2 completions), one prompt text four times over, and
@@ -52,9 +53,20 @@ def train(run: str, model_dir: str, out: Path) -> dict:
     class Recording(LGRPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.groups = []
+            self.groups, self.passes, self.updating = [], [], False
+
+        def _compute_loss(self, model, inputs):
+            self.updating = True
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self.updating = False
 
         def _shared_batch(self, inputs):
+            if not self.updating:  # the no-gradient log-prob passes: no collective to keep in step
+                batch = super()._shared_batch(inputs)
+                self.passes.append(None if batch is None else batch.group.tolist())
+                return batch
             if run == "mixed" and len(self.groups) % 2 != rank:
                 batch = None
             else:
@@ -73,7 +85,7 @@ def train(run: str, model_dir: str, out: Path) -> dict:
     assert isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters
     return {"weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
             "logs": [h for h in trainer.state.log_history if "grad_norm" in h],
-            "groups": getattr(trainer, "groups", None)}
+            "groups": getattr(trainer, "groups", None), "passes": getattr(trainer, "passes", None)}
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from trl.trainer.utils import nanmax, nanmin
 from lgrpo.attention import install as install_shared_prefix
 from lgrpo.group import GroupBatch, PromptBatch
 from lgrpo.kernels import linear_grpo_loss
-from lgrpo.scoring import completion_states
+from lgrpo.scoring import completion_states, head_logprobs
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Inputs TRL's _get_per_token_logps_and_entropies hands to the model besides input_ids/attention_mask
@@ -132,12 +132,20 @@ class LGRPOTrainer(GRPOTrainer):
             if reason is not None:
                 self._fallback(reason)
                 self.shared_prefix = False
+        # The reference pass runs TRL's ref_model (no adapter to disable): it answers the same requests.
+        self._ref_unsupported = None
+        if self.ref_model is not None:
+            ref = self.accelerator.unwrap_model(self.ref_model)
+            add_hidden_state_loss(ref, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+            reason = _shared_prefix_unsupported(ref)
+            self._ref_unsupported = None if reason is None else f"the reference model: {reason}"
 
     def _fallback(self, reason: str) -> None:
-        """Warn once per reason that the update runs each row's prompt (shared_prefix=True asked otherwise)."""
+        """Warn once per reason that a pass (the update, the old or reference log-probs) runs each row's
+        prompt (shared_prefix=True asked otherwise)."""
         if reason not in self._warned_fallbacks:
             self._warned_fallbacks.add(reason)
-            warnings.warn(f"LGRPOTrainer: each row's prompt is computed in the update (no shared prefix): {reason}",
+            warnings.warn(f"LGRPOTrainer: each row's prompt is computed (no shared prefix): {reason}",
                           RuntimeWarning, stacklevel=3)
 
     def _shared_batch(self, inputs: dict) -> GroupBatch | None:
@@ -149,6 +157,10 @@ class LGRPOTrainer(GRPOTrainer):
         if others:
             self._fallback(f"the shared-prefix forward does not handle the inputs {others}")
             return None
+        if inputs.get("pixel_values") is not None and inputs.get("image_grid_thw") is None:
+            # InternVL-style tiles: no grid to split the pixels by prompt, nor to place them in the sequence
+            self._fallback("pixel_values without image_grid_thw (only Qwen2-VL-style images are shared)")
+            return None
         if self._images_in_completions(inputs):
             self._fallback("images inside completions (tool responses): the shared forward reads completions as text")
             return None
@@ -159,6 +171,42 @@ class LGRPOTrainer(GRPOTrainer):
             self._fallback("a completion_mask row is not a prefix (tokens, then padding)")
             return None
         return group_rows(inputs)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        """TRL's no-gradient log-prob passes (old log-probs: the policy; reference: ``ref_model``, or the
+        policy with its adapter disabled) with each distinct prompt computed once, as in the update.
+
+        ``input_ids`` is TRL's ``[prompt; completion]`` (the last ``logits_to_keep`` columns the completion):
+        its rows group by the update's rules (:meth:`_shared_batch`). Rows are taken in prompt order and cut
+        every ``batch_size`` rows, so no forward holds more rows (or tokens) than TRL's chunk and a prompt is
+        computed once per chunk it reaches. Log-probs ``[B, logits_to_keep]`` at ``self.temperature``, 0 at
+        padding, as TRL's fused head returns them. Entropies and the MoE aux loss (which TRL's own callers of
+        these passes do not request) and micro-batches the shared forward cannot serve go to TRL's method.
+        """
+        batch = None
+        if not (compute_entropy or compute_aux_loss):
+            if model is self.ref_model and self._ref_unsupported is not None:
+                if self.shared_prefix:
+                    self._fallback(self._ref_unsupported)
+            else:
+                split = input_ids.size(1) - logits_to_keep
+                inputs = dict(prompt_ids=input_ids[:, :split], prompt_mask=attention_mask[:, :split],
+                              completion_ids=input_ids[:, split:], completion_mask=attention_mask[:, split:],
+                              **{k: v for k, v in extra.items() if v is not None})
+                batch = self._shared_batch(inputs)
+        if batch is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **extra)
+        order = torch.argsort(batch.group, stable=True)
+        size = batch_size or len(batch)
+        parts = []
+        for start in range(0, len(batch), size):
+            with self.accelerator.autocast():
+                parts.append(model(lgrpo_logprobs=dict(groups=batch.select(order[start:start + size]),
+                                                       temperature=self.temperature)))
+        return torch.cat(parts)[torch.argsort(order)], None, None
 
     def _images_in_completions(self, inputs: dict) -> bool:
         # TRL marks tool-response images in the completion part of mm_token_type_ids; without that tensor,
@@ -268,7 +316,9 @@ class LGRPOTrainer(GRPOTrainer):
 
 
 def add_hidden_state_loss(model, *, cast_lm_head_to_fp32: bool = False) -> None:
-    """Teach ``model(..., lgrpo_loss=request)`` to return ``linear_grpo_loss`` on its final hidden states.
+    """Teach ``model(..., lgrpo_loss=request)`` to return ``linear_grpo_loss`` on its final hidden states,
+    and ``model(lgrpo_logprobs={"groups": batch, "temperature": T})`` the per-token log-probs ``[N, C]`` of
+    a :class:`GroupBatch`'s completions (shared-prefix forward; 0 at padding, as TRL's fused head).
 
     ``request`` holds ``prompt_length`` P and the keyword arguments of ``linear_grpo_loss`` except
     ``hidden``/``weight``; the backbone (``model.base_model``) runs on the inputs, rows ``[:, P-1:-1]``
@@ -281,10 +331,30 @@ def add_hidden_state_loss(model, *, cast_lm_head_to_fp32: bool = False) -> None:
     """
     previous = model.forward
 
+    def head(self) -> tuple[torch.Tensor, torch.dtype]:
+        """The lm_head weight (whole) and the dtype it runs in."""
+        weight = self.get_output_embeddings().weight
+        if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once (differentiably)
+            weight = weight.full_tensor()
+        device = weight.device.type
+        if cast_lm_head_to_fp32:
+            return weight, torch.float32
+        if torch.is_autocast_enabled(device):
+            return weight, torch.get_autocast_dtype(device)
+        return weight, weight.dtype
+
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
-    def forward(self, *args, lgrpo_loss=None, **kwargs):
-        if lgrpo_loss is None:
+    def forward(self, *args, lgrpo_loss=None, lgrpo_logprobs=None, **kwargs):
+        if lgrpo_loss is None and lgrpo_logprobs is None:
             return previous(*args, **kwargs)
+        if lgrpo_logprobs is not None:
+            groups = lgrpo_logprobs["groups"]
+            hidden = completion_states(self, groups)[:, :-1]
+            weight, dtype = head(self)
+            with torch.autocast(weight.device.type, enabled=False):
+                logp = head_logprobs(hidden.to(weight.device, dtype), weight.to(dtype),
+                                     groups.completion_ids.to(weight.device), lgrpo_logprobs["temperature"])
+            return logp.masked_fill(~groups.completion_mask.to(logp.device), 0.0)
         request = dict(lgrpo_loss)
         prompt_length = request.pop("prompt_length")
         groups = request.pop("groups", None)
@@ -293,17 +363,8 @@ def add_hidden_state_loss(model, *, cast_lm_head_to_fp32: bool = False) -> None:
         else:
             kwargs["use_cache"] = False
             hidden = self.base_model(*args, **kwargs).last_hidden_state[:, prompt_length - 1: -1]
-        weight = self.get_output_embeddings().weight
-        if isinstance(weight, DTensor):  # FSDP2 shards: gather the head once (differentiably)
-            weight = weight.full_tensor()
-        device = weight.device.type
-        if cast_lm_head_to_fp32:
-            dtype = torch.float32
-        elif torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-        else:
-            dtype = weight.dtype
-        with torch.autocast(device, enabled=False):
+        weight, dtype = head(self)
+        with torch.autocast(weight.device.type, enabled=False):
             out = linear_grpo_loss(hidden.to(weight.device, dtype), weight.to(dtype), **request)
         return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
 
