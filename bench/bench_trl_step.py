@@ -7,7 +7,10 @@ same random-weight model in both trainers:
   lgrpo LGRPOTrainer  linear_grpo_loss on the final hidden states (the loss, its gradients, logp, entropy),
                       the backbone on every row's prompt (shared_prefix=False), then on each distinct
                       prompt once (shared_prefix=True, the default); the two alternate on one trainer
-Rollouts, rewards and the optimizer are the same code in both and are left out. Default: a
+Rollouts, rewards and the optimizer are the same code in both and are left out. A second table: the
+no-gradient log-prob pass TRL runs for the reference (and old) log-probs on the same rows
+(``_get_per_token_logps_and_entropies``, one chunk of 8 rows): TRL's, and LGRPOTrainer's on every row's
+prompt and on each distinct prompt once; the log-probs must agree (max difference in the notes). Default: a
 Qwen2.5-1.5B-shaped Qwen2 (random weights, bf16, SDPA), 8 completions x (256 prompt + 1024 completion)
 tokens, of 2 prompts with 4 completions each, rows interleaved (a micro-batch of TRL's shuffled
 generation batch), dapo, beta = 0.04 with TRL's bias-corrected KL, activation checkpointing on (TRL's
@@ -22,6 +25,7 @@ CPU, smoke only); ``extra mem`` = peak allocated above the model, its gradients 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import tempfile
@@ -113,6 +117,22 @@ def measure(name: str, trainer, inputs: dict, smoke: bool) -> tuple[Row, float]:
     return Row(name, ms, extra_gib=peak / GiB if torch.cuda.is_available() else None), loss
 
 
+def measure_logprobs(name: str, trainer, inputs: dict, smoke: bool) -> tuple[Row, torch.Tensor]:
+    """The reference/old log-prob pass as TRL runs it: no_grad, [prompt; completion], the micro-batch's rows
+    in one chunk. The policy stands in for the reference model (the same architecture and forward)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    keep = inputs["completion_ids"].shape[1]
+
+    def run():
+        with torch.no_grad():
+            return trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, batch_size=len(ids))[0]
+
+    logps = run()
+    ms = bench_ms(run, warmup_ms=25 if smoke else 200, rep_ms=100 if smoke else 1000)
+    return Row(name, ms), logps
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["1.5b", "7b"], default="1.5b")
@@ -140,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.float32 if smoke else torch.bfloat16
     inputs = step_inputs(batch, prompt, completion, SHAPES[shape][-1], device)
     rows, losses = [], {}
+    logprob_rows, logprobs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for cls, label in ((GRPOTrainer, "trl GRPOTrainer (its fused head + loss)"),
                            (LGRPOTrainer, "lgrpo LGRPOTrainer (linear_grpo_loss)")):
@@ -148,18 +169,25 @@ def main(argv: list[str] | None = None) -> dict:
             if cls is GRPOTrainer:
                 row, losses["trl"] = measure(label, trainer, inputs, smoke)
                 rows.append(row)
+                row, logprobs["trl"] = measure_logprobs("trl GRPOTrainer (its fused head)", trainer, inputs, smoke)
+                logprob_rows.append(row)
             else:
                 # One trainer, the two forwards alternating: the same model and allocator state, so the
                 # ratio is side by side even on a busy CPU; each variant keeps its best round.
-                best = {}
+                best, best_logprobs = {}, {}
                 for _ in range(1 if torch.cuda.is_available() else 3):
                     for shared in (False, True):
                         trainer.shared_prefix = shared
-                        name = f"{label}, " + ("each prompt once" if shared else "every row's prompt")
-                        row, losses[f"shared_prefix={shared}"] = measure(name, trainer, inputs, smoke)
+                        variant = "each prompt once" if shared else "every row's prompt"
+                        row, losses[f"shared_prefix={shared}"] = measure(f"{label}, {variant}", trainer, inputs, smoke)
                         if shared not in best or row.ms < best[shared].ms:
                             best[shared] = row
+                        row, logprobs[f"shared_prefix={shared}"] = measure_logprobs(
+                            f"lgrpo LGRPOTrainer, {variant}", trainer, inputs, smoke)
+                        if shared not in best_logprobs or row.ms < best_logprobs[shared].ms:
+                            best_logprobs[shared] = row
                 rows += [best[False], best[True]]
+                logprob_rows += [best_logprobs[False], best_logprobs[True]]
             del trainer
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -175,7 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
     title = (f"GRPO update micro-batch, fwd+bwd: {shape} Qwen2 shape, {batch} x ({prompt} + {completion}) tokens "
              f"(2 prompts, interleaved), {str(dtype).removeprefix('torch.')}, dapo, beta 0.04")
     print_table(title, rows, env)
-    payload = {"title": title, "env": env, "rows": rows, "losses": losses}
+    for row, key in zip(logprob_rows, ("trl", "shared_prefix=False", "shared_prefix=True")):
+        row.ratio = row.ms / logprob_rows[0].ms
+        row.note = f"max |logp - trl's| {(logprobs[key] - logprobs['trl']).abs().max().item():.1e}"
+    logprob_rows[2].note += f"; {logprob_rows[1].ms / logprob_rows[2].ms:.2f}x faster than every row's prompt"
+    logprob_title = f"reference/old log-prob pass, no_grad: the same {batch} rows, one chunk"
+    print_table(logprob_title, logprob_rows, env)
+    payload = {"title": title, "env": env, "rows": rows, "losses": losses, "logprob_title": logprob_title,
+               "logprob_rows": [dataclasses.asdict(r) for r in logprob_rows],
+               "logprob_max_diff": {k: (v - logprobs["trl"]).abs().max().item() for k, v in logprobs.items()}}
     write_json(args.out, "bench_trl_step", payload)
     return payload
 

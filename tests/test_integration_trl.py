@@ -640,3 +640,9 @@ def test_benchmark_smoke(run_bench, reference_kernels):
     assert all(r["ms"] > 0 for r in result["rows"])
     assert losses["shared_prefix=False"] == pytest.approx(losses["trl"], rel=1e-5)
     assert losses["shared_prefix=True"] == pytest.approx(losses["trl"], rel=1e-5)
+    # the reference/old log-prob pass: TRL's, then ours on every row's prompt and each prompt once
+    assert [r["name"].split(",")[-1].strip() for r in result["logprob_rows"]] == \
+        ["trl GRPOTrainer (its fused head)", "every row's prompt", "each prompt once"]
+    assert all(r["ms"] > 0 for r in result["logprob_rows"])
+    assert result["logprob_max_diff"]["shared_prefix=False"] == 0.0  # TRL's own method
+    assert result["logprob_max_diff"]["shared_prefix=True"] < 1e-5
