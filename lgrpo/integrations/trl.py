@@ -25,6 +25,8 @@ How TRL 1.16's ``GRPOTrainer._compute_loss`` maps onto the kernel (each line tes
   through the vision tower) once, no padding. TRL's forward numbers a text row's positions over the padded
   row (no ``position_ids``), the shared one from the first real token: a constant shift per row, which RoPE
   scores do not see (tested equal to TRL within rounding).
+- the old and reference log-prob passes (``_get_per_token_logps_and_entropies``, no gradient) group the same
+  way and run the same shared forward through the model's (or ``ref_model``'s) forward, TRL's output layout.
 
 Settings the kernel cannot honour raise ``ValueError`` naming them (:func:`unsupported_settings`).
 """
@@ -107,9 +109,9 @@ class LGRPOTrainer(GRPOTrainer):
     Same constructor and behaviour as ``GRPOTrainer`` (module docstring for the mapping); raises
     ``ValueError`` naming every setting it cannot honour (:func:`unsupported_settings`).
     ``shared_prefix``: the update computes each distinct prompt of a micro-batch once (module
-    docstring); False, or a model or micro-batch it cannot serve (``eager`` attention, sliding-window
-    layers, other VLM inputs, images in completions: a warning names the reason once), runs the backbone
-    on every row's prompt + completion.
+    docstring), and so do TRL's old and reference log-prob passes; False, or a model or micro-batch it
+    cannot serve (``eager`` attention, sliding-window layers, other VLM inputs, images in completions: a
+    warning names the reason once), runs the backbone on every row's prompt + completion.
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *more, shared_prefix: bool = True, **kwargs):
