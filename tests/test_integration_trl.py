@@ -286,6 +286,17 @@ def compare_counting(trainers, inputs, rtol=1e-5):
     return [c.count for c in counters]
 
 
+def text_group_inputs(gen, tok, B, P, C):
+    """B = 8 rows of three prompts (left padded 0, 2, 4; mask [3, P]) repeated 3, 3, 2 times, interleaved."""
+    group = torch.tensor([0, 1, 2, 0, 2, 1, 0, 1])
+    inputs = loss_inputs(gen, B=B, P=P, C=C, vocab=len(tok), dtype=torch.float32)
+    pads = torch.tensor([0, 2, 4])
+    mask = (torch.arange(P)[None] >= pads[:, None]).long()
+    ids = torch.randint(2, len(tok), (3, P), generator=gen).masked_fill(mask == 0, tok.pad_token_id)
+    inputs.update(prompt_ids=ids[group], prompt_mask=mask[group])
+    return inputs, group, mask
+
+
 def test_shared_prefix_matches_trl_text(tmp_path, gen, tok):
     """Three prompts (left padded 0, 2, 4) repeated 3, 3, 2 times, rows interleaved, ragged completions:
     the shared-prefix update equals TRL's in loss, gradients and metrics, computing each prompt once;
@@ -294,12 +305,7 @@ def test_shared_prefix_matches_trl_text(tmp_path, gen, tok):
                         loss_type="grpo", beta=0.05, epsilon_high=0.28)
     assert pair[1].shared_prefix and not pair[2].shared_prefix
     B, P, C = 8, 7, 6
-    group = torch.tensor([0, 1, 2, 0, 2, 1, 0, 1])
-    inputs = loss_inputs(gen, B=B, P=P, C=C, vocab=len(tok), dtype=torch.float32)
-    pads = torch.tensor([0, 2, 4])
-    mask = (torch.arange(P)[None] >= pads[:, None]).long()
-    ids = torch.randint(2, len(tok), (3, P), generator=gen).masked_fill(mask == 0, tok.pad_token_id)
-    inputs.update(prompt_ids=ids[group], prompt_mask=mask[group])
+    inputs, group, mask = text_group_inputs(gen, tok, B, P, C)
     assert torch.equal(group_rows(inputs).group, group)
 
     shared, repeated = compare_counting(pair, inputs)
@@ -413,12 +419,7 @@ def test_logprob_passes_match_trl_text(tmp_path, gen, tok):
     pair = trainer_pair(tmp_path, tiny_lm(tok, seed=1), tok, loss_type="grpo", beta=0.05, temperature=0.7)
     assert pair[1].ref_model is not None
     B, P, C = 8, 7, 6
-    group = torch.tensor([0, 1, 2, 0, 2, 1, 0, 1])
-    inputs = loss_inputs(gen, B=B, P=P, C=C, vocab=len(tok), dtype=torch.float32)
-    pads = torch.tensor([0, 2, 4])
-    mask = (torch.arange(P)[None] >= pads[:, None]).long()
-    ids = torch.randint(2, len(tok), (3, P), generator=gen).masked_fill(mask == 0, tok.pad_token_id)
-    inputs.update(prompt_ids=ids[group], prompt_mask=mask[group])
+    inputs, group, mask = text_group_inputs(gen, tok, B, P, C)
 
     results = logprob_passes(pair, inputs, batch_size=3)
     assert_logprobs_match(results)
