@@ -253,6 +253,28 @@ class Rollout(GroupBatch):
         return _take(self.prompts.extra[key], self.group.cpu())
 
 
+def group_identical(keys: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, list[int]]:
+    """Rows whose keys are equal (every tensor the same shape and values) share a prompt.
+
+    ``keys[b]``: the tensors row ``b``'s prompt is made of, as a backbone reads them (ids, mask, images...).
+    Returns ``group`` ``[B]`` (long, CPU): each row's distinct prompt, numbered in order of first
+    appearance, and ``leaders``: the first row of each distinct prompt. Rows of a prompt may be anywhere.
+    The one rule the adapters (TRL's, verl's) group their rows by.
+    """
+    # B is a micro-batch (a few rows to a few dozen): comparing each row with each distinct prompt is cheap.
+    distinct, group, leaders = [], [], []
+    for b, mine in enumerate(keys):
+        found = next((g for g, theirs in enumerate(distinct)
+                      if len(theirs) == len(mine)
+                      and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(theirs, mine))), None)
+        if found is None:
+            found = len(distinct)
+            distinct.append(mine)
+            leaders.append(b)
+        group.append(found)
+    return torch.tensor(group, dtype=torch.long), leaders
+
+
 def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int],
                     stop_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``[N, C]`` bool: the tokens up to and including the first EOS (all of them when there is none),

@@ -6,6 +6,10 @@ left-padded prompts, right-padded responses); verl's side gets log-probs from fu
 hidden states (``logprobs_from_logits`` at a temperature), ours the hidden states and the lm_head weight.
 Loss, both gradients and every metric agree, for each aggregation, both loss modes, with the k3 KL, rollout
 importance weights and verl's data-parallel normalisers. The kernels run through the Triton interpreter.
+
+``shared_prefix_hidden_states`` (each distinct prompt computed once) against the tiny Qwen2 LM's plain forward
+on every sequence alone: the same states at every row the loss reads, and through ``fused_ppo_loss`` the
+loss and every parameter gradient of verl's ``ppo_loss`` on the plain forward's full logits.
 """
 
 import pytest
@@ -23,7 +27,7 @@ from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
-from lgrpo.integrations.verl import fused_ppo_loss, unsupported_settings  # noqa: E402
+from lgrpo.integrations.verl import fused_ppo_loss, shared_prefix_hidden_states, unsupported_settings  # noqa: E402
 
 B, P, R, V, H = 5, 4, 6, 37, 16
 TEMPERATURE = 0.7
@@ -186,3 +190,129 @@ def test_wrong_layout_and_temperatures_are_named(gen):
     with pytest.raises(ValueError, match="per-sample temperatures"):
         fused_ppo_loss(config, {"hidden_states": hidden, "lm_head_weight": weight}, data,
                        temperature=torch.tensor([0.7, 1.0]))
+
+
+# --- shared_prefix_hidden_states: each distinct prompt once ------------------------------------------------
+
+PAD_P, PAD_R = 7, 6
+# Three prompts (5, 3 and 6 real tokens: left padding 2, 4, 1); rows interleaved, repeated 3, 3 and 1 times
+# (the last a group of one); ragged responses, one empty.
+PROMPT_LENS = [5, 3, 6]
+ROW_PROMPTS = torch.tensor([0, 1, 0, 2, 1, 0, 1])
+RESPONSE_LENS = torch.tensor([6, 4, 0, 5, 6, 1, 3])
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from toy_task import char_tokenizer, tiny_lm
+
+    return tiny_lm(char_tokenizer(), seed=3)
+
+
+def lm_micro_batch(gen, model, per_sequence=False):
+    """A verl micro-batch of grouped prompts for ``model``; old/ref log-probs near its own."""
+    vocab = model.config.vocab_size
+    prompts = torch.randint(2, vocab, (len(PROMPT_LENS), PAD_P), generator=gen)
+    prompt_mask = (torch.arange(PAD_P)[None] >= PAD_P - torch.tensor(PROMPT_LENS)[:, None]).long()
+    prompts = prompts.masked_fill(prompt_mask == 0, 0)
+    b = len(ROW_PROMPTS)
+    responses = torch.randint(2, vocab, (b, PAD_R), generator=gen)
+    response_attention = (torch.arange(PAD_R)[None] < RESPONSE_LENS[:, None]).long()
+    responses = responses.masked_fill(response_attention == 0, 0)
+    response_mask = response_attention.clone()
+    response_mask[0, 2] = 0  # a token inside a response that does not count (verl's tool tokens)
+    attention = torch.cat([prompt_mask[ROW_PROMPTS], response_attention], 1)
+    input_ids = torch.cat([prompts[ROW_PROMPTS], responses], 1)
+    width = 1 if per_sequence else PAD_R
+    data = TensorDict(dict(
+        input_ids=input_ids, attention_mask=attention, response_mask=response_mask,
+        position_ids=(attention.cumsum(-1) - 1).clamp(min=0), prompts=input_ids[:, :PAD_P], responses=responses,
+        advantages=torch.randn(b, width, generator=gen).expand(b, PAD_R).contiguous(),
+        rollout_is_weights=(0.5 + torch.rand(b, width, generator=gen)).expand(b, PAD_R).contiguous(),
+    ), batch_size=[b])
+    data = left_right_2_no_padding(data)
+    tu.assign_non_tensor(data, temperature=TEMPERATURE, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    with torch.no_grad():
+        lp = response_log_probs(plain_hidden_states(model, data), model.lm_head.weight, data)
+    data["old_log_probs"] = lp + 0.3 * torch.randn(b, PAD_R, generator=gen)
+    data["ref_log_prob"] = lp + 0.3 * torch.randn(b, PAD_R, generator=gen)
+    return data
+
+
+def plain_hidden_states(model, data):
+    """The plain forward verl runs, packed: every sequence (prompt + response) alone, its positions from 0."""
+    ids, offsets = data["input_ids"].values(), data["input_ids"].offsets()
+    rows = [ids[int(a): int(z)] for a, z in zip(offsets[:-1], offsets[1:])]
+    return torch.cat([model.model(input_ids=r[None], position_ids=torch.arange(len(r))[None]).last_hidden_state[0]
+                      for r in rows])
+
+
+def read_rows(data):
+    """[total_nnz] bool: the rows from each sequence's last prompt token to its end (what the loss reads)."""
+    offsets = data["input_ids"].offsets()
+    rows = torch.zeros(int(offsets[-1]), dtype=torch.bool)
+    for b, end in enumerate(offsets[1:].tolist()):
+        rows[end - int(RESPONSE_LENS[b]) - 1: end] = True
+    return rows
+
+
+def test_shared_prefix_states_match_the_plain_forward(gen, lm):
+    data = lm_micro_batch(gen, lm)
+    seen = []
+    handle = lm.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        with torch.no_grad():
+            got = shared_prefix_hidden_states(lm, data)
+    finally:
+        handle.remove()
+    assert seen == [sum(PROMPT_LENS) + int(RESPONSE_LENS.sum())]  # one forward, each prompt once
+    with torch.no_grad():
+        want = plain_hidden_states(lm, data)
+    rows = read_rows(data)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got[rows], want[rows], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert not got[~rows].any()  # the other prompt rows: zeros, as documented
+
+
+@pytest.mark.parametrize("case", [dict(loss_agg_mode="token-mean"),
+                                  dict(loss_agg_mode="seq-mean-token-mean", loss_mode="gspo")],
+                         ids=["token-mean", "seq-mean-gspo"])
+def test_shared_prefix_loss_and_gradients_match_verl(gen, lm, case):
+    data = lm_micro_batch(gen, lm, per_sequence=case.get("loss_mode") == "gspo")
+    lm.zero_grad(set_to_none=True)
+    want, _ = ppo_loss(actor_config(**case),
+                       {"log_probs": verl_log_probs(plain_hidden_states(lm, data), lm.lm_head.weight, data)}, data)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad(set_to_none=True)
+    got, _ = fused_ppo_loss(actor_config(**case), {"hidden_states": shared_prefix_hidden_states(lm, data),
+                                                   "lm_head_weight": lm.lm_head.weight}, data)
+    got.backward()
+    torch.testing.assert_close(got, want.detach(), rtol=2e-5, atol=2e-6)
+    for name, param in lm.named_parameters():
+        scale = want_grads[name].abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(param.grad, want_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    lm.zero_grad(set_to_none=True)
+
+
+def test_shared_prefix_bad_inputs_are_named(gen, lm):
+    from tensordict import NonTensorStack
+
+    data = lm_micro_batch(gen, lm)
+    shifted = data.clone()
+    shifted["position_ids"] = torch.nested.nested_tensor_from_jagged(data["position_ids"].values() + 1,
+                                                                     data["position_ids"].offsets())
+    with pytest.raises(ValueError, match="position_ids must number each sequence"):
+        shared_prefix_hidden_states(lm, shifted)
+    images = data.clone()
+    images["multi_modal_inputs"] = NonTensorStack(*([{}] * 6 + [{"pixel_values": torch.zeros(4, 3)}]))
+    with pytest.raises(ValueError, match="multi_modal_inputs"):
+        shared_prefix_hidden_states(lm, images)
+    text = data.clone()
+    text["multi_modal_inputs"] = NonTensorStack(*([{}] * 7))  # verl's text rows: empty dicts, accepted
+    assert shared_prefix_hidden_states(lm, text).shape == (int(data["input_ids"].offsets()[-1]), lm.config.hidden_size)
+    padded = data.clone()
+    padded["input_ids"] = data["input_ids"].to_padded_tensor(0)
+    with pytest.raises(ValueError, match="input_ids must be verl's nested"):
+        shared_prefix_hidden_states(lm, padded)

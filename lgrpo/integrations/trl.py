@@ -47,7 +47,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from lgrpo.attention import install as install_shared_prefix
-from lgrpo.group import GroupBatch, PromptBatch
+from lgrpo.group import GroupBatch, PromptBatch, group_identical
 from lgrpo.kernels import linear_grpo_loss
 from lgrpo.scoring import completion_states, head_logprobs
 
@@ -413,19 +413,8 @@ def group_rows(inputs: dict) -> GroupBatch:
             parts += [one.image_grid_thw, one.pixel_values]
         return parts
 
-    # B is a micro-batch (a few rows to a few dozen): comparing each row with each distinct prompt is cheap.
-    distinct, group = [], []  # the key of each distinct prompt; row b's index into it
-    for b in range(rows):
-        mine = key(b)
-        same = (g for g, theirs in enumerate(distinct)
-                if all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(theirs, mine)))
-        found = next(same, None)
-        if found is None:
-            found = len(distinct)
-            distinct.append(mine)
-        group.append(found)
-    leaders = [group.index(g) for g in range(len(distinct))]
-    group = torch.tensor(group, dtype=torch.long, device=ids.device)
+    group, leaders = group_identical([key(b) for b in range(rows)])
+    group = group.to(ids.device)
     return GroupBatch(prompts.select(leaders), inputs["completion_ids"], inputs["completion_mask"], group)
 
 

@@ -41,7 +41,9 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.utils.torch_functional import masked_mean
 
+from lgrpo.group import GroupBatch, PromptBatch, group_identical
 from lgrpo.kernels import linear_grpo_loss
+from lgrpo.scoring import completion_states
 
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOSS_MODES = ("vanilla", "gspo")
@@ -74,10 +76,9 @@ def _clip_range(config) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def response_rows(data, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, inside)`` ``[B, width]``: the packed row whose hidden state predicts response token ``r`` of
-    sequence ``b`` (the row before it), and whether ``r`` exists; the inverse of verl's
-    ``no_padding_2_padding``, which reads prompt/response lengths the same way."""
+def sequence_lengths(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real (unpadded) prompt and response tokens of each sequence ``[B]``, read as verl's
+    ``no_padding_2_padding`` reads them: nested ``prompts``/``responses``, else ``attention_mask``."""
     prompts, responses = data["prompts"], data["responses"]
     if prompts.is_nested:
         prompt_lens, response_lens = prompts.offsets().diff(), responses.offsets().diff()
@@ -88,6 +89,14 @@ def response_rows(data, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     if bool((prompt_lens == 0).any()):
         raise ValueError("every sequence needs a prompt token: the response's first token is predicted by the "
                          "row before it")
+    return prompt_lens, response_lens
+
+
+def response_rows(data, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, inside)`` ``[B, width]``: the packed row whose hidden state predicts response token ``r`` of
+    sequence ``b`` (the row before it), and whether ``r`` exists; the inverse of verl's
+    ``no_padding_2_padding``, which reads prompt/response lengths the same way."""
+    prompt_lens, response_lens = sequence_lengths(data)
     ends = (prompt_lens + response_lens).cumsum(0)
     r = torch.arange(width, device=ends.device)
     rows = (ends - response_lens - 1).unsqueeze(1) + r
@@ -255,4 +264,87 @@ def _metrics(config, data, out, padded_view, padded, live, loss, beta) -> dict:
     return metrics
 
 
-__all__ = ["fused_ppo_loss", "response_rows", "unsupported_settings"]
+def shared_prefix_hidden_states(model, data, *, prefix_attention: str = "auto") -> torch.Tensor:
+    """Final hidden states ``[total_nnz, H]`` of verl's packed micro-batch, each distinct prompt computed once.
+
+    ``model``: a Hugging Face causal LM (text; its attention registered with transformers, e.g. ``sdpa``);
+    ``data``: the micro-batch verl's engine hands its ``loss_fn`` (nested ``input_ids`` and ``position_ids``,
+    ``prompts``/``responses``, and ``attention_mask`` where ``prompts`` is padded). Rows whose real prompt
+    tokens are equal (GRPO's ``n`` samples, wherever they sit in the micro-batch) become one prompt of a
+    :class:`~lgrpo.group.GroupBatch`, and one :func:`lgrpo.scoring.completion_states` forward runs each
+    distinct prompt once, then every response attending to its prompt's keys/values. Positions: verl
+    numbers each sequence 0, 1, ... from its first real token (checked against ``position_ids``); the
+    shared forward numbers a prompt the same way and its responses on from the prompt's end, so every
+    row sees the positions of verl's plain forward.
+
+    Rows hold the plain forward's states (differentiable to the model's parameters) from each sequence's
+    last prompt token to its last response token: every row :func:`fused_ppo_loss` reads. The other
+    prompt rows hold **zeros** (the loss masks them and never projects them; a consumer that reads prompt
+    rows must run the plain forward). Raises ``ValueError`` for ``multi_modal_inputs`` (images need
+    M-RoPE positions and the vision tower in the shared forward: not wired for verl), position ids that
+    are not verl's text numbering, or a layout whose ``input_ids`` disagree with the prompt/response
+    lengths. ``prefix_attention``: the shared-prefix attention backend (:mod:`lgrpo.attention`).
+    """
+    if "multi_modal_inputs" in data.keys() and any(_non_empty(x) for x in _rows_of(data["multi_modal_inputs"])):
+        raise ValueError("multi_modal_inputs: shared_prefix_hidden_states handles text micro-batches only "
+                         "(images need M-RoPE positions and the vision tower in the shared forward); run the "
+                         "model's plain forward for multimodal data")
+    input_ids = data["input_ids"]
+    if not input_ids.is_nested:
+        raise ValueError("input_ids must be verl's nested no-padding layout (left_right_2_no_padding)")
+    prompt_lens, response_lens = sequence_lengths(data)
+    offsets = input_ids.offsets()
+    prompt_lens, response_lens = prompt_lens.to(offsets.device), response_lens.to(offsets.device)
+    if not torch.equal(offsets.diff(), prompt_lens + response_lens):
+        raise ValueError(f"input_ids: sequence lengths {offsets.diff().tolist()} are not prompt + response lengths "
+                         f"{(prompt_lens + response_lens).tolist()}")
+    tokens = input_ids.values()
+    starts = offsets[:-1]
+    # verl's text position ids: 0, 1, ... from each sequence's first real token (compute_position_id_with_mask)
+    numbering = torch.arange(tokens.shape[0], device=offsets.device) - starts.repeat_interleave(offsets.diff())
+    if "position_ids" in data.keys():
+        position_ids = data["position_ids"]
+        values = position_ids.values() if position_ids.is_nested else position_ids
+        if values.dim() != 1 or not torch.equal(values.to(numbering.device), numbering):
+            raise ValueError("position_ids must number each sequence 0, 1, ... from its first real token (verl's "
+                             f"text layout), got shape {tuple(values.shape)}; M-RoPE or shifted positions are not "
+                             "supported")
+
+    n_seqs = len(prompt_lens)
+    prompt_rows = [tokens[int(starts[b]): int(starts[b] + prompt_lens[b])] for b in range(n_seqs)]
+    group, leaders = group_identical([[p] for p in prompt_rows])
+    prompt_width, width = int(prompt_lens.max()), max(int(response_lens.max()), 1)
+    ids = tokens.new_zeros(len(leaders), prompt_width)
+    mask = torch.zeros(len(leaders), prompt_width, dtype=torch.long, device=tokens.device)
+    for g, b in enumerate(leaders):  # left padded, as PromptBatch holds prompts
+        ids[g, prompt_width - len(prompt_rows[b]):] = prompt_rows[b]
+        mask[g, prompt_width - len(prompt_rows[b]):] = 1
+    column = torch.arange(width, device=tokens.device)
+    inside = column < response_lens[:, None]
+    response_index = (starts + prompt_lens)[:, None] + column
+    completion_ids = torch.where(inside, tokens[response_index.clamp(max=tokens.shape[0] - 1)], 0)
+    batch = GroupBatch(PromptBatch(ids, mask), completion_ids, inside, group.to(tokens.device))
+
+    states = completion_states(model, batch, prefix_attention=prefix_attention)  # [B, width + 1, H]
+    # states[b, j]: the row of sequence b's last prompt token (j = 0), then of its response token j - 1
+    column = torch.arange(width + 1, device=states.device)
+    kept = column <= response_lens.to(states.device)[:, None]
+    rows = (starts + prompt_lens - 1).to(states.device)[:, None] + column
+    out = states.new_zeros(tokens.shape[0], states.shape[-1])
+    return out.index_put((rows[kept],), states[kept])
+
+
+def _rows_of(value) -> list:
+    """verl's per-row non-tensor entries (a NonTensorStack, NonTensorData or a list) as a list."""
+    value = value.tolist() if hasattr(value, "tolist") and not isinstance(value, torch.Tensor) else value
+    value = getattr(value, "data", value)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _non_empty(entry) -> bool:
+    entry = getattr(entry, "data", entry)
+    return entry is not None and (not hasattr(entry, "__len__") or len(entry) > 0)
+
+
+__all__ = ["fused_ppo_loss", "response_rows", "sequence_lengths", "shared_prefix_hidden_states",
+           "unsupported_settings"]
