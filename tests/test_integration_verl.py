@@ -316,3 +316,14 @@ def test_shared_prefix_bad_inputs_are_named(gen, lm):
     padded["input_ids"] = data["input_ids"].to_padded_tensor(0)
     with pytest.raises(ValueError, match="input_ids must be verl's nested"):
         shared_prefix_hidden_states(lm, padded)
+
+
+def test_benchmark_smoke(run_bench, reference_kernels):
+    # bench/bench_verl_step.py runs end to end at smoke sizes and every variant's loss agrees with verl's
+    result = run_bench("bench_verl_step", "bench_verl_step")
+    names = [r["name"] for r in result["rows"]]
+    assert names[0].startswith("verl ppo_loss") and names[-1].startswith("shared_prefix_hidden_states")
+    assert all(r["ms"] > 0 for r in result["rows"])
+    want = result["losses"][names[0]]
+    for name in names[1:]:
+        assert result["losses"][name] == pytest.approx(want, rel=1e-4, abs=1e-7), name
