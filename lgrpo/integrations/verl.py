@@ -12,7 +12,9 @@ instead of log-probs::
 
 and the rows are those of ``data["input_ids"]`` (a nested tensor whose offsets are the ``cu_seqlens``).
 The loss runs on that packed layout (``cu_seqlens``), the rows that predict response tokens live, all others
-masked (never projected). README: how to wire it into verl's FSDP actor.
+masked (never projected). :func:`shared_prefix_hidden_states` computes those hidden states with each distinct
+prompt of the micro-batch once (GRPO repeats each prompt ``rollout.n`` times). README: how to wire both into
+verl's FSDP actor.
 
 Mapping (SPEC §2; each tested against verl's own ``ppo_loss`` / ``agg_loss``):
 
