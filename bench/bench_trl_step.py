@@ -133,12 +133,18 @@ def measure_logprobs(name: str, trainer, inputs: dict, smoke: bool) -> tuple[Row
     return Row(name, ms), logps
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = arg_parser(__doc__.splitlines()[0])
+def step_parser(description: str, second: str = "completion"):
+    """The RL-step benchmarks' command line: ``--model``, ``--lengths P C`` (``second``: what C counts)."""
+    parser = arg_parser(description)
     parser.add_argument("--model", choices=["1.5b", "7b"], default="1.5b")
+    parser.add_argument("--lengths", type=int, nargs=2, metavar=("P", second[0].upper()), default=None,
+                        help=f"prompt and {second} tokens per row (default 256 1024; smoke 8 16)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--lengths", type=int, nargs=2, metavar=("P", "C"), default=None,
-                        help="prompt and completion tokens per row (default 256 1024; smoke 8 16)")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     device = "cuda" if torch.cuda.is_available() else "cpu"

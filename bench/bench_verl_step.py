@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.common` from any working directory
 
-from bench.bench_trl_step import SHAPES, build_model  # noqa: E402
-from bench.common import GiB, Row, arg_parser, bench_ms, environment, peak_extra_bytes, print_table, write_json  # noqa: E402,E501
+from bench.bench_trl_step import SHAPES, build_model, step_parser  # noqa: E402
+from bench.common import GiB, Row, bench_ms, environment, peak_extra_bytes, print_table, write_json  # noqa: E402,E501
 
 
 def micro_batch(rows: int, prompts: int, prompt: int, response: int, vocab: int, device: str):
@@ -60,11 +60,7 @@ def micro_batch(rows: int, prompts: int, prompt: int, response: int, vocab: int,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["1.5b", "7b"], default="1.5b")
-    parser.add_argument("--lengths", type=int, nargs=2, metavar=("P", "R"), default=None,
-                        help="prompt and response tokens per row (default 256 1024; smoke 8 16)")
-    args = parser.parse_args(argv)
+    args = step_parser(__doc__.splitlines()[0], "response").parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
