@@ -313,9 +313,11 @@ def shared_prefix_hidden_states(model, data, *, prefix_attention: str = "auto") 
                              "supported")
 
     n_seqs = len(prompt_lens)
-    prompt_rows = [tokens[int(starts[b]): int(starts[b] + prompt_lens[b])] for b in range(n_seqs)]
+    # the lengths read to the host once (a GPU micro-batch: one sync, not two per row)
+    starts_h, prompt_lens_h = starts.tolist(), prompt_lens.tolist()
+    prompt_rows = [tokens[starts_h[b]: starts_h[b] + prompt_lens_h[b]] for b in range(n_seqs)]
     group, leaders = group_identical([[p] for p in prompt_rows])
-    prompt_width, width = int(prompt_lens.max()), max(int(response_lens.max()), 1)
+    prompt_width, width = max(prompt_lens_h), max(int(response_lens.max()), 1)
     ids = tokens.new_zeros(len(leaders), prompt_width)
     mask = torch.zeros(len(leaders), prompt_width, dtype=torch.long, device=tokens.device)
     for g, b in enumerate(leaders):  # left padded, as PromptBatch holds prompts
