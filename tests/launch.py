@@ -25,6 +25,7 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: float = 60
         PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         OMP_NUM_THREADS="1",
         TRITON_INTERPRET="0",  # ranks use the reference kernels, like the in-process oracle runs
+        PYTHONFAULTHANDLER="1",  # a rank killed by a signal (an abort in C++) prints its Python stacks
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *args]
