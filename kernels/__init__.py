@@ -15,7 +15,12 @@ if __name__ == "lgrpo.kernels":
     from .logprobs import token_logprobs
 
     __all__ = ["GRPOLossOutput", "group_advantages", "grpo_loss", "linear_grpo_loss", "token_logprobs"]
-# Else this folder was found as a top-level `kernels` because the repository root is on sys.path
-# (e.g. `python -m ...` run from the checkout). transformers probes `kernels` for the Hugging Face
-# kernel hub; staying an empty module without __version__ makes that probe answer "not installed"
-# instead of importing (and registering custom ops) a second time under another name.
+else:
+    # This folder was found as a top-level `kernels` because the repository root is on sys.path
+    # (`python -m ...` or pytest started from the checkout, torchrun ranks with PYTHONPATH=<root>).
+    # That name belongs to Hugging Face's `kernels` package, which transformers (>= 5.25) imports at
+    # import time. Hand the name over to the installed distribution when there is one; without one,
+    # stay an empty module without __version__, which transformers' probe reads as "not installed".
+    from ._shadow import hand_over
+
+    hand_over(__name__, __file__)
