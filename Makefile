@@ -1,10 +1,16 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when missing.
 PYTHON ?= python3
 VENV ?= .venv
-# The torch build to install when the venv has none. On these machines torch==2.13.0 is a CPU
+# The torch stack to install when the venv has none. On these machines torch==2.13.0 is a CPU
 # wheel on local disk; a bare `torch` would pull a multi-GB CUDA build. Override on GPU hosts,
-# e.g. `make test TORCH_SPEC='torch==2.11.0'`. Skipped entirely when torch already imports.
-TORCH_SPEC ?= torch==2.13.0
+# e.g. `make test TORCH_SPEC='torch==2.11.0'` (its own triton comes with it). Skipped entirely when
+# torch already imports. The lock below leaves the torch stack to this variable.
+TORCH_SPEC ?= torch==2.13.0 triton==3.9.0
+# The lock: every other package at the version the whole suite last passed with (pip constraints).
+# `make lock` refreshes it from a run of the suite on the newest releases pyproject allows.
+LOCK := requirements/lock.txt
+# Every extra the lock covers (what CI installs, plus the optional experiment/data extras).
+LOCK_EXTRAS := dev,trl,verl
 # Optional extras, comma-separated: `make test EXTRAS=trl,verl` also installs TRL 1.16.0 and verl 0.9.1
 # (verl without its dependencies: see pyproject.toml), so their integration tests run instead of skipping.
 EXTRAS ?=
@@ -17,20 +23,26 @@ DROP_VERL_TESTS := import importlib.metadata as md, shutil; d = md.distribution(
 	shutil.rmtree(t) if mine and t.exists() else None
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lgrpo-installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
+SOURCES := pyproject.toml setup.py $(LOCK) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
-.PHONY: install demo experiment test lint bench-cpu clean
+.PHONY: install demo experiment test test-latest lock lint bench-cpu clean
 
 install: $(STAMP)
 
-$(STAMP): $(SOURCES)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+# $(1): the venv, $(2): extras, $(3): pip constraints (empty: the newest releases the ranges allow),
+# $(4): the torch stack.
+define setup_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade $(3) pip setuptools wheel ninja
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q $(4)
 	# No build isolation: the extension must build against the torch installed above.
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev$(if $(EXTRAS),$(comma)$(EXTRAS))]"
-	$(if $(findstring verl,$(EXTRAS)),$(PY) -m pip install -q --no-deps "$(VERL_SPEC)")
-	$(if $(findstring verl,$(EXTRAS)),$(PY) -c '$(DROP_VERL_TESTS)')
+	$(1)/bin/python -m pip install -q $(3) --no-build-isolation -e ".[$(2)]"
+	$(if $(findstring verl,$(2)),$(1)/bin/python -m pip install -q --no-deps "$(VERL_SPEC)")
+	$(if $(findstring verl,$(2)),$(1)/bin/python -c '$(DROP_VERL_TESTS)')
+endef
+
+$(STAMP): $(SOURCES)
+	$(call setup_venv,$(VENV),dev$(if $(EXTRAS),$(comma)$(EXTRAS)),-c $(LOCK),$(TORCH_SPEC))
 	touch $@
 
 demo: install
@@ -44,6 +56,21 @@ experiment: install
 test: install
 	$(PY) -m pytest -q
 
+# The suite on the newest releases pyproject's ranges allow, in a venv made anew each time, so drift
+# (a new transformers, TRL, ...) is found on purpose rather than by a fresh clone.
+# torch itself stays the local CPU build (newer ones are multi-GB CUDA downloads); triton floats.
+LATEST_VENV := .venv-latest
+LATEST_TORCH_SPEC ?= torch==2.13.0
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(call setup_venv,$(LATEST_VENV),$(LOCK_EXTRAS),,$(LATEST_TORCH_SPEC))
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+# Refresh the lock from the newest releases, written only when the whole suite passed on them.
+lock: test-latest
+	$(LATEST_VENV)/bin/python tools/lock.py $(LATEST_VENV)/bin/python "$(TORCH_SPEC)" > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 bench-cpu: install
 	for b in bench/bench_*.py; do $(PY) $$b --smoke || exit 1; done
 
@@ -51,4 +78,4 @@ lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf build *.egg-info lgrpo/_C*.so $(VENV)/.lgrpo-installed*
+	rm -rf build dist *.egg-info lgrpo/_C*.so $(VENV)/.lgrpo-installed* $(LATEST_VENV)

@@ -7,12 +7,16 @@ importable top-level ``kernels`` module: transformers treats one as the Hugging 
 with CUDA and nvcc is found. ``LGRPO_BUILD_CUDA=1`` demands them (and fails clearly when they
 cannot be built), ``LGRPO_BUILD_CUDA=0`` leaves them out. ``TORCH_CUDA_ARCH_LIST`` picks the GPU
 architectures as usual; unset, it defaults to Ampere, Ada and Hopper plus PTX for newer cards.
+
+A build where torch cannot be imported (pip's default isolated build environment has none) fails
+with a message saying what to do, rather than silently producing a wheel without ``lgrpo._C``;
+``LGRPO_PURE_PYTHON=1`` asks for that pure-Python wheel on purpose (``lgrpo.ops`` then runs the
+PyTorch reference).
 """
 
 import os
-import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CPU_SOURCES = ["csrc/ops.cpp"]
 CUDA_SOURCES = ["csrc/cuda/listener.cu", "csrc/cuda/listener_cuda.cpp"]
@@ -32,20 +36,32 @@ def want_cuda(torch_has_cuda: bool, nvcc_found: bool) -> bool:
     return torch_has_cuda and nvcc_found
 
 
+def pure_python() -> bool:
+    """Whether LGRPO_PURE_PYTHON=1 asks for a wheel without the native extension."""
+    flag = os.environ.get("LGRPO_PURE_PYTHON", "").strip()
+    if flag not in ("", "0", "1"):
+        raise SystemExit(f"LGRPO_PURE_PYTHON must be 0, 1 or unset, got {flag!r}")
+    if flag == "1" and os.environ.get("LGRPO_BUILD_CUDA", "").strip() == "1":
+        raise SystemExit("LGRPO_PURE_PYTHON=1 and LGRPO_BUILD_CUDA=1 contradict each other")
+    return flag == "1"
+
+
 def extensions() -> tuple[list, dict]:
-    """The lgrpo._C extension and the build_ext command that compiles it (empty without torch)."""
+    """The lgrpo._C extension and the build_ext command that compiles it (none when pure_python())."""
+    if pure_python():
+        return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        # An isolated build env has no torch (pyproject cannot require one without pulling a
-        # multi-GB wheel): install with --no-build-isolation, as the Makefile does.
-        if os.environ.get("LGRPO_BUILD_CUDA", "").strip() == "1":
-            raise SystemExit("LGRPO_BUILD_CUDA=1 but torch is not importable at build time") from None
-        print("lgrpo: torch is not importable at build time, so lgrpo._C is not built and "
-              "lgrpo.ops falls back to the PyTorch reference (use pip install --no-build-isolation)",
-              file=sys.stderr)
-        return [], {}
+        # pyproject cannot require torch for the build without pulling a multi-GB CUDA wheel into
+        # pip's isolated build environment, so the extension builds against the installed torch.
+        raise SystemExit(
+            "lgrpo: torch is not importable at build time, so the native extension lgrpo._C cannot be built.\n"
+            "  Install torch first, then build against it:  pip install --no-build-isolation .\n"
+            "  Or build a pure-Python package on purpose:   LGRPO_PURE_PYTHON=1 pip install .\n"
+            "  (without lgrpo._C, lgrpo.ops.listener_confidence runs its PyTorch reference)"
+        ) from None
 
     with_cuda = want_cuda(torch.version.cuda is not None, cpp_extension.CUDA_HOME is not None)
     if with_cuda:
@@ -69,11 +85,16 @@ def extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = extensions()
 
+# Every package under lgrpo/ (found, not listed: a new subpackage cannot be left out of the wheel),
+# plus the top-level kernels/ folder under its import name.
+PACKAGES = find_packages(include=["lgrpo", "lgrpo.*"]) + ["lgrpo.kernels"]
+
 setup(
-    packages=["lgrpo", "lgrpo.kernels"],
+    packages=PACKAGES,
     package_dir={"lgrpo": "lgrpo", "lgrpo.kernels": "kernels"},
-    package_data={"lgrpo": ["assets/**/*"]},
+    package_data={"lgrpo": ["assets/*/*"]},
+    include_package_data=False,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}} if ext_modules else {},
 )

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .extras import MissingExtra, require
 from .images import image_problem, open_image  # noqa: F401 - open_image: the one way a manifest image opens
 
 log = logging.getLogger(__name__)
@@ -577,10 +578,8 @@ def _image_bytes(value) -> tuple[bytes | None, str | None]:
 
 def _rapidata_pairs(src: Path, image_dir: Path, criterion: str,
                     report: DataReport) -> Iterator[PairRecord | BadRow]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:  # an optional dependency: only this converter needs it
-        raise ImportError("reading Parquet needs pyarrow: pip install 'lgrpo[data]' (or pyarrow)") from err
+    require("data", "reading Parquet")  # an optional dependency: only this converter needs it
+    import pyarrow.parquet as pq
     image_dir.mkdir(parents=True, exist_ok=True)
     for file in _parquet_files(src):
         pf = pq.ParquetFile(file)
@@ -748,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             report = convert(args.fmt, args.src, args.dst, image_root=args.image_root,
                              criterion=args.criterion, skip_bad=args.skip_bad, limit=args.limit)
-        except (DataError, FileNotFoundError) as err:
+        except (DataError, FileNotFoundError, MissingExtra) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         print(report)

@@ -41,6 +41,7 @@ import torch
 from .. import distributed as D
 from ..config import build_config
 from ..eval import judge, summarize
+from ..extras import MissingExtra, require
 from ..listener import Listener
 from ..model import freeze
 from ..prompts import parse_completion
@@ -290,6 +291,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Exper
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, ec = parse_args(argv)
+    try:  # the plots are drawn at the end: say what is missing before the training, not after it
+        require("experiment", "the listener experiment's plots")
+    except MissingExtra as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.merge:
         paths = merge(args.out, args.merge)
         print("wrote " + ", ".join(str(p) for p in paths), flush=True)

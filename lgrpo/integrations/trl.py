@@ -40,6 +40,11 @@ import types
 import warnings
 
 import torch
+
+from lgrpo.extras import require
+
+require("trl", "lgrpo.integrations.trl")
+
 from accelerate.utils import is_peft_model
 from PIL import Image
 from torch.distributed.tensor import DTensor

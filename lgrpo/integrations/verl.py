@@ -38,6 +38,11 @@ verl's k3 would have been clamped.
 from __future__ import annotations
 
 import torch
+
+from lgrpo.extras import require
+
+require("verl", "lgrpo.integrations.verl")
+
 from verl.trainer.ppo.core_algos import agg_loss
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
