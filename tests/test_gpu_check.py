@@ -120,7 +120,8 @@ def test_gpu_collection_does_not_need_pyarrow(tmp_path):
     blocked.mkdir(parents=True)
     # what a missing module raises (importorskip skips on ModuleNotFoundError only)
     (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pyarrow'\", name='pyarrow')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocked.parent), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(blocked.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                            "tests/test_data.py", "-k", "rapidata"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
