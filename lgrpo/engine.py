@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -556,14 +556,14 @@ class RolloutEngine:
         s["mask"][:, 0] = True
         stream = torch.cuda.Stream(device=s["device"])
         stream.wait_stream(torch.cuda.current_stream(s["device"]))
-        with torch.cuda.stream(stream), self.face.sdpa():
+        with torch.cuda.stream(stream), self.face.sdpa(), _uncached_autocast(s["device"]):
             self._decode_step(b, t_cap, mode)  # compiles Triton, picks kernels, allocates workspaces
         torch.cuda.current_stream(s["device"]).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         s["j"].zero_()
-        with torch.cuda.graph(graph, pool=self._pool), self.face.sdpa():
+        with torch.cuda.graph(graph, pool=self._pool), self.face.sdpa(), _uncached_autocast(s["device"]):
             self._decode_step(b, t_cap, mode)
         torch.cuda.synchronize(s["device"])
         self._graphs[full_key] = graph
@@ -617,6 +617,21 @@ def _autocast_state(device: torch.device) -> tuple:
     if not torch.is_autocast_enabled(kind):
         return (False,)
     return (True, torch.get_autocast_dtype(kind))
+
+
+def _uncached_autocast(device: torch.device):
+    """The caller's autocast (same dtype) with its weight cache off, for a graph capture.
+
+    Autocast keeps the low-precision copies of fp32 weights it made for the rest of the ``autocast`` block:
+    after the prefill filled that cache, a captured step would record no cast at all and read the cached
+    copies' memory, which leaving the block frees (``torch.amp.autocast_mode``); every later replay (the
+    next eval batch, the eval after training) would read the old weights or freed memory. Without the
+    cache the graph holds the casts themselves and reads the fp32 weights on each replay, so in-place
+    updates reach it. (``torch.cuda.make_graphed_callables`` refuses a cached autocast for this reason.)"""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return nullcontext()
+    return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False)
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -5,6 +5,7 @@ draws independent of the batch, the vision tower once per prompt, and the stop a
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -344,6 +345,99 @@ def test_bench_rollout_smoke(run_bench):
     assert [n.split(",")[0] for n in names] == ["engine", "hf do_sample", "--rollout.engine hf"]
     assert all(r["extra"]["tok_s"] > 0 for r in data["rows"]), data["rows"]
     assert data["same_greedy_tokens"] is True
+
+
+# --- the graph path on CPU: torch.cuda's capture calls stood in for -----------------------------------------
+
+
+class _FakeGraphs:
+    """torch.cuda's stream and graph calls for RolloutEngine._graph on CPU. The warm-up and the "captured"
+    step run eagerly, as they would run on the device; what each saw of autocast is recorded; a replay runs
+    the captured step's arguments eagerly again. What this cannot show (the kernels a real capture
+    records) the GPU-marked tests below check."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []  # (phase, autocast enabled, dtype, cache enabled) at each step of _graph
+        self.capturing = None
+        self.phase = None
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.step = None
+
+            def replay(self):
+                engine, args = self.step
+                with engine.face.sdpa():
+                    real_step(engine, *args)
+
+        @contextmanager
+        def graph(g, pool=None):
+            fake.capturing, fake.phase = g, "capture"
+            try:
+                yield
+            finally:
+                fake.capturing, fake.phase = None, None
+
+        @contextmanager
+        def stream(_):
+            fake.phase = "warm-up"
+            try:
+                yield
+            finally:
+                fake.phase = None
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        real_step = RolloutEngine._decode_step
+
+        def step(engine, *args):
+            if fake.phase is not None:
+                fake.seen.append((fake.phase, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                                  torch.is_autocast_cache_enabled()))
+            if fake.capturing is not None:
+                fake.capturing.step = (engine, args)
+            return real_step(engine, *args)
+
+        for name, value in (("Stream", Stream), ("stream", stream), ("current_stream", lambda device=None: Stream()),
+                            ("graph_pool_handle", lambda: object()), ("CUDAGraph", Graph), ("graph", graph),
+                            ("synchronize", lambda device=None: None)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(RolloutEngine, "_decode_step", step)
+
+    @staticmethod
+    def on(engine: RolloutEngine) -> RolloutEngine:
+        engine._use_graphs = lambda device: True  # this engine only: the graph path, on the CPU
+        return engine
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    return _FakeGraphs(monkeypatch)
+
+
+def test_graphs_are_captured_without_the_autocast_cache(toy, fake_graphs):
+    """Under eval's autocast (fp32 weights, bf16 compute) the capture runs in bf16 with autocast's weight
+    cache off: with it on, the prefill's cached bf16 copies would be what the graph reads, freed when the
+    autocast block ends, and every later replay (next eval batch, the eval after training) would read
+    stale weights or freed memory."""
+    model, tok, prompts = toy
+    kw = dict(max_new_tokens=6, stop=STOP, check_every=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graphs = _FakeGraphs.on(RolloutEngine(model, tok, **kw)).generate(prompts, 2, greedy=True)
+        eager = RolloutEngine(model, tok, **kw).generate(prompts, 2, greedy=True)
+    phases = [s[0] for s in fake_graphs.seen]
+    assert phases.count("capture") == len(bucket_sizes(6)) == phases.count("warm-up"), phases
+    assert set(fake_graphs.seen) == {(p, True, torch.bfloat16, False) for p in ("warm-up", "capture")}
+    _same(graphs, eager)
+    fake_graphs.seen.clear()
+    _FakeGraphs.on(RolloutEngine(model, tok, **kw)).generate(prompts, 2, greedy=True)  # no autocast: none made
+    assert {s[1] for s in fake_graphs.seen} == {False} and {s[3] for s in fake_graphs.seen} == {True}
 
 
 # --- GPU: the captured graph replays what the eager step computes ---------------------------------------
