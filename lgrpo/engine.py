@@ -327,7 +327,7 @@ class RolloutEngine:
             if fingerprint != self._fingerprint:  # the weights moved: every captured graph is stale
                 self._drop_graphs()
                 self._fingerprint = fingerprint
-            for nb in reversed(bucket_sizes(b) if self.compact else [b]):  # largest first, one pool
+            for nb in self._capture_plan(b):
                 self._graph(nb, t_cap, mode, key)
         self._setup(pre, group_size, b, t_cap, mode, temperature, seed, step, row_ids)
         s = self._buf
@@ -354,6 +354,15 @@ class RolloutEngine:
                     self._decode_step(b, t_cap, mode)
             self.stats["steps"] += 1
         return self._collect(rows, greedy, row_ids)
+
+    def _capture_plan(self, b: int) -> list[int]:
+        """The buckets to capture for a pass that starts with ``b`` slots: every bucket compaction can move
+        to, largest first (one memory pool), or none when the pass has no decode step: with
+        ``max_new_tokens`` 1 the only token comes from the prefill's logits, and a warm-up step would record
+        token 1 into a 1-column buffer (an out-of-bounds write, a device assert on CUDA)."""
+        if self.max_new_tokens < 2:
+            return []
+        return list(reversed(bucket_sizes(b) if self.compact else [b]))
 
     def _prefill(self, prompts: PromptBatch) -> _Prefill:
         face = self.face

@@ -440,6 +440,21 @@ def test_graphs_are_captured_without_the_autocast_cache(toy, fake_graphs):
     assert {s[1] for s in fake_graphs.seen} == {False} and {s[3] for s in fake_graphs.seen} == {True}
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_one_new_token_captures_no_graph(toy, fake_graphs, compact):
+    """``max_new_tokens`` 1: the only token comes from the prefill, so there is no decode step to capture;
+    a warm-up step would write token 1 into the 1-column output buffer (a device assert on CUDA, an
+    IndexError here)."""
+    model, tok, prompts = toy
+    engine = _FakeGraphs.on(RolloutEngine(model, tok, max_new_tokens=1, compact=compact))
+    out = engine.generate(prompts, 2, greedy=True)
+    assert engine.stats["captures"] == 0 and not fake_graphs.seen and engine._capture_plan(8) == []
+    _same(out, RolloutEngine(model, tok, max_new_tokens=1).generate(prompts, 2, greedy=True))
+    assert out.completion_ids.shape == (6, 1)
+    two = RolloutEngine(model, tok, max_new_tokens=2, compact=compact)
+    assert two._capture_plan(8) == ([8, 4, 2, 1] if compact else [8])  # largest first, one pool
+
+
 # --- GPU: the captured graph replays what the eager step computes ---------------------------------------
 
 
