@@ -112,7 +112,6 @@ class _ModelFace:
     """What the engine needs to know about a transformers causal (V)LM."""
 
     def __init__(self, model):
-        self.model = model
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         core = getattr(model, "model", None)
@@ -243,7 +242,7 @@ class RolloutEngine:
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
         if stop is not None and not stop:
             raise ValueError("stop must be None or a non-empty string")
-        self.model, self.tokenizer = model, tokenizer
+        self._model, self.tokenizer = model, tokenizer  # engine_for holds it weakly (see there)
         self.face = _ModelFace(model)
         self.max_new_tokens, self.stop = int(max_new_tokens), stop
         self.check_every, self.compact = int(check_every), bool(compact)
@@ -262,6 +261,13 @@ class RolloutEngine:
         self.stats: dict = {}  # the last call's numbers: steps, compactions, captures, capture_s
 
     # -- public -----------------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        model = self._model() if isinstance(self._model, weakref.ref) else self._model
+        if model is None:
+            raise ReferenceError("this rollout engine's model has been freed")
+        return model
 
     @torch.no_grad()
     def generate(
@@ -648,10 +654,13 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def engine_for(model, tokenizer, **kwargs) -> RolloutEngine:
     """One engine per (model, tokenizer, options), kept as long as the model lives: its static
-    buffers and captured graphs are reused call after call."""
+    buffers and captured graphs are reused call after call, and freed with the model."""
     per_model = _ENGINES.setdefault(model, {})
     key = (id(tokenizer), repr(sorted(kwargs.items())))
     engine = per_model.get(key)
     if engine is None or engine.tokenizer is not tokenizer:
         engine = per_model[key] = RolloutEngine(model, tokenizer, **kwargs)
+        # A weak dictionary's value must not reach its key: an engine holding its model would keep the
+        # model, its static cache and its graph pool alive for the rest of the process.
+        engine._model = weakref.ref(model)
     return engine

@@ -4,7 +4,9 @@ draws independent of the batch, the vision tower once per prompt, and the stop a
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from contextlib import contextmanager
 
 import pytest
@@ -453,6 +455,21 @@ def test_one_new_token_captures_no_graph(toy, fake_graphs, compact):
     assert out.completion_ids.shape == (6, 1)
     two = RolloutEngine(model, tok, max_new_tokens=2, compact=compact)
     assert two._capture_plan(8) == ([8, 4, 2, 1] if compact else [8])  # largest first, one pool
+
+
+def test_engine_for_frees_its_engine_with_the_model(toy):
+    """engine_for's engines are kept as long as their model lives, not longer: the engine (the weak
+    dictionary's value) must not hold the model (its key), or the model, its static cache and its graph
+    pool are never freed."""
+    _, tok, prompts = toy
+    model = tiny_lm(tok, seed=3)
+    clean_generation_config(model, tok)
+    engine = engine_for(model, tok, max_new_tokens=3)
+    engine.generate(prompts, 2, greedy=True)
+    refs = [weakref.ref(x) for x in (model, engine, engine._buf["kv"][0][0])]
+    del model, engine
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
 
 
 # --- GPU: the captured graph replays what the eager step computes ---------------------------------------
