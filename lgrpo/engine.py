@@ -216,7 +216,8 @@ class RolloutEngine:
     ``check_every``: decode steps between the host's looks at the batch (one device sync each).
     ``compact``: move live rows into a smaller bucket when they fit one.
     ``prompt_bucket``: prompt lengths are rounded up to a multiple of this in the cache (fewer
-    distinct graph shapes); default 64 with CUDA graphs, else 1 (exact).
+    distinct graph shapes); default with CUDA graphs: eight steps per octave (:func:`prompt_columns`),
+    else exact.
 
     The engine keeps its static cache and graphs between calls (:meth:`release` frees them).
     """
@@ -325,7 +326,7 @@ class RolloutEngine:
         rows = n_prompts * group_size
         b = bucket_for(rows)
         graphs = self._use_graphs(pre.logits.device)
-        t_cap = _round_up(t, self.prompt_bucket or (64 if graphs else 1))
+        t_cap = prompt_columns(t, self.prompt_bucket, graphs)
         self._ensure_buffers(b, t_cap, pre)
         key = (t_cap, mode, _autocast_state(pre.logits.device))
         if graphs:
@@ -625,6 +626,18 @@ class RolloutEngine:
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def prompt_columns(t: int, bucket: int | None, graphs: bool) -> int:
+    """The cache columns a ``t``-token prompt gets: a multiple of ``bucket`` when given; with CUDA graphs
+    (every distinct value is a graph key: ~20 bucket captures each) ``t`` rounded up to eight steps per
+    octave, at least 64: at most an eighth of padding columns (masked, read by the decode attention), and
+    above 2048 tokens a quarter of the captures that multiples of 64 would cost; else ``t`` itself."""
+    if bucket:
+        return _round_up(t, bucket)
+    if not graphs:
+        return t
+    return _round_up(t, max(64, 1 << max(t.bit_length() - 4, 0)))
 
 
 def _autocast_state(device: torch.device) -> tuple:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lgrpo.batching import VLBatcher
-from lgrpo.engine import RolloutEngine, bucket_sizes, engine_for
+from lgrpo.engine import RolloutEngine, bucket_sizes, engine_for, prompt_columns
 from lgrpo.group import PromptBatch
 from lgrpo.model import load_model, load_tokenizer
 from lgrpo.rollout import StopOnString, clean_generation_config, generate
@@ -470,6 +470,17 @@ def test_engine_for_frees_its_engine_with_the_model(toy):
     del model, engine
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+def test_prompt_columns_with_graphs_are_coarse_but_close():
+    """With CUDA graphs each distinct prompt length in the cache is ~20 captures: eight per octave, never
+    more than an eighth of padding (64 below 512 tokens); exact without graphs; a given bucket wins."""
+    assert [prompt_columns(t, None, False) for t in (1, 77, 3000)] == [1, 77, 3000]
+    assert [prompt_columns(t, 16, True) for t in (1, 77)] == [16, 80]
+    caps = {t: prompt_columns(t, None, True) for t in range(1, 20000)}
+    assert all(c >= t and c % 64 == 0 and (c - t < 64 or (c - t) * 8 <= t) for t, c in caps.items())
+    assert len({caps[t] for t in range(2049, 4097)}) == 8 and caps[2900] == 3072
+    assert len({caps[t] for t in range(1, 513)}) == 8  # multiples of 64 up to 512
 
 
 # --- GPU: the captured graph replays what the eager step computes ---------------------------------------
