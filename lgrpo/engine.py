@@ -656,10 +656,8 @@ def _uncached_autocast(device: torch.device):
     next eval batch, the eval after training) would read the old weights or freed memory. Without the
     cache the graph holds the casts themselves and reads the fp32 weights on each replay, so in-place
     updates reach it. (``torch.cuda.make_graphed_callables`` refuses a cached autocast for this reason.)"""
-    kind = device.type
-    if not torch.is_autocast_enabled(kind):
-        return nullcontext()
-    return torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False)
+    enabled, *dtype = _autocast_state(device)
+    return torch.autocast(device.type, dtype=dtype[0], cache_enabled=False) if enabled else nullcontext()
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
