@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +112,6 @@ class _ModelFace:
     """What the engine needs to know about a transformers causal (V)LM."""
 
     def __init__(self, model):
-        self.model = model
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         core = getattr(model, "model", None)
@@ -217,7 +216,8 @@ class RolloutEngine:
     ``check_every``: decode steps between the host's looks at the batch (one device sync each).
     ``compact``: move live rows into a smaller bucket when they fit one.
     ``prompt_bucket``: prompt lengths are rounded up to a multiple of this in the cache (fewer
-    distinct graph shapes); default 64 with CUDA graphs, else 1 (exact).
+    distinct graph shapes); default with CUDA graphs: eight steps per octave (:func:`prompt_columns`),
+    else exact.
 
     The engine keeps its static cache and graphs between calls (:meth:`release` frees them).
     """
@@ -243,7 +243,7 @@ class RolloutEngine:
             raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
         if stop is not None and not stop:
             raise ValueError("stop must be None or a non-empty string")
-        self.model, self.tokenizer = model, tokenizer
+        self._model, self.tokenizer = model, tokenizer  # engine_for holds it weakly (see there)
         self.face = _ModelFace(model)
         self.max_new_tokens, self.stop = int(max_new_tokens), stop
         self.check_every, self.compact = int(check_every), bool(compact)
@@ -262,6 +262,13 @@ class RolloutEngine:
         self.stats: dict = {}  # the last call's numbers: steps, compactions, captures, capture_s
 
     # -- public -----------------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        model = self._model() if isinstance(self._model, weakref.ref) else self._model
+        if model is None:
+            raise ReferenceError("this rollout engine's model has been freed")
+        return model
 
     @torch.no_grad()
     def generate(
@@ -319,7 +326,7 @@ class RolloutEngine:
         rows = n_prompts * group_size
         b = bucket_for(rows)
         graphs = self._use_graphs(pre.logits.device)
-        t_cap = _round_up(t, self.prompt_bucket or (64 if graphs else 1))
+        t_cap = prompt_columns(t, self.prompt_bucket, graphs)
         self._ensure_buffers(b, t_cap, pre)
         key = (t_cap, mode, _autocast_state(pre.logits.device))
         if graphs:
@@ -327,7 +334,7 @@ class RolloutEngine:
             if fingerprint != self._fingerprint:  # the weights moved: every captured graph is stale
                 self._drop_graphs()
                 self._fingerprint = fingerprint
-            for nb in reversed(bucket_sizes(b) if self.compact else [b]):  # largest first, one pool
+            for nb in self._capture_plan(b):
                 self._graph(nb, t_cap, mode, key)
         self._setup(pre, group_size, b, t_cap, mode, temperature, seed, step, row_ids)
         s = self._buf
@@ -354,6 +361,15 @@ class RolloutEngine:
                     self._decode_step(b, t_cap, mode)
             self.stats["steps"] += 1
         return self._collect(rows, greedy, row_ids)
+
+    def _capture_plan(self, b: int) -> list[int]:
+        """The buckets to capture for a pass that starts with ``b`` slots: every bucket compaction can move
+        to, largest first (one memory pool), or none when the pass has no decode step: with
+        ``max_new_tokens`` 1 the only token comes from the prefill's logits, and a warm-up step would record
+        token 1 into a 1-column buffer (an out-of-bounds write, a device assert on CUDA)."""
+        if self.max_new_tokens < 2:
+            return []
+        return list(reversed(bucket_sizes(b) if self.compact else [b]))
 
     def _prefill(self, prompts: PromptBatch) -> _Prefill:
         face = self.face
@@ -556,14 +572,14 @@ class RolloutEngine:
         s["mask"][:, 0] = True
         stream = torch.cuda.Stream(device=s["device"])
         stream.wait_stream(torch.cuda.current_stream(s["device"]))
-        with torch.cuda.stream(stream), self.face.sdpa():
+        with torch.cuda.stream(stream), self.face.sdpa(), _uncached_autocast(s["device"]):
             self._decode_step(b, t_cap, mode)  # compiles Triton, picks kernels, allocates workspaces
         torch.cuda.current_stream(s["device"]).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         s["j"].zero_()
-        with torch.cuda.graph(graph, pool=self._pool), self.face.sdpa():
+        with torch.cuda.graph(graph, pool=self._pool), self.face.sdpa(), _uncached_autocast(s["device"]):
             self._decode_step(b, t_cap, mode)
         torch.cuda.synchronize(s["device"])
         self._graphs[full_key] = graph
@@ -612,6 +628,18 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def prompt_columns(t: int, bucket: int | None, graphs: bool) -> int:
+    """The cache columns a ``t``-token prompt gets: a multiple of ``bucket`` when given; with CUDA graphs
+    (every distinct value is a graph key: ~20 bucket captures each) ``t`` rounded up to eight steps per
+    octave, at least 64: at most an eighth of padding columns (masked, read by the decode attention), and
+    above 2048 tokens a quarter of the captures that multiples of 64 would cost; else ``t`` itself."""
+    if bucket:
+        return _round_up(t, bucket)
+    if not graphs:
+        return t
+    return _round_up(t, max(64, 1 << max(t.bit_length() - 4, 0)))
+
+
 def _autocast_state(device: torch.device) -> tuple:
     kind = device.type
     if not torch.is_autocast_enabled(kind):
@@ -619,15 +647,31 @@ def _autocast_state(device: torch.device) -> tuple:
     return (True, torch.get_autocast_dtype(kind))
 
 
+def _uncached_autocast(device: torch.device):
+    """The caller's autocast (same dtype) with its weight cache off, for a graph capture.
+
+    Autocast keeps the low-precision copies of fp32 weights it made for the rest of the ``autocast`` block:
+    after the prefill filled that cache, a captured step would record no cast at all and read the cached
+    copies' memory, which leaving the block frees (``torch.amp.autocast_mode``); every later replay (the
+    next eval batch, the eval after training) would read the old weights or freed memory. Without the
+    cache the graph holds the casts themselves and reads the fp32 weights on each replay, so in-place
+    updates reach it. (``torch.cuda.make_graphed_callables`` refuses a cached autocast for this reason.)"""
+    enabled, *dtype = _autocast_state(device)
+    return torch.autocast(device.type, dtype=dtype[0], cache_enabled=False) if enabled else nullcontext()
+
+
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def engine_for(model, tokenizer, **kwargs) -> RolloutEngine:
     """One engine per (model, tokenizer, options), kept as long as the model lives: its static
-    buffers and captured graphs are reused call after call."""
+    buffers and captured graphs are reused call after call, and freed with the model."""
     per_model = _ENGINES.setdefault(model, {})
     key = (id(tokenizer), repr(sorted(kwargs.items())))
     engine = per_model.get(key)
     if engine is None or engine.tokenizer is not tokenizer:
         engine = per_model[key] = RolloutEngine(model, tokenizer, **kwargs)
+        # A weak dictionary's value must not reach its key: an engine holding its model would keep the
+        # model, its static cache and its graph pool alive for the rest of the process.
+        engine._model = weakref.ref(model)
     return engine

@@ -4,10 +4,10 @@
 ``lgrpo/assets/tiny-qwen2.5-vl``, weights initialised from a seed) or a local Hugging Face folder with the
 Qwen2.5-VL-3B/7B-Instruct layout. Nothing is ever downloaded (``local_files_only``).
 
-Attention: ``flash_attention_2`` when ``flash_attn`` imports and the model goes to CUDA, else ``sdpa``
-(PyTorch's own FlashAttention kernels on Ampere/Hopper in bf16). On CUDA with liger-kernel installed,
-its Qwen2.5-VL RMSNorm/SwiGLU/RoPE kernels are applied (never its fused cross-entropy: the trainer has
-its own fused GRPO loss). Both choices are logged.
+Attention: ``flash_attention_2`` when ``flash_attn`` imports and the model goes to CUDA in fp16/bf16, else
+``sdpa`` (PyTorch's own FlashAttention kernels on Ampere/Hopper in bf16, its other kernels in fp32). On
+CUDA with liger-kernel installed, its Qwen2.5-VL RMSNorm/SwiGLU/RoPE kernels are applied (never its fused
+cross-entropy: the trainer has its own fused GRPO loss). Both choices are logged.
 
 For the policy update the trainer needs the final hidden states and the lm_head weight, never the
 full-vocabulary logits: :func:`final_hidden_states` and :func:`lm_head_weight`.
@@ -136,17 +136,26 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve_attn_implementation(requested: str = "auto", device: str | torch.device | None = None) -> str:
-    """``"auto"``: ``flash_attention_2`` when flash_attn imports and ``device`` is CUDA, else ``sdpa``.
+def resolve_attn_implementation(requested: str = "auto", device: str | torch.device | None = None,
+                                dtype: str | torch.dtype | None = None) -> str:
+    """``"auto"``: ``flash_attention_2`` when flash_attn imports, ``device`` is CUDA and ``dtype`` (the
+    weights' dtype; default: :func:`load_model`'s for that device) is fp16 or bf16, else ``sdpa``.
 
-    An explicit ``"flash_attention_2"`` that cannot run raises; ``"sdpa"`` and ``"eager"`` pass through.
+    flash-attn takes fp16/bf16 only, and fp32 weights are not always run under autocast (the trainer's
+    rollouts decode the fp32 master weights as they are): fp32 gets SDPA, which runs any dtype.
+    An explicit ``"flash_attention_2"`` that cannot run (no CUDA, no flash_attn, fp32 weights) raises;
+    ``"sdpa"`` and ``"eager"`` pass through.
     """
-    cuda = _device(device).type == "cuda"
+    dev = _device(device)
+    half = _dtype(dtype, dev) in (torch.float16, torch.bfloat16)
     if requested == "auto":
-        return "flash_attention_2" if cuda and flash_attn_available() else "sdpa"
-    if requested == "flash_attention_2" and not (cuda and flash_attn_available()):
+        return "flash_attention_2" if dev.type == "cuda" and half and flash_attn_available() else "sdpa"
+    if requested == "flash_attention_2" and not (dev.type == "cuda" and flash_attn_available()):
         raise ValueError("attn_implementation='flash_attention_2' needs a CUDA device and an importable "
                          "flash_attn")
+    if requested == "flash_attention_2" and not half:
+        raise ValueError(f"attn_implementation='flash_attention_2' needs fp16/bf16 weights, got "
+                         f"{_dtype(dtype, dev)} (flash-attn has no fp32 kernels): use sdpa or auto")
     if requested not in ("flash_attention_2", "sdpa", "eager"):
         raise ValueError("attn_implementation must be auto, flash_attention_2, sdpa or eager, "
                          f"got {requested!r}")
@@ -187,7 +196,7 @@ def load_model(name_or_path: str | os.PathLike = TINY, *, trainable: bool = True
     path = model_dir(name_or_path)
     dev = _device(device)
     torch_dtype = _dtype(dtype, dev)
-    attn = resolve_attn_implementation(attn_implementation, dev)
+    attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     # Read the folder's own model_type: a config class reports its class's type whatever the file says.
     model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != "qwen2_5_vl":

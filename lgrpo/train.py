@@ -123,7 +123,7 @@ def build(cfg: JobConfig, dist: D.Dist):
         ) from err
 
     name = cfg.model.policy or "tiny"
-    master = "float32" if cfg.model.master_weights == "float32" else cfg.model.dtype
+    master = policy_weights_dtype(cfg)
     common = dict(device=dist.device, attn_implementation=cfg.model.attn_implementation, seed=cfg.train.seed)
     policy = load_policy(name, dtype=master, **common)
     if cfg.model.gradient_checkpointing:
@@ -146,6 +146,12 @@ def build(cfg: JobConfig, dist: D.Dist):
     weights = RewardWeights(cfg.reward.w_format, cfg.reward.w_accuracy, cfg.reward.w_listener)
     task = PreferenceTask(batcher, _datasets(cfg), listener, weights)
     return task, Models(policy, reference), listener
+
+
+def policy_weights_dtype(cfg: JobConfig) -> str:
+    """The dtype the policy's weights are held (and its rollouts decoded) in: fp32 master weights, or the
+    compute dtype."""
+    return "float32" if cfg.model.master_weights == "float32" else cfg.model.dtype
 
 
 def build_eval_task(model: str, data: str, listener: str | None, *, dtype: str | None, device: torch.device):
@@ -174,7 +180,10 @@ def resolve_auto(cfg: JobConfig, dist: D.Dist) -> JobConfig:
     config.json name what actually ran: the attention backend and the image-size bounds."""
     from .model import load_image_processor, resolve_attn_implementation
 
-    cfg.model.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation, dist.device)
+    # One implementation serves every model; the policy's weights decide (flash-attn takes no fp32, and
+    # fp32 master weights are decoded without autocast in the rollouts).
+    cfg.model.attn_implementation = resolve_attn_implementation(cfg.model.attn_implementation, dist.device,
+                                                                policy_weights_dtype(cfg))
     if cfg.loss.shared_prefix:
         cfg.loss.prefix_attention = resolve_prefix_attention(cfg.loss.prefix_attention, dist.device, cfg.model.dtype)
     size = load_image_processor(

@@ -206,41 +206,96 @@ def test_check_backend_catches_a_wrong_kernel(monkeypatch):
         A.check_backend("varlen", "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("torch_release", ["2.11", "2.13"])
-def test_torch_varlen_attn_is_called_as_each_release_spells_it(torch_release, monkeypatch):
-    """Without flash-attn the backend calls torch.nn.attention.varlen.varlen_attn, whose keywords differ:
-    2.13 asks for grouped-query heads with ``enable_gqa``, 2.10-2.11 (the GPU image's torch) have no such
-    argument. Both spellings, each standing in for torch's function with the reference kernel, pass the
-    self-check on grouped heads; passing ``enable_gqa`` to 2.11's raises TypeError."""
-    import torch.nn.attention.varlen as torch_varlen
+def _torch_varlen_release(release: str, calls: list):
+    """Stand-ins for torch.nn.attention.varlen.varlen_attn as each release spells it, computing with the
+    reference kernel: 2.10 takes ``is_causal`` and has no ``scale`` (always 1/sqrt(head dim)); 2.11 takes
+    ``window_size`` and ``scale``; 2.13 adds ``enable_gqa`` (required for grouped heads)."""
 
-    from lgrpo import model
-
-    calls = []
-
-    def check(cu_q, cu_k, window_size):
-        assert window_size == (-1, 0), "causal: the left window unbounded, nothing to the right"
+    def check(cu_q, cu_k):
         assert cu_q.dtype == cu_k.dtype == torch.int32
+
+    def release_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        check(cu_seq_q, cu_seq_k)
+        assert is_causal, "2.10 spells causal is_causal=True"
+        calls.append(None)
+        return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, None)
 
     def release_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                      window_size=(-1, -1)):
-        check(cu_seq_q, cu_seq_k, window_size)
+        check(cu_seq_q, cu_seq_k)
+        assert window_size == (-1, 0), "causal: the left window unbounded, nothing to the right"
         calls.append(None)
         return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, scale)
 
     def release_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
-        check(cu_seq_q, cu_seq_k, window_size)
+        check(cu_seq_q, cu_seq_k)
+        assert window_size == (-1, 0), "causal: the left window unbounded, nothing to the right"
         calls.append(enable_gqa)
         assert enable_gqa == (query.shape[1] != key.shape[1])
         return _reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, scale)
 
-    monkeypatch.setattr(torch_varlen, "varlen_attn", release_2_11 if torch_release == "2.11" else release_2_13)
+    return {"2.10": release_2_10, "2.11": release_2_11, "2.13": release_2_13}[release]
+
+
+@pytest.fixture
+def torch_varlen_on_cuda(monkeypatch):
+    """The varlen backend's torch path as on a GPU without flash-attn, with ``varlen_attn`` replaced by the
+    stand-in a test installs; a fresh check cache and warning set."""
+    from lgrpo import model
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(model, "flash_attn_available", lambda: False)
     monkeypatch.setattr(A, "_checked", {})
+    monkeypatch.setattr(A, "_warned", set())
+
+    def install(fn):
+        import torch.nn.attention.varlen as torch_varlen
+
+        monkeypatch.setattr(torch_varlen, "varlen_attn", fn)
+    return install
+
+
+@pytest.mark.parametrize("torch_release", ["2.10", "2.11", "2.13"])
+def test_torch_varlen_attn_is_called_as_each_release_spells_it(torch_release, torch_varlen_on_cuda, gen):
+    """Without flash-attn the backend calls torch.nn.attention.varlen.varlen_attn, whose keywords differ by
+    release (read from its signature): each spelling, standing in for torch's function with the reference
+    kernel, passes the self-check on grouped heads; passing 2.13's ``enable_gqa`` or 2.11's ``scale`` and
+    ``window_size`` to 2.10's raises TypeError. A scale other than 1/sqrt(d) reaches every release (2.10's
+    folded into the queries)."""
+    calls = []
+    torch_varlen_on_cuda(_torch_varlen_release(torch_release, calls))
     A.check_backend("varlen", "cpu", torch.float32)
-    assert calls and all(c is (None if torch_release == "2.11" else True) for c in calls)
+    assert calls and all(c is (True if torch_release == "2.13" else None) for c in calls)
+    s = _case("groups")
+    q, k, v = _qkv(s, gen)
+    layout = A.BACKENDS["varlen"].build(s)
+    _assert_close(layout.attend(q, k, v, 0.0, 0.3), A.BACKENDS["sdpa"].build(s).attend(q, k, v, 0.0, 0.3), "scale")
+
+
+def test_a_varlen_kernel_that_cannot_be_called_falls_back_to_sdpa(torch_varlen_on_cuda, monkeypatch):
+    """``auto`` on CUDA in bf16 runs the varlen check first; a kernel that raises TypeError (a torch whose
+    varlen_attn takes other keywords) or a varlen_attn with no causal argument at all is a failed check:
+    sdpa, with a warning naming the error, never the error at the first shared-prefix forward."""
+    real = A._compare_with_dense
+    # the check's own code, on the CPU (there is no GPU here): only the device it allocates on changes
+    monkeypatch.setattr(A, "_compare_with_dense", lambda backend, device, dtype: real(backend, torch.device("cpu"),
+                                                                                       dtype))
+
+    def other_keywords(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        raise TypeError("varlen_attn() got an unexpected keyword argument 'window_size'")
+
+    def no_causal(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None):
+        raise AssertionError("never called: the signature is refused first")
+
+    for fn, says in ((other_keywords, "TypeError: varlen_attn.. got an unexpected keyword"),
+                     (no_causal, "takes neither window_size nor is_causal")):
+        torch_varlen_on_cuda(fn)
+        monkeypatch.setattr(A, "_checked", {})
+        with pytest.warns(RuntimeWarning, match=f"varlen backend is not used on cuda.*{says}.*using sdpa"):
+            assert A.resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "sdpa"
+        with pytest.raises((ValueError, RuntimeError), match=says):  # the benchmarks' catch, too
+            A.check_backend("varlen", torch.device("cuda"), torch.bfloat16)
 
 
 def test_check_backend_passes_the_cpu_backends_even_in_inference_mode(monkeypatch):

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -18,6 +16,14 @@ from lgrpo import data
 from lgrpo.data import DataError, EpochSampler, ManifestDataset, convert, read_manifest, take_examples
 from lgrpo.prompts import parse_completion
 from lgrpo.synthetic import COLOURS, SHAPES, SyntheticTask, reference_completion, render
+
+
+def _pyarrow():
+    """pyarrow (the [data] extra) imported by the tests that write Parquet, not by the module: without it
+    those tests skip, while a module-level import would stop the collection of the whole session
+    (`pytest -m gpu tests` collects this file too, and then runs nothing)."""
+    pa = pytest.importorskip("pyarrow")
+    return pa, pytest.importorskip("pyarrow.parquet")
 
 
 def _png(path: Path, colour=(200, 10, 10), size=(28, 42)) -> Path:
@@ -154,6 +160,7 @@ def _rapidata_table(vote_cols=("votes_image1", "votes_image2")):
         ("", _image_bytes((4, 4, 4)), _image_bytes((5, 5, 5)), 0, 1),                     # bad: empty prompt
     ]
     struct = lambda b, name: {"bytes": b, "path": name}
+    pa, _ = _pyarrow()
     return pa.table({
         "prompt": [r[0] for r in rows],
         "image1": [struct(r[1], f"m1/{i}.png") for i, r in enumerate(rows)],
@@ -167,6 +174,7 @@ def _rapidata_table(vote_cols=("votes_image1", "votes_image2")):
 
 def test_convert_rapidata_parquet(tmp_path):
     table, rows = _rapidata_table()
+    _, pq = _pyarrow()
     src = tmp_path / "src" / "train_0001.parquet"
     src.parent.mkdir()
     pq.write_table(table, src, row_group_size=2)
@@ -192,6 +200,7 @@ def test_convert_rapidata_parquet(tmp_path):
 def test_convert_rapidata_weighted_results_columns(tmp_path):
     table, _ = _rapidata_table(("weighted_results_image1_alignment", "weighted_results_image2_alignment"))
     src = tmp_path / "w.parquet"
+    _, pq = _pyarrow()
     pq.write_table(table, src)
     with pytest.raises(DataError, match="no vote columns"):
         convert("rapidata", src, tmp_path / "x.jsonl")

@@ -4,13 +4,16 @@ draws independent of the batch, the vision tower once per prompt, and the stop a
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 from lgrpo.batching import VLBatcher
-from lgrpo.engine import RolloutEngine, bucket_sizes, engine_for
+from lgrpo.engine import RolloutEngine, bucket_sizes, engine_for, prompt_columns
 from lgrpo.group import PromptBatch
 from lgrpo.model import load_model, load_tokenizer
 from lgrpo.rollout import StopOnString, clean_generation_config, generate
@@ -344,6 +347,140 @@ def test_bench_rollout_smoke(run_bench):
     assert [n.split(",")[0] for n in names] == ["engine", "hf do_sample", "--rollout.engine hf"]
     assert all(r["extra"]["tok_s"] > 0 for r in data["rows"]), data["rows"]
     assert data["same_greedy_tokens"] is True
+
+
+# --- the graph path on CPU: torch.cuda's capture calls stood in for -----------------------------------------
+
+
+class _FakeGraphs:
+    """torch.cuda's stream and graph calls for RolloutEngine._graph on CPU. The warm-up and the "captured"
+    step run eagerly, as they would run on the device; what each saw of autocast is recorded; a replay runs
+    the captured step's arguments eagerly again. What this cannot show (the kernels a real capture
+    records) the GPU-marked tests below check."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []  # (phase, autocast enabled, dtype, cache enabled) at each step of _graph
+        self.capturing = None
+        self.phase = None
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.step = None
+
+            def replay(self):
+                engine, args = self.step
+                with engine.face.sdpa():
+                    real_step(engine, *args)
+
+        @contextmanager
+        def graph(g, pool=None):
+            fake.capturing, fake.phase = g, "capture"
+            try:
+                yield
+            finally:
+                fake.capturing, fake.phase = None, None
+
+        @contextmanager
+        def stream(_):
+            fake.phase = "warm-up"
+            try:
+                yield
+            finally:
+                fake.phase = None
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        real_step = RolloutEngine._decode_step
+
+        def step(engine, *args):
+            if fake.phase is not None:
+                fake.seen.append((fake.phase, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                                  torch.is_autocast_cache_enabled()))
+            if fake.capturing is not None:
+                fake.capturing.step = (engine, args)
+            return real_step(engine, *args)
+
+        for name, value in (("Stream", Stream), ("stream", stream), ("current_stream", lambda device=None: Stream()),
+                            ("graph_pool_handle", lambda: object()), ("CUDAGraph", Graph), ("graph", graph),
+                            ("synchronize", lambda device=None: None)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(RolloutEngine, "_decode_step", step)
+
+    @staticmethod
+    def on(engine: RolloutEngine) -> RolloutEngine:
+        engine._use_graphs = lambda device: True  # this engine only: the graph path, on the CPU
+        return engine
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    return _FakeGraphs(monkeypatch)
+
+
+def test_graphs_are_captured_without_the_autocast_cache(toy, fake_graphs):
+    """Under eval's autocast (fp32 weights, bf16 compute) the capture runs in bf16 with autocast's weight
+    cache off: with it on, the prefill's cached bf16 copies would be what the graph reads, freed when the
+    autocast block ends, and every later replay (next eval batch, the eval after training) would read
+    stale weights or freed memory."""
+    model, tok, prompts = toy
+    kw = dict(max_new_tokens=6, stop=STOP, check_every=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graphs = _FakeGraphs.on(RolloutEngine(model, tok, **kw)).generate(prompts, 2, greedy=True)
+        eager = RolloutEngine(model, tok, **kw).generate(prompts, 2, greedy=True)
+    phases = [s[0] for s in fake_graphs.seen]
+    assert phases.count("capture") == len(bucket_sizes(6)) == phases.count("warm-up"), phases
+    assert set(fake_graphs.seen) == {(p, True, torch.bfloat16, False) for p in ("warm-up", "capture")}
+    _same(graphs, eager)
+    fake_graphs.seen.clear()
+    _FakeGraphs.on(RolloutEngine(model, tok, **kw)).generate(prompts, 2, greedy=True)  # no autocast: none made
+    assert {s[1] for s in fake_graphs.seen} == {False} and {s[3] for s in fake_graphs.seen} == {True}
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_one_new_token_captures_no_graph(toy, fake_graphs, compact):
+    """``max_new_tokens`` 1: the only token comes from the prefill, so there is no decode step to capture;
+    a warm-up step would write token 1 into the 1-column output buffer (a device assert on CUDA, an
+    IndexError here)."""
+    model, tok, prompts = toy
+    engine = _FakeGraphs.on(RolloutEngine(model, tok, max_new_tokens=1, compact=compact))
+    out = engine.generate(prompts, 2, greedy=True)
+    assert engine.stats["captures"] == 0 and not fake_graphs.seen and engine._capture_plan(8) == []
+    _same(out, RolloutEngine(model, tok, max_new_tokens=1).generate(prompts, 2, greedy=True))
+    assert out.completion_ids.shape == (6, 1)
+    two = RolloutEngine(model, tok, max_new_tokens=2, compact=compact)
+    assert two._capture_plan(8) == ([8, 4, 2, 1] if compact else [8])  # largest first, one pool
+
+
+def test_engine_for_frees_its_engine_with_the_model(toy):
+    """engine_for's engines are kept as long as their model lives, not longer: the engine (the weak
+    dictionary's value) must not hold the model (its key), or the model, its static cache and its graph
+    pool are never freed."""
+    _, tok, prompts = toy
+    model = tiny_lm(tok, seed=3)
+    clean_generation_config(model, tok)
+    engine = engine_for(model, tok, max_new_tokens=3)
+    engine.generate(prompts, 2, greedy=True)
+    refs = [weakref.ref(x) for x in (model, engine, engine._buf["kv"][0][0])]
+    del model, engine
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_prompt_columns_with_graphs_are_coarse_but_close():
+    """With CUDA graphs each distinct prompt length in the cache is ~20 captures: eight per octave, never
+    more than an eighth of padding (64 below 512 tokens); exact without graphs; a given bucket wins."""
+    assert [prompt_columns(t, None, False) for t in (1, 77, 3000)] == [1, 77, 3000]
+    assert [prompt_columns(t, 16, True) for t in (1, 77)] == [16, 80]
+    caps = {t: prompt_columns(t, None, True) for t in range(1, 20000)}
+    assert all(c >= t and c % 64 == 0 and (c - t < 64 or (c - t) * 8 <= t) for t, c in caps.items())
+    assert len({caps[t] for t in range(2049, 4097)}) == 8 and caps[2900] == 3072
+    assert len({caps[t] for t in range(1, 513)}) == 8  # multiples of 64 up to 512
 
 
 # --- GPU: the captured graph replays what the eager step computes ---------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from lgrpo.eval import evaluate, format_report, summarize, write_report
@@ -52,3 +53,46 @@ def test_evaluate_on_the_stand_in():
     assert len(report["examples"]) == 6 and all(len(e["completion"]) <= 6 for e in report["examples"])
     text = format_report(report)
     assert "accuracy, images swapped" in text and "contradiction rate" in text
+
+
+@pytest.mark.gpu
+def test_gpu_eval_twice_with_a_weight_change_between(monkeypatch):
+    """The trainer's before/after evals on one GPU: fp32 weights, bf16 autocast, CUDA graphs captured by
+    the first eval and replayed by the second after the weights changed in place (as the optimizer changes
+    them). The second eval must see the new weights: its completions differ from the first's and equal an
+    eager engine's on the new weights. Graphs captured with autocast's weight cache would read the first
+    eval's bf16 copies instead, freed when its autocast block ended; the squatters below take that memory
+    so that such a replay reads NaN-filled blocks rather than, by luck of the allocator, fresh copies."""
+    import lgrpo.eval as E
+    from lgrpo import distributed as D
+    from lgrpo.engine import RolloutEngine, engine_for
+    from lgrpo.rollout import clean_generation_config
+
+    tok = char_tokenizer()
+    task = ToyTask(tok, n_eval=8)
+    model = tiny_lm(tok, seed=0).cuda()
+    clean_generation_config(model, tok)
+    new_weights = tiny_lm(tok, seed=1).state_dict()
+    kw = dict(max_new_tokens=12, batch_size=4, dist=D.Dist(device=torch.device("cuda")),
+              autocast_dtype=torch.bfloat16)
+
+    def completions(report):
+        return [e["completion"] for e in report["examples"]]
+
+    def eager():
+        with monkeypatch.context() as m:
+            m.setattr(E, "engine_for", lambda policy, tokenizer, **k: RolloutEngine(policy, tokenizer,
+                                                                                    cuda_graphs=False, **k))
+            return completions(evaluate(model, task, **kw))
+
+    before = completions(evaluate(model, task, **kw))
+    engine = engine_for(model, tok, max_new_tokens=12, stop="</answer>")  # the one evaluate used
+    captured = len(engine._graphs)
+    assert captured > 0 and before == eager()
+    squatters = [torch.full(p.shape, float("nan"), dtype=torch.bfloat16, device="cuda") for p in model.parameters()]
+    with torch.no_grad():
+        model.load_state_dict(new_weights)  # copies in place: the same addresses, the graphs stay valid
+    after = completions(evaluate(model, task, **kw))
+    assert len(engine._graphs) == captured and engine.stats["captures"] == 0  # replayed, not recaptured
+    assert after != before and after == eager()
+    del squatters

@@ -124,6 +124,47 @@ def test_attention_choice_on_cpu():
     assert m.config._attn_implementation == "eager"
 
 
+@pytest.fixture
+def importable_flash_attn(tmp_path, monkeypatch):
+    """A ``flash_attn`` package that imports (nothing in it): ``flash_attn_available()`` runs its own
+    find_spec + import and says yes, as on a GPU machine with flash-attn installed."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("# stand-in for tests/test_model.py\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert lm.flash_attn_available()
+    yield
+    sys.modules.pop("flash_attn", None)  # later tests see this machine's own answer again
+
+
+def test_auto_attention_takes_the_weights_dtype_into_account(importable_flash_attn):
+    """flash-attn runs fp16/bf16 only: fp32 weights (the trainer's master weights, decoded without autocast
+    in the rollouts) resolve to SDPA even where flash_attn imports, instead of crashing at the first
+    rollout; an explicit request for it in fp32 is refused up front."""
+    for dtype in (torch.float32, "float32", "fp32"):
+        assert lm.resolve_attn_implementation("auto", "cuda", dtype) == "sdpa", dtype
+    for dtype in (torch.bfloat16, torch.float16, "bfloat16"):
+        assert lm.resolve_attn_implementation("auto", "cuda", dtype) == "flash_attention_2", dtype
+    assert lm.resolve_attn_implementation("auto", "cuda") == "flash_attention_2"  # load_model's CUDA default: bf16
+    assert lm.resolve_attn_implementation("auto", "cpu", torch.bfloat16) == "sdpa"
+    with pytest.raises(ValueError, match="fp16/bf16 weights, got torch.float32"):
+        lm.resolve_attn_implementation("flash_attention_2", "cuda", torch.float32)
+    assert lm.resolve_attn_implementation("flash_attention_2", "cuda", torch.bfloat16) == "flash_attention_2"
+
+
+def test_the_trainer_resolves_auto_attention_for_the_policy_weights(importable_flash_attn):
+    """``--model.attn_implementation auto`` is resolved once, before any model loads, for every model of
+    the run: with fp32 master weights (the default) that is SDPA; with the weights in bf16, flash-attn."""
+    from lgrpo import distributed as D
+    from lgrpo.config import build_config
+    from lgrpo.train import resolve_auto
+
+    cuda = D.Dist(device=torch.device("cuda"))
+    for overrides, want in (({}, "sdpa"),
+                            ({"master_weights": "compute", "dtype": "bfloat16"}, "flash_attention_2")):
+        cfg = build_config("tiny", {"model": overrides, "loss": {"shared_prefix": False}})
+        assert resolve_auto(cfg, cuda).model.attn_implementation == want, overrides
+
+
 def test_dtype_names():
     with pytest.raises(ValueError, match="dtype"):
         load_model("tiny", dtype="float8")

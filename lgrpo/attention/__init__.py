@@ -92,13 +92,19 @@ def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Non
     """Run ``backend`` once on a small random case (ragged prompts, an empty completion, groups out of
     order, grouped-query heads) and compare its output and q/k/v gradients with SDPA under
     :func:`dense_mask`; raises ``ValueError``
-    when it disagrees, or whatever the backend raises where it cannot run. Cached per device and dtype."""
+    when it disagrees, or ``ValueError``/``RuntimeError``/``ImportError`` where it cannot run: any other
+    exception (a ``TypeError`` from a kernel of another signature, torch's ``AssertionError`` without CUDA)
+    becomes a ``RuntimeError`` naming it, so that callers that fall back on these three (``auto``, the
+    benchmarks) fall back on everything the check can raise. Cached per device and dtype."""
     key = (backend, str(device), dtype)
     if key not in _checked:
         try:
             _checked[key] = _compare_with_dense(backend, torch.device(device), dtype)
-        except Exception as e:
+        except (ValueError, RuntimeError, ImportError) as e:
             _checked[key] = e
+        except Exception as e:
+            _checked[key] = RuntimeError(f"the {backend} check raised {type(e).__name__}: {e}")
+            _checked[key].__cause__ = e
     if isinstance(_checked[key], Exception):
         raise _checked[key]
 

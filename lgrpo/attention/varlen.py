@@ -97,14 +97,41 @@ def varlen_kernel():
         raise ValueError("prefix_attention='varlen' needs flash-attn or torch >= 2.10 "
                          "(torch.nn.attention.varlen); use 'sdpa' or 'flex'") from e
 
-    # torch 2.13 asks for grouped-query heads with enable_gqa; 2.10-2.11 (the GPU image's torch) have no
-    # such argument and pass any head counts to FlashAttention, which reads a key head per query-head
-    # group natively. The start-up check (check_backend) compares both forms with SDPA on grouped heads.
-    gqa_flag = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return _torch_varlen(varlen_attn)
+
+
+def _torch_varlen(varlen_attn):
+    """torch's ``varlen_attn`` called as the installed release spells it (read from its signature, so that
+    a release of another spelling fails here, at the start-up check, not at the first shared-prefix forward):
+
+    - causal: ``window_size=(-1, 0)`` (2.11, 2.13: the left window unbounded, nothing to the right) or
+      ``is_causal=True`` (2.10); either is FlashAttention's causal mask, aligned bottom right;
+    - ``scale``: passed where it is a parameter; 2.10 has none and always uses ``1/sqrt(head dim)``, so
+      another scale is folded into the queries (``softmax(s q.k) = softmax(d^-1/2 (s d^1/2 q).k)``);
+    - grouped-query heads: 2.13 asks for them with ``enable_gqa``; 2.10-2.11 (the GPU image's torch) have
+      no such argument and pass any head counts to FlashAttention, which reads a key head per query-head
+      group natively. The start-up check (check_backend) compares every form with SDPA on grouped heads.
+    """
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = dict(window_size=(-1, 0))
+    elif "is_causal" in params:
+        causal = dict(is_causal=True)
+    else:
+        raise ValueError(f"torch {torch.__version__}'s varlen_attn{inspect.signature(varlen_attn)} takes neither "
+                         "window_size nor is_causal (no causal mask): install flash-attn or use 'sdpa'")
+    has_scale = "scale" in params
+    gqa_flag = "enable_gqa" in params
 
     def builtin(q, k, v, cu_q, cu_k, max_q, max_k, dropout, scale):
         if dropout:
             raise ValueError("torch's varlen_attn has no dropout; install flash-attn or use 'sdpa'")
-        gqa = dict(enable_gqa=q.shape[1] != k.shape[1]) if gqa_flag else {}
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), **gqa)
+        kw = dict(causal)
+        if has_scale:
+            kw["scale"] = scale
+        elif scale is not None and scale != q.shape[-1] ** -0.5:
+            q = q * (scale * q.shape[-1] ** 0.5)
+        if gqa_flag:
+            kw["enable_gqa"] = q.shape[1] != k.shape[1]
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
     return builtin
