@@ -25,6 +25,8 @@ FOREIGN = {
     "pytest": {"--benchmark-only", "--benchmark-json", "-q", "-m", "-k"},
     "sbatch": {"--signal"},
 }
+# How the pages write the form of an option rather than one option.
+PLACEHOLDERS = {"--section.field", "--SECTION.FIELD"}
 
 
 # --- what the commands accept ---------------------------------------------------------------------------
@@ -113,14 +115,16 @@ def every_lgrpo_option() -> frozenset[str]:
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 INLINE = re.compile(r"`([^`\n]+)`")
-OPTION = re.compile(r"(?<![\w`/-])(--[a-zA-Z][\w-]*(?:\.[\w-]+)*)")
+OPTION = re.compile(r"(?<![\w/-])(--[a-zA-Z][\w-]*(?:\.[\w-]+)*)")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-REPO_PATH = re.compile(r"^(?:lgrpo|kernels|bench|tests|tools|csrc|docs|requirements)/[\w./-]*$")
+REPO_PATH = re.compile(r"^(?:lgrpo|kernels|bench|tests|tools|csrc|docs)/(?:[\w.-]+/)*(?:[\w-]+\.\w+)?$")
 
 
 def command_of(text: str) -> str | None:
     """The command a line of shell runs, as ``accepted`` names it (None: not one we check per command)."""
     words = text.replace("\\\n", " ").split()
+    if words and words[0] == "torchrun":
+        return "torchrun"
     for i, word in enumerate(words):
         if word == "-m" and i + 1 < len(words):
             module = words[i + 1]
@@ -136,8 +140,6 @@ def command_of(text: str) -> str | None:
             return word.removeprefix("./")
         if word in ("pytest", "pip", "sbatch"):
             return word
-    if words and words[0] == "torchrun":
-        return "torchrun"
     return None
 
 
@@ -174,7 +176,7 @@ def option_problems(page: Path) -> list[str]:
                 if option not in accepted(cmd):
                     problems.append(f"{rel}: {option} is not an option of {cmd} (in: {line.strip()})")
     for option in OPTION.findall(FENCE.sub("", text)):  # prose: some command must accept it
-        if option in seen_in_commands:
+        if option in seen_in_commands or option in PLACEHOLDERS:
             continue
         if "." in option and option not in accepted("lgrpo.train"):
             problems.append(f"{rel}: {option} is not an lgrpo.train option (python -m lgrpo.train --help)")
@@ -185,7 +187,7 @@ def option_problems(page: Path) -> list[str]:
 
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 
@@ -258,3 +260,13 @@ def test_every_page_is_linked():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for page in PAGES[1:]:
         assert f"docs/{page.name}" in readme, f"README.md does not link docs/{page.name}"
+
+
+def test_file_map_names_every_module():
+    """The README's file map has a line for every module of lgrpo/ (a package: its folder) and for kernels/."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    mapped = set(LINK.findall(readme[readme.index("## Files"):]))
+    modules = [p for p in sorted((ROOT / "lgrpo").iterdir()) if not p.name.startswith(("_", "."))
+               and (p.suffix == ".py" or (p.is_dir() and any(p.iterdir())))]
+    missing = [f"lgrpo/{p.name}" for p in modules if f"lgrpo/{p.name}" not in mapped]
+    assert missing == [], f"README.md's file map has no line for {missing}"
