@@ -12,7 +12,7 @@ How it runs (TRL's "colocate" mode): one in-process vLLM engine per rank beside 
 - **Images.** The prompt's images enter as the policy's own vision-tower embeddings of the batch's
   ``pixel_values`` (``multi_modal_data={"image": {"image_embeds", "image_grid_thw"}}``, vLLM's
   ``enable_mm_embeds``): vLLM sees exactly the pixels the other engines see, the tower runs once per
-  image, and vLLM's copy of the tower is never run (its weights are not pushed). The prompt's runs of
+  image, and vLLM's copy of the tower is never run (its weights are pushed all the same). The prompt's runs of
   image placeholders are collapsed to one per image; vLLM expands them again from ``image_grid_thw``
   (the prompt ids it runs equal the batch's: tested).
 - **Weights** are pushed before a rollout whenever the policy's parameters changed since the last push
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -111,7 +112,7 @@ class VLLMRollout:
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int, stop: str | None, dtype: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
-                 kv_cache_bytes: int | None = None, sleep: bool = False, seed: int = 0):
+                 kv_cache_bytes: int | None = None, sleep: bool = False, seed: int = 0, eos_ids=None):
         require_vllm()
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.stop = max_new_tokens, stop
@@ -129,7 +130,8 @@ class VLLMRollout:
         self.banned = set(placeholder_token_ids(config))
         vocab = int(text.vocab_size)
         self.allowed = [i for i in range(vocab) if i not in self.banned] if self.banned else None
-        self.eos_ids = stop_token_ids(tokenizer)
+        # as RolloutEngine: the tokenizer's stop ids by default; [] = run every row to max_new_tokens (benchmarks)
+        self.eos_ids = stop_token_ids(tokenizer) if eos_ids is None else set(eos_ids)
         if dtype is None:
             dtype = "bfloat16" if self.cuda else str(next(model.parameters()).dtype).removeprefix("torch.")
         self.dtype = dtype
@@ -214,12 +216,10 @@ class VLLMRollout:
     # -- weights ---------------------------------------------------------------------------------------------
 
     def _weights(self):
-        """(name, tensor) of the policy in the compute dtype; the vision tower is left out (it runs in the
-        policy: vLLM receives its embeddings)."""
+        """(name, tensor) of the policy in the compute dtype, one at a time. The vision tower's too, although
+        vLLM is handed its embeddings: a partial reload is refused layer by layer, and the copy is small."""
         dtype = getattr(torch, self.dtype) if isinstance(self.dtype, str) else self.dtype
         for name, t in self.model.state_dict().items():
-            if self.image_token_id is not None and (".visual." in f".{name}" or name.startswith("visual.")):
-                continue
             t = _full(t).detach()
             yield name, (t.to(dtype) if t.is_floating_point() else t)
 
@@ -229,7 +229,15 @@ class VLLMRollout:
         if not force and version == self._pushed:
             return False
         self._wake()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._weights()})
+        # Modules that hold only derived buffers (rotary caches, the image mean/std) have nothing to load:
+        # vLLM restores them and warns "Failed to load weights" for each, on every push.
+        quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._weights()})
+        finally:
+            quiet.setLevel(level)
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
         self._pushed = version
@@ -308,6 +316,7 @@ class VLLMRollout:
         self._wake()
         common = dict(n=group_size, max_tokens=max_new, stop=[stop] if stop else None,
                       include_stop_str_in_output=True, stop_token_ids=sorted(self.eos_ids) or None,
+                      ignore_eos=not self.eos_ids,
                       allowed_token_ids=self.allowed, skip_special_tokens=False, detokenize=bool(stop))
         if greedy:
             params = [SamplingParams(temperature=0.0, **common)] * n_prompts

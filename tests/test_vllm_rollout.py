@@ -184,7 +184,8 @@ def test_train_evaluates_and_resumes_with_vllm_rollouts(variant, tmp_path):
 
     head, _ = _train(variant, tmp_path, "resumed", 1)
     assert [m["step"] for m in head] == [1]
-    resumed, out = _train(variant, tmp_path, "resumed", 2)  # metrics.jsonl: step 1 (first run), step 2
+    # train.steps 1 -> 2 (constant lr: the schedule does not depend on it); metrics.jsonl: step 1 (first run), 2
+    resumed, out = _train(variant, tmp_path, "resumed", 2, "--run.allow_config_change", "true")
     assert "[resume]" in out
     assert [m["step"] for m in resumed] == [1, 2]
     for key in ("loss", "reward", "completion_len", "grad_norm"):
