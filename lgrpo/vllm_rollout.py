@@ -157,6 +157,11 @@ class VLLMRollout:
             kwargs.update(enable_mm_embeds=True, limit_mm_per_prompt={"image": 8, "video": 0})
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            # one engine per rank inside torchrun's process group, as TRL's colocate mode starts it (not yet
+            # run by this project's tests: they run one process)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes or 256 << 20)
         self.llm = self._start(kwargs)

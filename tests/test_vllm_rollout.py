@@ -190,3 +190,17 @@ def test_train_evaluates_and_resumes_with_vllm_rollouts(variant, tmp_path):
     assert [m["step"] for m in resumed] == [1, 2]
     for key in ("loss", "reward", "completion_len", "grad_norm"):
         assert [m[key] for m in resumed] == [m[key] for m in straight], key
+
+
+def test_eval_cli_with_vllm_equals_the_hf_path(variant, tmp_path):
+    """`python -m lgrpo.eval --engine vllm`: the same greedy completions and report as `--engine hf`."""
+    reports = {}
+    for engine in ("vllm", "hf"):
+        out = tmp_path / f"{engine}.json"
+        cmd = [sys.executable, "-m", "lgrpo.eval", "--model", str(variant), "--data", "synthetic", "--limit", "3",
+               "--max-new-tokens", "12", "--engine", engine, "--dtype", "float32", "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        reports[engine] = json.loads(out.read_text())
+    assert reports["vllm"] == reports["hf"]

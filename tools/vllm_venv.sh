@@ -33,7 +33,7 @@ fi
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 PY=$VENV/bin/python
-"$PY" -m pip install -q --upgrade pip
+"$PY" -m pip install -q "$(grep "^pip==" "$REQ")"
 # Everything pinned, no resolution: the torch line (2.13.0+cpu) only matches the CPU build on local disk.
 "$PY" -m pip install -q --no-deps -r "$REQ"
 "$PY" -c "import torch, sys; sys.exit(f'{torch.__version__}: not a CPU torch' if torch.version.cuda else 0)"
