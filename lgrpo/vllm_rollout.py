@@ -66,7 +66,8 @@ _VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     # Do not pin the training process's OpenMP threads to cores (vLLM's CPU worker does by default).
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_LOGGING_LEVEL": "WARNING",
+    # vLLM's start-up warnings are about serving performance (tcmalloc, NUMA binding, thread counts)
+    "VLLM_LOGGING_LEVEL": "ERROR",
 }
 MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention supports head sizes 32..512
 DEFAULT_MAX_MODEL_LEN = 32768
@@ -165,6 +166,10 @@ class VLLMRollout:
         else:
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes or 256 << 20)
         self.llm = self._start(kwargs)
+        _LIVE.add(self)
+        from . import distributed as D
+
+        D.on_close(close_all)
         self.push_weights()
 
     # -- engine life ---------------------------------------------------------------------------------------
@@ -207,8 +212,11 @@ class VLLMRollout:
             np.random.set_state(np_state)
 
     def close(self) -> None:
+        """Shut the engine down (idempotent). vLLM's in-process shutdown also destroys the torch.distributed
+        groups it set up (the default one too), so lgrpo.distributed.close runs this first."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
             del llm
         shutil.rmtree(getattr(self, "_folder", ""), ignore_errors=True)
 
@@ -351,6 +359,14 @@ class VLLMRollout:
 # --- one engine per policy, kept for the run ------------------------------------------------------------
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Shut every engine of this process down (lgrpo.distributed.close calls it)."""
+    for engine in list(_LIVE):
+        engine.close()
+    _ENGINES.clear()
 
 
 def engine_for(model, tokenizer, *, max_new_tokens: int, stop: str | None, **options) -> VLLMRollout:
