@@ -204,3 +204,13 @@ def test_eval_cli_with_vllm_equals_the_hf_path(variant, tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         reports[engine] = json.loads(out.read_text())
     assert reports["vllm"] == reports["hf"]
+
+
+def test_bench_rollout_smoke_has_the_vllm_rows(run_bench):
+    """bench/bench_rollout.py --smoke with vLLM installed: the vllm rows beside the engine on the same
+    head_dim-32 variant, every completion at the budget."""
+    data = run_bench("bench_rollout", "bench_rollout")
+    names = [r["name"].split(",")[0] for r in data["rows"]]
+    assert names[-2:] == ["vllm (head_dim 32)", "engine (head_dim 32)"], names
+    assert all(r["extra"]["tok_s"] > 0 for r in data["rows"]), data["rows"]
+    assert data["vllm_start_s"] > 0
