@@ -11,6 +11,11 @@ Rows (random bf16 weights, SDPA; every completion runs to the full budget: no EO
                           host-side stop check, what the trainer ran before the engine
   floor                   the weights (language model, bf16) read once per decode step at this run's
                           copy bandwidth; "+KV" adds the cache rows' keys/values read each step
+  vllm, N rows            (smoke only, when vLLM imports) lgrpo.vllm_rollout: each prompt once with n = G,
+                          on the tiny model's head_dim-32 variant (vLLM's CPU attention needs >= 32), beside
+                          "engine (head_dim 32)", the engine on the same variant; start-up in the note.
+                          Skipped (noted in the JSON) without vLLM: it lives in its own venv on CPU
+                          (tools/vllm_venv.sh); its GPU wheel is too large to carry to the GPU machine.
 The "x floor" column is floor tok/s / row tok/s (1.0 = at the floor).
 
 Without CUDA (or with --smoke) the tiny built-in Qwen2.5-VL runs the same rows (8 rows x 8 tokens
@@ -78,6 +83,59 @@ def build(smoke: bool, device: torch.device, dtype: torch.dtype):
         return task.prompts("train", list(range(n))).to(device, dtype)
 
     return model, StubTokenizer(), prompts
+
+
+def vllm_rows(sizes, new, device, rows, info, guarded) -> None:
+    """CPU smoke rows of --rollout.engine vllm beside the engine, both on the head_dim-32 tiny variant."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("vllm") is None:
+        info["vllm"] = "skipped: vLLM is not installed (tools/vllm_venv.sh makes a venv with it)"
+        print(info["vllm"])
+        return
+    from lgrpo.batching import VLBatcher
+    from lgrpo.engine import RolloutEngine
+    from lgrpo.model import load_model
+    from lgrpo.synthetic import SyntheticTask
+    from lgrpo.vllm_rollout import VLLMRollout, write_tiny_variant
+
+    folder = write_tiny_variant(Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "tiny32")
+    model = load_model(str(folder), seed=0, device=device).eval()
+    batcher = VLBatcher.from_pretrained(str(folder))
+    tok, task = batcher.tokenizer, SyntheticTask(seed=0)
+    state = {}
+
+    def start():
+        eng, secs = _timed(lambda: VLLMRollout(model, tok, max_new_tokens=new, stop=None, eos_ids=[]))
+        state.update(vllm=eng, start_s=secs)
+
+    guarded("vllm start-up", start)
+    if "vllm" not in state:
+        return
+    mine = RolloutEngine(model, tok, max_new_tokens=new, stop=None, eos_ids=[])
+    for n_rows in sizes:
+        exs = [task.example("train", i) for i in range(max(1, n_rows // G))]
+        prompts = batcher.reasoner_batch([e.prompt for e in exs], [list(e.images) for e in exs]).to(device)
+        n_rows, tokens = len(prompts) * G, len(prompts) * G * new
+
+        def row(name, eng, key, n_rows=n_rows, prompts=prompts, tokens=tokens):
+            _, first_s = _timed(lambda: eng.generate(prompts, G, seed=0, step=0))
+            out, secs = _timed(lambda: eng.generate(prompts, G, seed=0, step=1))
+            assert int(out.completion_mask.sum()) == tokens, "every completion should run to the budget"
+            info[f"{key}_{n_rows}"] = {"tok_s": tokens / secs, "first_call_s": first_s}
+            note = f"{tokens / secs:.0f} tok/s; first call {first_s:.2f}s"
+            if key == "vllm":
+                note += f"; start-up {state['start_s']:.1f}s"
+            rows.append(Row(f"{name}, {n_rows} rows x {new}", secs * 1e3, extra={"tok_s": tokens / secs}, note=note))
+
+        guarded(f"vllm, {n_rows} rows", lambda: row("vllm (head_dim 32)", state["vllm"], "vllm"))
+        guarded(f"engine (head_dim 32), {n_rows} rows", lambda: row("engine (head_dim 32)", mine, "engine32"))
+        v, e = info.get(f"vllm_{n_rows}"), info.get(f"engine32_{n_rows}")
+        if v and e:
+            print(f"{n_rows} rows: vllm / engine = {v['tok_s'] / e['tok_s']:.2f}x (CPU, tiny head_dim-32 model)")
+    info["vllm_start_s"] = state["start_s"]
+    state["vllm"].close()
 
 
 def main(argv=None) -> int:
@@ -215,6 +273,8 @@ def main(argv=None) -> int:
             info["greedy_tokens_agreeing_before_first_difference"] = agree.tolist()
 
     guarded("greedy check", same_greedy)
+    if smoke:
+        vllm_rows(sizes, new, device, rows, info, guarded)
     print_table(title, rows, env)
     for n_rows in sizes:
         e, h = info.get(f"engine_{n_rows}"), info.get(f"hf_{n_rows}")

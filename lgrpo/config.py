@@ -163,8 +163,13 @@ class RolloutConfig:
 
     engine: str = "engine"
     """Rollouts (and greedy evaluation) through lgrpo.engine (prefill once per prompt, KV fork, decode
-    step on the device, CUDA graphs on a GPU) or "hf" (transformers generate, lgrpo.rollout). Greedy:
-    the same tokens; sampled: the same distribution (different draws unless top_p < 1)."""
+    step on the device, CUDA graphs on a GPU) or "hf" (transformers generate, lgrpo.rollout), or "vllm"
+    (an in-process vLLM engine beside the policy, lgrpo.vllm_rollout; needs the vllm extra). Greedy:
+    the same tokens; sampled: the same distribution (different draws unless top_p < 1; vLLM's are its own)."""
+
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm engine on CUDA only: the fraction of GPU memory vLLM may take (its weights + KV cache); the rest
+    stays for training."""
 
     def __post_init__(self) -> None:
         _check(
@@ -180,7 +185,14 @@ class RolloutConfig:
             "rollout.batch_size",
             f"must be >= 1, got {self.batch_size}",
         )
-        _one_of(self.engine, ("engine", "hf"), "rollout.engine")
+        _one_of(self.engine, ("engine", "hf", "vllm"), "rollout.engine")
+        if self.engine == "vllm":
+            import importlib.util
+
+            _check(importlib.util.find_spec("vllm") is not None, "rollout.engine",
+                   "vllm is not installed: pip install 'lgrpo[vllm]' (CPU: tools/vllm_venv.sh)")
+        _check(0 < self.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
+               f"must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
 
 
 @dataclass

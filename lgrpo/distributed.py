@@ -88,7 +88,18 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+_BEFORE_CLOSE: list = []  # run by close() before the process group goes (lgrpo.vllm_rollout's engines use it)
+
+
+def on_close(fn) -> None:
+    """Run ``fn()`` in :func:`close`, before the process group is destroyed (once; last registered, first run)."""
+    if fn not in _BEFORE_CLOSE:
+        _BEFORE_CLOSE.append(fn)
+
+
 def close() -> None:
+    while _BEFORE_CLOSE:
+        _BEFORE_CLOSE.pop()()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -52,8 +52,8 @@ def judge(
 
     Under FSDP ``fsdp_root`` (the module ``fully_shard`` was applied to last, e.g. the trainer's
     scorer) is gathered around each ``generate`` (lgrpo/distributed.py, "gathered for the phase").
-    ``engine``: "engine" (lgrpo.engine; ``reduce_max`` keeps ranks' decode loops equally long) or "hf"
-    (transformers generate); the same tokens either way.
+    ``engine``: "engine" (lgrpo.engine; ``reduce_max`` keeps ranks' decode loops equally long), "hf"
+    (transformers generate) or "vllm" (lgrpo.vllm_rollout); the same tokens either way.
     """
     keys = ("accuracy", "format", "contradiction", "answer", "listener")
     out: dict[str, list] = {k: [] for k in keys}
@@ -63,7 +63,12 @@ def judge(
         part = indices[lo : lo + batch_size]
         prompts = task.prompts(split, part, [swap] * len(part)).to(device)
         with ctx, D.gathered(fsdp_root if fsdp_root is not None else policy):
-            if engine == "engine":
+            if engine == "vllm":
+                from .vllm_rollout import generate as vllm_generate
+
+                rollout = vllm_generate(policy, task.tokenizer, prompts, 1, max_new_tokens=max_new_tokens, stop=stop,
+                                        greedy=True)
+            elif engine == "engine":
                 rollout = engine_for(policy, task.tokenizer, max_new_tokens=max_new_tokens, stop=stop).generate(
                     prompts, 1, greedy=True, reduce_max=reduce_max
                 )
@@ -139,8 +144,9 @@ def evaluate(
     one a single process would write.
     """
     dist = dist or D.Dist()
-    if engine not in ("engine", "hf"):
-        raise ValueError(f"engine must be 'engine' or 'hf' (the rollout engine, as --rollout.engine), got {engine!r}")
+    if engine not in ("engine", "hf", "vllm"):
+        raise ValueError(f"engine must be 'engine', 'hf' or 'vllm' (the rollout engine, as --rollout.engine), "
+                         f"got {engine!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = task.num_prompts(split)
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-swap", action="store_true", help="skip the images-swapped pass")
-    p.add_argument("--engine", default="engine", choices=("engine", "hf"),
+    p.add_argument("--engine", default="engine", choices=("engine", "hf", "vllm"),
                    help="rollout engine of the greedy completions (as --rollout.engine)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="default: bf16 on GPU")
     p.add_argument("--out", default=None, help="JSON report path (default: eval_report.json beside --model)")

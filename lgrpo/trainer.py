@@ -178,6 +178,12 @@ class Trainer:
         self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
         self.skipped_in_a_row = 0
         self.logger: MetricsLogger | None = None
+        if cfg.rollout.engine == "vllm":  # started now: eval and every rollout reuse it (lgrpo.vllm_rollout)
+            from .vllm_rollout import engine_for as vllm_engine_for
+
+            vllm_engine_for(self.policy, task.tokenizer, max_new_tokens=cfg.rollout.max_new_tokens,
+                            stop=cfg.rollout.stop or None, dtype=cfg.model.dtype, seed=cfg.train.seed,
+                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
         # Prompt tokens this rank's scoring forwards computed in the current step, per phase: each prompt
         # once per micro-batch with the shared prefix, once per completion without.
         self.prompt_tokens = {"reference": 0, "update": 0}
@@ -214,11 +220,16 @@ class Trainer:
     @torch.no_grad()
     def rollouts(self, prompts: PromptBatch, prompt_ids: torch.Tensor) -> Rollout:
         """G completions of every prompt, sampled by the seeded sampler (lgrpo.engine, or lgrpo.rollout
-        with --rollout.engine hf)."""
+        with --rollout.engine hf), or by vLLM with per-prompt seeds (--rollout.engine vllm)."""
         r = self.cfg.rollout
         sampling = dict(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.train.seed, step=self.step,
                         prompt_ids=prompt_ids, batch_size=r.batch_size)
         with D.gathered(self.scorer):
+            if r.engine == "vllm":
+                from .vllm_rollout import generate as vllm_generate
+
+                return vllm_generate(self.policy, self.task.tokenizer, prompts, self.G,
+                                     max_new_tokens=r.max_new_tokens, stop=r.stop or None, **sampling)
             if r.engine == "engine":
                 engine = engine_for(self.policy, self.task.tokenizer, max_new_tokens=r.max_new_tokens,
                                     stop=r.stop or None)
