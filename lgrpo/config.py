@@ -187,10 +187,10 @@ class RolloutConfig:
         )
         _one_of(self.engine, ("engine", "hf", "vllm"), "rollout.engine")
         if self.engine == "vllm":
-            import importlib.util
+            from .extras import advice
 
-            _check(importlib.util.find_spec("vllm") is not None, "rollout.engine",
-                   "vllm is not installed: pip install 'lgrpo[vllm]' (CPU: tools/vllm_venv.sh)")
+            missing_vllm = advice("vllm", "--rollout.engine vllm")
+            _check(missing_vllm is None, "rollout.engine", missing_vllm or "")
         _check(0 < self.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
                f"must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
 

