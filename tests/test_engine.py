@@ -12,15 +12,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from lgrpo.batching import VLBatcher
 from lgrpo.engine import RolloutEngine, bucket_sizes, engine_for, prompt_columns
 from lgrpo.group import PromptBatch
 from lgrpo.model import load_model, load_tokenizer
 from lgrpo.rollout import StopOnString, clean_generation_config, generate
 from lgrpo.sampling import NonFiniteLogitsError
 from lgrpo.stop import StopCriteria, token_bytes
-from lgrpo.synthetic import SyntheticTask
-from tests.toy_task import char_tokenizer, tiny_lm
+from tests.toy_task import char_tokenizer, ragged_vl_batch, tiny_lm
 
 STOP = "</answer>"
 
@@ -29,17 +27,7 @@ STOP = "</answer>"
 def vlm():
     """The tiny Qwen2.5-VL and three prompts, two images each, of different sizes (4 to 16 visual tokens),
     left padded to different lengths."""
-    model = load_model("tiny", seed=0)
-    batcher = VLBatcher.from_pretrained("tiny")
-    clean_generation_config(model, batcher.tokenizer)
-    task = SyntheticTask(seed=0)
-    exs = [task.example("train", i) for i in range(3)]
-    images = [list(e.images) for e in exs]
-    images[1][0] = images[1][0].resize((84, 56))
-    images[2][1] = images[2][1].resize((112, 112))
-    pb = batcher.reasoner_batch([e.prompt for e in exs], images)
-    assert len(set(pb.attention_mask.sum(-1).tolist())) == 3 and len(set(map(tuple, pb.image_grid_thw.tolist()))) > 1
-    return model, batcher.tokenizer, pb
+    return ragged_vl_batch("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from lgrpo.config import ConfigError, parse_args
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_engine_without_vllm_names_the_extra():
-    with pytest.raises(ConfigError, match=r"rollout.engine vllm needs vllm, which is not installed: pip install 'lgrpo\[vllm\]'"):
+    expected = r"rollout.engine vllm needs vllm, which is not installed: pip install 'lgrpo\[vllm\]'"
+    with pytest.raises(ConfigError, match=expected):
         parse_args(["--rollout.engine", "vllm"])
 
 

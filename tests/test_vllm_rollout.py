@@ -20,11 +20,9 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (tools/vllm_venv.sh makes a venv with it)")
 
-from lgrpo.batching import VLBatcher  # noqa: E402
-from lgrpo.model import load_model  # noqa: E402
-from lgrpo.rollout import clean_generation_config, generate  # noqa: E402
-from lgrpo.synthetic import SyntheticTask  # noqa: E402
+from lgrpo.rollout import generate  # noqa: E402
 from lgrpo.vllm_rollout import VLLMRollout, request_seed, write_tiny_variant  # noqa: E402
+from tests.toy_task import ragged_vl_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NEW = 24
@@ -39,17 +37,7 @@ def variant(tmp_path_factory):
 def setup(variant):
     """The variant in fp32, three prompts with two images each of different sizes (4 to 16 visual tokens),
     left padded to different lengths, and one vLLM engine for the module."""
-    model = load_model(str(variant), seed=0)
-    batcher = VLBatcher.from_pretrained(str(variant))
-    tok = batcher.tokenizer
-    clean_generation_config(model, tok)
-    task = SyntheticTask(seed=0)
-    exs = [task.example("train", i) for i in range(3)]
-    images = [list(e.images) for e in exs]
-    images[1][0] = images[1][0].resize((84, 56))
-    images[2][1] = images[2][1].resize((112, 112))
-    pb = batcher.reasoner_batch([e.prompt for e in exs], images)
-    assert len(set(pb.attention_mask.sum(-1).tolist())) == 3 and len(set(map(tuple, pb.image_grid_thw.tolist()))) > 1
+    model, tok, pb = ragged_vl_batch(str(variant))
     engine = VLLMRollout(model, tok, max_new_tokens=NEW, stop=None)
     yield model, tok, pb, engine
     engine.close()

@@ -106,3 +106,24 @@ def sharpened(model, scale: float):
         for p in model.parameters():
             p.mul_(scale)
     return model
+
+
+def ragged_vl_batch(model_name: str):
+    """The model ``model_name`` (fp32) and three synthetic prompts, two images each of different sizes
+    (4 to 16 visual tokens), left padded to different lengths: (model, tokenizer, PromptBatch)."""
+    from lgrpo.batching import VLBatcher
+    from lgrpo.model import load_model
+    from lgrpo.rollout import clean_generation_config
+    from lgrpo.synthetic import SyntheticTask
+
+    model = load_model(model_name, seed=0)
+    batcher = VLBatcher.from_pretrained(model_name)
+    clean_generation_config(model, batcher.tokenizer)
+    task = SyntheticTask(seed=0)
+    exs = [task.example("train", i) for i in range(3)]
+    images = [list(e.images) for e in exs]
+    images[1][0] = images[1][0].resize((84, 56))
+    images[2][1] = images[2][1].resize((112, 112))
+    pb = batcher.reasoner_batch([e.prompt for e in exs], images)
+    assert len(set(pb.attention_mask.sum(-1).tolist())) == 3 and len(set(map(tuple, pb.image_grid_thw.tolist()))) > 1
+    return model, batcher.tokenizer, pb
