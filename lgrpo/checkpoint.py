@@ -6,7 +6,7 @@ Layout of a run's ``checkpoints/`` folder::
     step_0000010/           complete: has DONE
       .metadata, __*.distcp   model + optimizer (torch.distributed.checkpoint, sharded, any world size)
       trainer_state.json      step, scheduler, data position, world size
-      rng_rank{r}.pt          torch / cuda / python / numpy RNG of rank r
+      rng_rank{r}.pt          torch / cuda / python / numpy RNG of rank r (tensors and numbers only)
       MANIFEST.json           size and SHA-256 of every file above
       DONE                    written last; the folder was renamed from step_0000010.tmp after it
     step_0000020.tmp/       a save in progress or killed mid-way: ignored and cleaned up
@@ -159,8 +159,19 @@ def lock_run_folder(run_dir: str | os.PathLike, dist: D.Dist) -> RunLock | None:
 # --- RNG ------------------------------------------------------------------------------------------
 
 
+# Our own state in a checkpoint is tensors, numbers and strings only, read with torch.load(weights_only=True):
+# loading a checkpoint runs none of our code (a pickle could run any). DCP's .metadata is torch's own
+# pickle: a checkpoint folder must still come from a trusted source (docs/failures.md).
+RNG_FORMAT = 2
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG streams as plain data: torch/cuda tensors, Python's state tuple of ints, and
+    numpy's MT19937 state with its key array as a tensor (numpy arrays are not weights_only-loadable)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"format": RNG_FORMAT, "torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -168,10 +179,30 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_file(path: Path) -> dict:
+    """A checkpoint's ``rng_rank{r}.pt``, read with ``weights_only=True``: nothing in it is executed."""
+    import pickle
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: holds more than tensors and numbers, so it is not loaded (loading it could run code "
+            f"from the checkpoint folder). A checkpoint from lgrpo before RNG format {RNG_FORMAT} cannot be "
+            "resumed: start over with --checkpoint.resume none or a new --run.name") from None
+    if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
+        raise CheckpointError(f"{path}: not an lgrpo RNG state of format {RNG_FORMAT}; start over with "
+                              "--checkpoint.resume none or a new --run.name")
+    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -491,7 +522,7 @@ class Checkpointer:
             scheduler.load_state_dict(state["scheduler"])
         rng_file = path / f"rng_rank{self.dist.rank}.pt"
         if rng_file.is_file() and state.get("world_size") == self.dist.world_size:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_rng_file(rng_file))
         elif self.dist.is_main:
             print(
                 f"[checkpoint] {path.name} was written by {state.get('world_size')} ranks, now "
