@@ -512,6 +512,18 @@ class JobConfig:
             f"({self.loss.minibatches}) must divide rollout.group_size ({self.rollout.group_size})",
         )
 
+    def pointless(self) -> list[str]:
+        """Settings that run but cannot do what they are set for: warned about at start-up, not refused
+        (a user may mean them, e.g. to time a step)."""
+        out = []
+        if self.loss.beta == 0 and self.model.reference is not None:
+            out.append(f"--model.reference {self.model.reference} is set but --loss.beta is 0: no KL term, the "
+                       "reference is never loaded. Set --loss.beta > 0 to use it")
+        if self.reward.w_format == self.reward.w_accuracy == self.reward.w_listener == 0:
+            out.append("every reward weight (--reward.w_format, w_accuracy, w_listener) is 0: every advantage "
+                       "is 0, so GRPO changes nothing (only a KL term, if any, moves the policy)")
+        return out
+
     def validate_world(self, world_size: int) -> None:
         """Checks that need the number of ranks (known only after the process group is up)."""
         _check(

@@ -226,6 +226,8 @@ def start_run(cfg: JobConfig, dist: D.Dist) -> Path:
     changes = preflight.check_run(cfg, run_dir)
     D.barrier()
     if dist.is_main:
+        for why in cfg.pointless():
+            print(f"[warn] {why}", flush=True)
         if changes:
             kept = preflight.keep_previous_config(run_dir)
             print(f"[config] {run_dir} continues with a changed config ({'; '.join(changes)}); the previous "

@@ -142,3 +142,18 @@ def test_float_options_are_finite_and_sane_at_parse_time(argv, message):
         parse_args(argv)
     with pytest.raises(ConfigError, match=message.split(":")[0]):  # from a JSON config file alike
         build_config("tiny", {argv[0][2:].split(".")[0]: {argv[0][2:].split(".")[1]: float(argv[1])}})
+
+
+def test_pointless_settings_are_warned_about_at_start_up(tmp_path, capsys):
+    """Issue 27, case 5: --loss.beta 0 with --model.reference, and all reward weights 0, ran silently."""
+    from lgrpo import distributed as D
+    from lgrpo.train import start_run
+
+    assert build_config("tiny").pointless() == []
+    cfg = build_config("tiny", {"loss": {"beta": 0.0}, "model": {"reference": "tiny"},
+                                "reward": {"w_format": 0.0, "w_accuracy": 0.0, "w_listener": 0.0},
+                                "run": {"dir": str(tmp_path), "name": "r"}})
+    start_run(cfg, D.Dist())
+    out = capsys.readouterr().out
+    assert "[warn] --model.reference tiny is set but --loss.beta is 0" in out
+    assert "[warn] every reward weight" in out and "GRPO changes nothing" in out
