@@ -22,6 +22,7 @@ from .images import to_rgb
 from .prompts import (
     DEFAULT_FORMAT,
     IMAGE_PLACEHOLDER,
+    ChatText,
     PromptFormat,
     render_listener_prompt,
     render_reasoner_prompt,
@@ -83,7 +84,11 @@ class VLBatcher:
     # -- prompts --------------------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str], images: Sequence[Sequence[ImageLike]]) -> PromptBatch:
-        """Left-padded batch from rendered texts (one placeholder per image) and each row's images."""
+        """Left-padded batch from rendered texts (one placeholder per image) and each row's images.
+
+        A :class:`ChatText` (what the renderers return) is encoded by its rule: only the template's control
+        tokens are live, whatever the prompt or reasoning in it spells. A plain ``str`` is taken as a
+        trusted rendering: every control token in it is live."""
         if len(texts) != len(images):
             raise ValueError(f"got {len(texts)} texts but {len(images)} image lists")
         if not texts:
@@ -91,9 +96,14 @@ class VLBatcher:
         processed = self._processed(images)
         rows = []
         for b, (text, imgs) in enumerate(zip(texts, processed)):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            rows.append(self._expand(ids, imgs, b))
+            rows.append(self._expand(self.text_ids(text), imgs, b))
         return self._pad_left(rows, processed)
+
+    def text_ids(self, text: str) -> list[int]:
+        """A rendered text's ids before the image placeholders are expanded (see :meth:`encode`)."""
+        if isinstance(text, ChatText):
+            return text.ids(self.tokenizer)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def reasoner_batch(self, prompts: Sequence[str],
                        images: Sequence[Sequence[ImageLike]]) -> PromptBatch:

@@ -6,7 +6,7 @@ Layout of a run's ``checkpoints/`` folder::
     step_0000010/           complete: has DONE
       .metadata, __*.distcp   model + optimizer (torch.distributed.checkpoint, sharded, any world size)
       trainer_state.json      step, scheduler, data position, world size
-      rng_rank{r}.pt          torch / cuda / python / numpy RNG of rank r
+      rng_rank{r}.pt          torch / cuda / python / numpy RNG of rank r (tensors and numbers only)
       MANIFEST.json           size and SHA-256 of every file above
       DONE                    written last; the folder was renamed from step_0000010.tmp after it
     step_0000020.tmp/       a save in progress or killed mid-way: ignored and cleaned up
@@ -63,11 +63,115 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message says why and what is intact."""
 
 
+# --- one owner per run folder ---------------------------------------------------------------------
+
+LOCK_FILE = "run.lock"
+
+
+class RunFolderBusy(CheckpointError):
+    """Another live process holds the run folder's lock; the message names it."""
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``<run folder>/run.lock``, held for the life of the process.
+
+    Two trainers in one folder would replace each other's ``metrics.jsonl`` and delete each other's
+    ``step_N.tmp`` (a requeued job started while the old one still runs). The kernel drops a flock
+    when its holder dies, however it dies, so a lock that can be taken is never a live owner's; the
+    file's contents (host, PID, since when) only name the holder in the refusal, and when a taken lock
+    still names someone, that holder died without releasing it: taken over with a warning.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        import fcntl
+        import socket
+        from datetime import datetime, timezone
+
+        self.path = Path(run_dir) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(self._fd)
+            os.close(self._fd)
+            raise RunFolderBusy(
+                f"run folder {self.path.parent} is in use by {holder} (lock {self.path}): wait for that run "
+                "to end or stop it, or start this one under another --run.name") from None
+        except OSError as err:  # a file system without locks (some network mounts): say so, go on
+            print(f"[warn] cannot lock {self.path} ({err.strerror}): this file system does not support "
+                  "locks, so nothing stops a second run from using the folder at the same time", flush=True)
+            self.taken_over = None
+        else:
+            self.taken_over = _lock_holder(self._fd, default=None)
+        if self.taken_over is not None:
+            print(f"[warn] {self.path}: taking over the lock of {self.taken_over}, which ended without "
+                  "releasing it (killed or crashed)", flush=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, (json.dumps(me) + "\n").encode(), 0)
+        os.fsync(self._fd)
+
+    def release(self) -> None:
+        """Empty the file (a clean end: the next owner has nothing to warn about), then unlock."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)  # closing the last descriptor drops the flock
+        self._fd = None
+
+
+def _lock_holder(fd: int, default: str | None = "another process") -> str | None:
+    """"PID 1234 on host h since 2026-12-07 11:40:03 UTC" from the lock file, or ``default`` when empty."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        return f"PID {info['pid']} on host {info['host']} since {info['since']}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return default
+
+
+_HELD: dict[str, RunLock] = {}  # run folder (real path) -> this process's lock on it
+
+
+def lock_run_folder(run_dir: str | os.PathLike, dist: D.Dist) -> RunLock | None:
+    """Rank 0 takes the run folder's :class:`RunLock` (released at exit); every rank raises the same
+    :class:`RunFolderBusy` when it is held, so no rank waits in a collective for one that gave up."""
+    import atexit
+
+    lock, refusal = None, None
+    if dist.is_main:
+        key = os.path.realpath(run_dir)
+        lock = _HELD.get(key)
+        if lock is None or lock._fd is None:  # this process already owns it: a second main() in one process
+            try:
+                lock = _HELD[key] = RunLock(run_dir)
+                atexit.register(lock.release)
+            except RunFolderBusy as err:
+                refusal = str(err)
+    refusal = D.broadcast_object(refusal)
+    if refusal is not None:
+        raise RunFolderBusy(refusal)
+    return lock
+
+
 # --- RNG ------------------------------------------------------------------------------------------
 
 
+# Our own state in a checkpoint is tensors, numbers and strings only, read with torch.load(weights_only=True):
+# loading a checkpoint runs none of our code (a pickle could run any). DCP's .metadata is torch's own
+# pickle: a checkpoint folder must still come from a trusted source (docs/failures.md).
+RNG_FORMAT = 2
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG streams as plain data: torch/cuda tensors, Python's state tuple of ints, and
+    numpy's MT19937 state with its key array as a tensor (numpy arrays are not weights_only-loadable)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"format": RNG_FORMAT, "torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -75,10 +179,30 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_file(path: Path) -> dict:
+    """A checkpoint's ``rng_rank{r}.pt``, read with ``weights_only=True``: nothing in it is executed."""
+    import pickle
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: holds more than tensors and numbers, so it is not loaded (loading it could run code "
+            f"from the checkpoint folder). A checkpoint from lgrpo before RNG format {RNG_FORMAT} cannot be "
+            "resumed: start over with --checkpoint.resume none or a new --run.name") from None
+    if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
+        raise CheckpointError(f"{path}: not an lgrpo RNG state of format {RNG_FORMAT}; start over with "
+                              "--checkpoint.resume none or a new --run.name")
+    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -398,7 +522,7 @@ class Checkpointer:
             scheduler.load_state_dict(state["scheduler"])
         rng_file = path / f"rng_rank{self.dist.rank}.pt"
         if rng_file.is_file() and state.get("world_size") == self.dist.world_size:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_rng_file(rng_file))
         elif self.dist.is_main:
             print(
                 f"[checkpoint] {path.name} was written by {state.get('world_size')} ranks, now "

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import sys
 import textwrap
 import types
@@ -333,7 +334,8 @@ class OptimConfig:
     """Final learning rate of the cosine schedule, as a fraction of lr."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        # Adam moves each weight by about lr per step: above 1 no model trains (1e300 overflows).
+        _check(0 < self.lr <= 1, "optim.lr", f"must be in (0, 1], got {self.lr}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
         _check(0 <= self.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {self.beta2}")
@@ -361,7 +363,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "sft.steps", f"must be >= 0, got {self.steps}")
         _check(self.batch_size >= 1, "sft.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, "sft.lr", f"must be > 0, got {self.lr}")
+        _check(0 < self.lr <= 1, "sft.lr", f"must be in (0, 1], got {self.lr}")
 
 
 @dataclass
@@ -522,6 +524,18 @@ class JobConfig:
             f"({self.loss.minibatches}) must divide rollout.group_size ({self.rollout.group_size})",
         )
 
+    def pointless(self) -> list[str]:
+        """Settings that run but cannot do what they are set for: warned about at start-up, not refused
+        (a user may mean them, e.g. to time a step)."""
+        out = []
+        if self.loss.beta == 0 and self.model.reference is not None:
+            out.append(f"--model.reference {self.model.reference} is set but --loss.beta is 0: no KL term, the "
+                       "reference is never loaded. Set --loss.beta > 0 to use it")
+        if self.reward.w_format == self.reward.w_accuracy == self.reward.w_listener == 0:
+            out.append("every reward weight (--reward.w_format, w_accuracy, w_listener) is 0: every advantage "
+                       "is 0, so GRPO changes nothing (only a KL term, if any, moves the policy)")
+        return out
+
     def validate_world(self, world_size: int) -> None:
         """Checks that need the number of ranks (known only after the process group is up)."""
         _check(
@@ -606,7 +620,7 @@ def _parse_value(text: str, tp: Any, name: str) -> Any:
         raise ConfigError(f"--{name}: expected true/false, got {text!r}")
     if tp in (int, float):
         try:
-            return tp(text)
+            value = tp(text)
         except ValueError:
             # Accept 1e3 for an int field only when it is integral.
             if tp is int:
@@ -617,7 +631,16 @@ def _parse_value(text: str, tp: Any, name: str) -> Any:
                 if as_float is not None and as_float.is_integer():
                     return int(as_float)
             raise ConfigError(f"--{name}: expected {tp.__name__}, got {text!r}") from None
+        return _finite(value, name)  # outside the try: a ConfigError is a ValueError too
     return text
+
+
+def _finite(value, name: str):
+    """No option means anything at inf or nan: refused here, once for every float option, rather than a
+    step later as "the model has diverged" or an overflow traceback."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"--{name}: must be a finite number, got {value}")
+    return value
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -632,7 +655,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"--{name}: may not be none")
     for a in allowed:
         if a is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), name)
         if a is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if a is bool and isinstance(value, bool):

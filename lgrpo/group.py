@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from .prompts import encode_text
+
 # The tensors of a prompt batch that a HF (V)LM's forward / generate takes.
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -296,11 +298,13 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int],
 def encode_completions(tokenizer, texts: Sequence[str], end_id: int | None, *, pad_id: int | None = None,
                        device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Given completion texts as ids ``[N, C]`` (right padded) closed with ``end_id`` (when not None),
-    and their mask: the targets of the supervised warm-up, the listener's prefills."""
+    and their mask: the targets of the supervised warm-up, the listener's prefills. The texts are text
+    (:func:`lgrpo.prompts.encode_text`): a ``<|im_end|>`` spelled in one is not the control token."""
+
     pad = pad_id if pad_id is not None else tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id
-    rows = [tokenizer.encode(t, add_special_tokens=False) + ([end_id] if end_id is not None else [])
+    rows = [encode_text(tokenizer, t) + ([end_id] if end_id is not None else [])
             for t in texts]
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), max(width, 1)), pad, dtype=torch.long)

@@ -140,7 +140,7 @@ def prompt_lengths(batcher, records) -> list[int]:
     from .prompts import render_reasoner_prompt
 
     texts = [render_reasoner_prompt(batcher.tokenizer, r.prompt, batcher.fmt) for r in records]
-    ids = batcher.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = [batcher.text_ids(t) for t in texts]  # as the batcher encodes them: the prompt is text
     return [len(row) - 2 + 2 * _max_image_tokens(batcher) for row in ids]  # 2 placeholders -> 2 images
 
 
@@ -179,7 +179,9 @@ def _check_answer_length(cfg: JobConfig, task, dist, sample: int = 32) -> None:
     """Warn when the warm-up teaches answers longer than rollouts may be: they would all be cut."""
     n = min(sample, task.num_prompts("train"))
     targets = task.sft_targets(task.prompts("train", list(range(n))))
-    longest = max(len(task.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    from .prompts import encode_text
+
+    longest = max(len(encode_text(task.tokenizer, t)) for t in targets)  # as encode_completions does
     if longest > cfg.rollout.max_new_tokens and dist.is_main:
         print(f"[warn] the warm-up teaches completions of up to {longest} tokens, but --rollout.max_new_tokens "
               f"is {cfg.rollout.max_new_tokens}: rollouts are cut before they close </answer>, so every "

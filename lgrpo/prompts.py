@@ -9,11 +9,20 @@ chain of thought (answer removed) up to and including ``<answer>``: its next-tok
 Every text here goes through the tokenizer's chat template, so a real Qwen2.5-VL folder and the tiny
 built-in tokenizer render the same ChatML layout. Each image becomes one ``<|image_pad|>`` placeholder;
 :mod:`lgrpo.batching` expands it to the image's token count.
+
+**Text is text** (SPEC §1). Only the chat template adds control tokens (``<|im_start|>``, ``<|im_end|>``,
+``<|vision_start|>``, ``<|image_pad|>``, ...). A prompt, a caption or a model's reasoning that spells one
+is encoded as the characters it is made of (:func:`encode_text`, HF's ``split_special_tokens=True``), so
+a policy cannot open a turn in its own listener's prompt. The renderers return a :class:`ChatText`, which
+remembers which control tokens the template wrote; :meth:`ChatText.ids` encodes it by that rule. Every
+path that tokenizes text (batcher, listener prefill, warm-up targets, judge, TRL reward, the length
+checks) goes through these two functions.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
@@ -84,6 +93,121 @@ DEFAULT_FORMAT = PromptFormat()
 
 
 # ----------------------------------------------------------------------------------------------------
+# Encoding: the one place text becomes token ids
+# ----------------------------------------------------------------------------------------------------
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of ordinary text: a special token spelled in it (``<|im_end|>``) is encoded as its characters.
+
+    The rule for everything a user or a model wrote. Text with no special token in it encodes exactly as
+    before (the tokenizer splits at special tokens before its pre-tokenizer runs, so nothing merges
+    across them either way)."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def control_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's special added tokens (``<|im_start|>``, ``<|image_pad|>``, ...) and their ids."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}  # a tokenizer without added tokens has none
+    return {t.content: i for i, t in added.items() if t.special}
+
+
+class ChatText(str):
+    """A rendered prompt that knows which of its control tokens the chat template wrote.
+
+    A ``str`` (print it, compare it, count placeholders in it), plus ``pieces``: ``(string, is_control)``
+    in order. Adding a plain ``str`` on either side appends or prepends it as *text*, so
+    ``render_reasoner_prompt(...) + reasoning`` stays safe. :meth:`ids` encodes control pieces as their
+    single ids and text pieces with :func:`encode_text`.
+    """
+
+    pieces: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, pieces: Sequence[tuple[str, bool]]):
+        merged: list[tuple[str, bool]] = []
+        for piece, control in pieces:
+            if not piece:
+                continue
+            if merged and not control and not merged[-1][1]:
+                merged[-1] = (merged[-1][0] + piece, False)  # adjacent text encodes as one run
+            else:
+                merged.append((piece, bool(control)))
+        out = super().__new__(cls, "".join(p for p, _ in merged))
+        out.pieces = tuple(merged)
+        return out
+
+    def __add__(self, other):
+        if isinstance(other, ChatText):
+            return ChatText(self.pieces + other.pieces)
+        if isinstance(other, str):
+            return ChatText(self.pieces + ((other, False),))
+        return NotImplemented
+
+    def __radd__(self, other):
+        if isinstance(other, str):
+            return ChatText(((other, False),) + self.pieces)
+        return NotImplemented
+
+    def __reduce__(self):  # pickles (DataLoader workers) keep the pieces
+        return ChatText, (self.pieces,)
+
+    def ids(self, tokenizer) -> list[int]:
+        """Token ids: the template's control tokens live, every other character as text."""
+        specials = control_tokens(tokenizer)
+        out: list[int] = []
+        for piece, control in self.pieces:
+            out += [specials[piece]] if control else encode_text(tokenizer, piece)
+        return out
+
+
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: no template writes them, no special token holds them
+
+
+def render_chat(tokenizer, messages: list[dict], *, add_generation_prompt: bool = True) -> ChatText:
+    """``apply_chat_template`` as a :class:`ChatText`: the control tokens in the result are the template's.
+
+    Each text item is rendered as a sentinel first, so every control token found in that rendering was
+    written by the template; the texts are then put back as text pieces."""
+    texts: list[str] = []
+    masked = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            texts.append(content)
+            content = _SENTINEL.format(len(texts) - 1)
+        else:
+            items = []
+            for item in content:
+                if item.get("type") == "text":
+                    texts.append(item["text"])
+                    item = {**item, "text": _SENTINEL.format(len(texts) - 1)}
+                items.append(item)
+            content = items
+        masked.append({**message, "content": content})
+    rendered = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    found = [int(k) for k in re.findall("\ue000(\\d+)\ue001", rendered)]
+    if sorted(found) != list(range(len(texts))):
+        raise ValueError("the tokenizer's chat template does not render each text item once, unchanged; "
+                         "lgrpo needs that to tell the template's control tokens from the text")
+    specials = control_tokens(tokenizer)
+    pieces: list[tuple[str, bool]] = []
+    if specials:
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
+        parts = re.split(pattern, rendered)
+    else:
+        parts = [rendered]
+    for k, part in enumerate(parts):
+        if k % 2:  # a captured control token
+            pieces.append((part, True))
+            continue
+        last = 0
+        for m in re.finditer("\ue000(\\d+)\ue001", part):
+            pieces += [(part[last:m.start()], False), (texts[int(m.group(1))], False)]
+            last = m.end()
+        pieces.append((part[last:], False))
+    return ChatText(pieces)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------------------
 
@@ -104,11 +228,12 @@ def reasoner_messages(prompt: str, fmt: PromptFormat = DEFAULT_FORMAT) -> list[d
     ]
 
 
-def render_reasoner_prompt(tokenizer, prompt: str, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
-    """The reasoner's input text, ending with the opened assistant turn; one placeholder per image."""
-    text = tokenizer.apply_chat_template(reasoner_messages(prompt, fmt), tokenize=False,
-                                         add_generation_prompt=True)
-    n = text.count(IMAGE_PLACEHOLDER)
+def render_reasoner_prompt(tokenizer, prompt: str, fmt: PromptFormat = DEFAULT_FORMAT) -> ChatText:
+    """The reasoner's input text, ending with the opened assistant turn; one placeholder per image.
+
+    The placeholders counted are the template's: a prompt that spells ``<|image_pad|>`` is text."""
+    text = render_chat(tokenizer, reasoner_messages(prompt, fmt), add_generation_prompt=True)
+    n = sum(piece == IMAGE_PLACEHOLDER for piece, control in text.pieces if control)
     if n != 2:
         # A template that ignores {"type": "image"} items would silently drop the images.
         raise ValueError(f"the tokenizer's chat template rendered {n} {IMAGE_PLACEHOLDER} placeholders for "
@@ -117,7 +242,8 @@ def render_reasoner_prompt(tokenizer, prompt: str, fmt: PromptFormat = DEFAULT_F
     return text
 
 
-def render_listener_prompt(tokenizer, prompt: str, reasoning: str, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
+def render_listener_prompt(tokenizer, prompt: str, reasoning: str,
+                           fmt: PromptFormat = DEFAULT_FORMAT) -> ChatText:
     """The listener's input: the reasoner prompt plus the assistant turn prefilled up to ``<answer>``.
 
     ``reasoning`` is the reasoner's think text with the answer removed
@@ -127,6 +253,7 @@ def render_listener_prompt(tokenizer, prompt: str, reasoning: str, fmt: PromptFo
     """
     if fmt.listener_strip_verdict:
         reasoning = strip_verdict(reasoning, fmt.verdict_pattern)
+    # ChatText + str: the reasoning is appended as text, whatever it spells.
     return (render_reasoner_prompt(tokenizer, prompt, fmt)
             + f"{fmt.think_open}{reasoning}{fmt.think_close}{fmt.answer_open}")
 
@@ -153,10 +280,10 @@ def choice_token_ids(tokenizer, fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[int
     Raises ``ValueError`` when a choice does not encode to exactly one token appended to the encoding of
     ``answer_open``: the listener reads one next-token distribution, so each choice must be one token.
     """
-    prefix = tokenizer.encode(fmt.answer_open, add_special_tokens=False)
+    prefix = encode_text(tokenizer, fmt.answer_open)
     ids = []
     for choice in fmt.choices:
-        full = tokenizer.encode(fmt.answer_open + choice, add_special_tokens=False)
+        full = encode_text(tokenizer, fmt.answer_open + choice)
         if len(full) != len(prefix) + 1 or full[: len(prefix)] != prefix:
             raise ValueError(f"choice {choice!r} after {fmt.answer_open!r} does not encode to one extra "
                              f"token ({prefix} -> {full}): the listener needs single-token choices")

@@ -23,6 +23,7 @@ from .checkpoint import (
     CheckpointError,
     export_pretrained,
     load_weights,
+    lock_run_folder,
     save_weights,
     seed_everything,
     weights_info,
@@ -226,12 +227,16 @@ def frozen_copies(cfg: JobConfig, models: Models, listener) -> list:
 
 def start_run(cfg: JobConfig, dist: D.Dist) -> Path:
     """Resolve the machine-dependent options, check the run folder against its saved config (before
-    anything slow: every rank reads, none writes), then rank 0 writes the config that will run."""
+    anything slow: every rank reads, none writes), then rank 0 writes the config that will run. The
+    folder is locked first: a second run started in it (a requeue while the old job runs) is refused."""
     resolve_auto(cfg, dist)
     run_dir = run_folder(cfg)
+    lock_run_folder(run_dir, dist)  # before anything reads or writes the folder: one owner at a time
     changes = preflight.check_run(cfg, run_dir)
     D.barrier()
     if dist.is_main:
+        for why in cfg.pointless():
+            print(f"[warn] {why}", flush=True)
         if changes:
             kept = preflight.keep_previous_config(run_dir)
             print(f"[config] {run_dir} continues with a changed config ({'; '.join(changes)}); the previous "

@@ -108,6 +108,52 @@ def test_rng_state_round_trip():
     assert random.random() == expected[1] and np.random.rand() == expected[2]
 
 
+class _Payload:
+    """What a crafted rng_rank0.pt holds: unpickling it with weights_only=False creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def _replace_and_re_manifest(step_dir, name, write):
+    """Replace one file of a complete checkpoint and update its MANIFEST, as an attacker would: the
+    folder still verifies, so only the loader stands between the file and the run."""
+    import hashlib
+
+    write(step_dir / name)
+    manifest = json.loads((step_dir / "MANIFEST.json").read_text())
+    data = (step_dir / name).read_bytes()
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step_dir / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_rng_state_is_plain_data_read_with_weights_only(tmp_path):
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # no numpy arrays, no objects
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+@pytest.mark.parametrize("resume", ["auto", "path"])
+def test_a_crafted_rng_pickle_in_a_checkpoint_is_not_executed(tmp_path, resume):
+    trainer = make_trainer(tmp_path, train={"steps": 2}, checkpoint={"interval": 2})
+    trainer.fit()
+    step_dir = latest_checkpoint(tmp_path / "checkpoints")
+    marker = tmp_path / "payload_ran"
+    _replace_and_re_manifest(step_dir, "rng_rank0.pt", lambda p: torch.save({"torch": _Payload(marker)}, p))
+    other = make_trainer(tmp_path, train={"steps": 4}, checkpoint={"interval": 2})
+    with pytest.raises(CheckpointError, match="rng_rank0.pt: holds more than tensors and numbers.*"
+                                              "--checkpoint.resume none"):
+        other.resume(None if resume == "auto" else step_dir)
+    assert not marker.exists()
+
+
 def test_load_restores_optimizer_and_schedule(tmp_path):
     trainer = make_trainer(tmp_path, train={"steps": 2}, checkpoint={"interval": 2})
     trainer.fit()

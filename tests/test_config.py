@@ -125,3 +125,35 @@ def test_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--help"])
     assert exc.value.code == 0 and "--rollout.group_size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optim.lr", "inf"], "--optim.lr: must be a finite number, got inf"),
+    (["--optim.lr", "nan"], "--optim.lr: must be a finite number, got nan"),
+    (["--optim.lr", "1e300"], r"--optim.lr: must be in \(0, 1\], got 1e\+300"),
+    (["--sft.lr", "2"], r"--sft.lr: must be in \(0, 1\]"),
+    (["--rollout.temperature", "inf"], "--rollout.temperature: must be a finite number"),
+    (["--loss.beta", "-inf"], "--loss.beta: must be a finite number"),
+    (["--reward.w_listener", "nan"], "--reward.w_listener: must be a finite number"),
+])
+def test_float_options_are_finite_and_sane_at_parse_time(argv, message):
+    """Issue 27, case 5: refused when parsed, naming the option, not a step later as a divergence."""
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+    with pytest.raises(ConfigError, match=message.split(":")[0]):  # from a JSON config file alike
+        build_config("tiny", {argv[0][2:].split(".")[0]: {argv[0][2:].split(".")[1]: float(argv[1])}})
+
+
+def test_pointless_settings_are_warned_about_at_start_up(tmp_path, capsys):
+    """Issue 27, case 5: --loss.beta 0 with --model.reference, and all reward weights 0, ran silently."""
+    from lgrpo import distributed as D
+    from lgrpo.train import start_run
+
+    assert build_config("tiny").pointless() == []
+    cfg = build_config("tiny", {"loss": {"beta": 0.0}, "model": {"reference": "tiny"},
+                                "reward": {"w_format": 0.0, "w_accuracy": 0.0, "w_listener": 0.0},
+                                "run": {"dir": str(tmp_path), "name": "r"}})
+    start_run(cfg, D.Dist())
+    out = capsys.readouterr().out
+    assert "[warn] --model.reference tiny is set but --loss.beta is 0" in out
+    assert "[warn] every reward weight" in out and "GRPO changes nothing" in out

@@ -386,3 +386,42 @@ def test_rank_evaluation_anchor_against_round_robin(judge, tmp_path, monkeypatch
     printed = capsys.readouterr().out
     assert "Kendall tau-b" in printed and "round_robin" in printed and "2 bad rows skipped" in printed
 
+
+
+def test_judge_file_contains_each_failure_to_its_row(judge, tmp_path, monkeypatch):
+    """Issue 27, case 4: a control token, an over-long prompt, a directory, a symlink loop and a row whose
+    judging raises each cost their own row only, with an error that names what is wrong and the row's
+    id; the other rows of the same batch are judged and the output file is written."""
+    import os
+
+    from lgrpo.judge.cli import judge_file
+
+    names = _write_images(tmp_path, [10, 90])
+    (tmp_path / "adir").mkdir()
+    os.symlink("loop.png", tmp_path / "loop.png")  # points at itself
+    rows = [
+        {"prompt": "a <|image_pad|> square", "images": names, "id": "ctl"},
+        {"prompt": "a square " * 2500, "images": names, "id": "long"},
+        {"prompt": "a square", "images": [names[0], "adir"], "id": "dir"},
+        {"prompt": "a square", "images": [names[0], "loop.png"], "id": "loop"},
+        {"prompt": "boom", "images": names, "id": "boom"},
+        {"prompt": "a square", "images": names, "id": "ok"},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real = judge._compare_processed
+
+    def fails_on_boom(prompts, *args):
+        if "boom" in prompts:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(prompts, *args)
+
+    monkeypatch.setattr(judge, "_compare_processed", fails_on_boom)
+    judged, bad = judge_file(judge, tmp_path / "in.jsonl", tmp_path / "out.jsonl", progress=False)
+    got = {g["id"]: g for g in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert (judged, bad) == (1, 5) and list(got) == ["ctl", "long", "dir", "loop", "boom", "ok"]
+    assert "control token <|image_pad|>" in got["ctl"]["error"]
+    assert "over the model's 4096 positions" in got["long"]["error"]
+    assert "image 1 is a directory" in got["dir"]["error"]
+    assert "image 1 is a symlink loop" in got["loop"]["error"]
+    assert "row 5: judging failed: RuntimeError: CUDA out of memory" in got["boom"]["error"]
+    assert got["ok"]["choice"] in (1, 2) and "error" not in got["ok"]

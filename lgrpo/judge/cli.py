@@ -6,6 +6,7 @@ Both are described in :mod:`lgrpo.judge` (input and output rows, bad rows, exit 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -59,9 +60,15 @@ def _resolve(p: str, root: Path) -> Path:
 
 
 def _parse_row(number: int, entry: dict, root: Path, image_keys: Sequence[str]) -> _Row:
+    from ..data import SPECIAL_TOKEN_RE
+
     prompt = entry.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RowError(f"row {number}: needs a non-empty \"prompt\" string")
+    token = SPECIAL_TOKEN_RE.search(prompt)
+    if token is not None:  # the rule training's manifests follow (lgrpo.data): a data bug, said per row
+        raise RowError(f"row {number}: the prompt holds the control token {token.group()}; prompts must be "
+                       "plain text (training refuses such rows too)")
     key = next((k for k in image_keys if k in entry), None)
     images = entry.get(key) if key else None
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
@@ -76,8 +83,9 @@ def _load_images(row: _Row, batcher: VLBatcher) -> None:
 
     pils = []
     for k, path in enumerate(row.paths):
-        if not path.is_file():
-            raise RowError(f"row {row.line}: image {k} not found: {path}")
+        problem = _path_problem(path)
+        if problem is not None:
+            raise RowError(f"row {row.line}: image {k} {problem}: {path}")
         try:
             pils.append(open_image(path))
         except OSError as err:
@@ -86,6 +94,60 @@ def _load_images(row: _Row, batcher: VLBatcher) -> None:
         row.images = batcher.process_images(pils)
     except ValueError as err:  # e.g. an extreme aspect ratio the image processor refuses
         raise RowError(f"row {row.line}: the image processor refused an image: {err}") from err
+
+
+def _path_problem(path: Path) -> str | None:
+    """What is wrong with an image path, in words that say what to fix, or None when it is a file."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if err.errno == errno.ENOENT:
+            return "is a broken symlink" if path.is_symlink() else "not found"
+        return f"unreadable ({err.strerror})"
+    if path.is_dir():
+        return "is a directory, not an image file"
+    if not path.is_file():
+        return "is not a regular file"
+    return None
+
+
+def _length_problem(judge: Judge, row: _Row) -> str | None:
+    """Training's length check (lgrpo.preflight.check_task) for this row: its prompt with the two largest
+    of its images, plus the reasoning and the listener's margin, within the model's positions."""
+    from ..preflight import LISTENER_MARGIN, max_positions
+    from ..prompts import render_reasoner_prompt
+
+    limit = max_positions(judge.model)
+    if limit is None:
+        return None
+    b = judge.batcher
+    text = len(b.text_ids(render_reasoner_prompt(b.tokenizer, row.prompt, b.fmt))) - 2  # 2 placeholders
+    tokens = text + sum(sorted(img.num_tokens(b.merge_size) for img in row.images)[-2:])
+    if tokens + judge.max_new_tokens + LISTENER_MARGIN <= limit:
+        return None
+    return (f"row {row.line}: the prompt is {tokens} tokens with its images; with --max-new-tokens "
+            f"{judge.max_new_tokens} and the listener's {LISTENER_MARGIN} that is over the model's {limit} "
+            "positions")
+
+
+def _contained(rows: list[tuple[int, _Row]], run, results: list[dict]) -> None:
+    """``run(rows)`` for the whole batch; when it fails, each row alone, so a failure costs only its rows
+    (an out-of-memory batch, a row the model cannot take): those get an ``error``, the others a verdict."""
+    try:
+        outputs = run(rows)
+    except Exception:  # noqa: BLE001 - any failure: retry the rows one by one to find whose it is
+        outputs = []
+        for one in rows:
+            try:
+                outputs += run([one])
+            except Exception as err:  # noqa: BLE001
+                results[one[0]]["error"] = f"row {one[1].line}: judging failed: {type(err).__name__}: {err}"
+                outputs.append(None)
+    for (slot, _), out in zip(rows, outputs):
+        if out is not None:
+            results[slot].update(out.to_json())
 
 
 def _progress(total: int, enabled: bool):
@@ -119,27 +181,28 @@ def judge_file(judge: Judge, input_path: str | os.PathLike, output_path: str | o
             lists: list[tuple[int, _Row]] = []
             for slot, (number, entry) in enumerate(entries[lo: lo + rows_per_batch]):
                 results.append({"row": number})
+                if isinstance(entry, dict) and "id" in entry:  # error rows keep their id too
+                    results[slot]["id"] = entry["id"]
                 try:
                     if isinstance(entry, RowError):
                         raise entry
                     row = _parse_row(number, entry, root, ("images",))
                     _load_images(row, judge.batcher)
+                    too_long = _length_problem(judge, row)
+                    if too_long is not None:
+                        raise RowError(too_long)
                 except RowError as err:
                     results[slot]["error"] = str(err)
                     continue
-                if "id" in entry:
-                    results[slot]["id"] = entry["id"]
                 (pairs if len(row.images) == 2 else lists).append((slot, row))
             if pairs:
-                verdicts = judge._compare_processed([r.prompt for _, r in pairs], [r.images[0] for _, r in pairs],
-                                                    [r.images[1] for _, r in pairs], both_orders)
-                for (slot, _), v in zip(pairs, verdicts):
-                    results[slot].update(v.to_json())
+                _contained(pairs, lambda rows: judge._compare_processed(
+                    [r.prompt for _, r in rows], [r.images[0] for _, r in rows], [r.images[1] for _, r in rows],
+                    both_orders), results)
             if lists:
-                rankings = judge.rank_many([r.prompt for _, r in lists], [r.images for _, r in lists],
-                                           method=method, both_orders=both_orders, probes=probes)
-                for (slot, _), r in zip(lists, rankings):
-                    results[slot].update(r.to_json())
+                _contained(lists, lambda rows: judge.rank_many(
+                    [r.prompt for _, r in rows], [r.images for _, r in rows], method=method,
+                    both_orders=both_orders, probes=probes), results)
             for res in results:
                 bad += "error" in res
                 judged += "error" not in res
