@@ -18,11 +18,15 @@ FULL = dict(temperature=0.7, eps_low=0.2, eps_high=0.28, delta=1.5, beta=0.04)
 GRAD_TOL = {torch.float32: 2e-5}
 
 
-def linear_case(gen, B=3, T=7, H=23, V=37, *, dtype=torch.float32, mask_p=0.7, packed=False, spread=0.3):
-    """Odd sizes (no multiple of any block); an all-masked sequence; old/ref near the current logp.
+def linear_case(gen, B=3, T=7, H=23, V=37, *, dtype=torch.float32, mask_p=0.7, packed=False, spread=0.3,
+                temperature=1.0):
+    """Odd sizes (no multiple of any block); an all-masked sequence; old/ref within ``3 * spread`` of the
+    current logp at ``temperature`` (pass the loss's temperature for ratios near 1; at another
+    temperature the log-ratios are O(1), whatever the spread).
 
-    bf16 cases use a small ``spread``: bf16 logits move logp by ~1e-2, so a ratio within ~1% of a
-    clip bound may legitimately switch sides against the exact computation (any bf16 code would).
+    bf16 cases use a small ``spread`` and the loss's temperature: bf16 logits move logp by ~1e-2, so a
+    ratio within ~1% of a clip bound may legitimately switch sides against the exact computation (any
+    bf16 code would); log-ratios within 3 * 0.02 + ~1e-2 stay far from log(0.8) = -0.22.
     """
     hidden = torch.randn(B, T, H, generator=gen).to(dtype)
     weight = (torch.randn(V, H, generator=gen) / H**0.5).to(dtype)
@@ -32,11 +36,11 @@ def linear_case(gen, B=3, T=7, H=23, V=37, *, dtype=torch.float32, mask_p=0.7, p
     mask[-1] = False
     targets[~mask] = -100
     with torch.no_grad():
-        lp = ref.token_logprobs(hidden.double() @ weight.double().T, targets.clamp(min=0)).float()
+        lp = ref.token_logprobs(hidden.double() @ weight.double().T, targets.clamp(min=0), temperature).float()
     adv = torch.randn(B, generator=gen)
     case = dict(hidden=hidden, weight=weight, targets=targets, advantages=adv, mask=mask,
-                old_logp=lp + spread * torch.randn(B, T, generator=gen),
-                ref_logp=lp + spread * torch.randn(B, T, generator=gen))
+                old_logp=lp + spread * torch.randn(B, T, generator=gen).clamp(-3, 3),
+                ref_logp=lp + spread * torch.randn(B, T, generator=gen).clamp(-3, 3))
     if packed:  # drop the padding: [N, H] rows + cu_seqlens
         lengths = mask.sum(1)
         case = dict(hidden=hidden[mask], weight=weight, targets=targets[mask], advantages=case["advantages"],
@@ -142,10 +146,17 @@ def test_masked_rows_are_never_projected(gen, small_tiles):  # noqa: F811
 def test_linear_bf16_equals_exact_math_on_its_bf16_logits(gen, small_tiles):  # noqa: F811
     # bf16 hidden/weight: the logits are rounded to bf16 (as eager bf16 would); the loss terms are then
     # exact fp32 arithmetic on those rounded logits, and the gradients carry bf16 roundings.
-    case = linear_case(gen, B=2, T=9, H=40, V=45, dtype=torch.bfloat16, spread=0.02)
+    # The gradients are compared with exact arithmetic on the *unrounded* logits, so every ratio must
+    # sit a margin away from the clip bounds [0.8, 1.28] on both (at the loss's temperature).
+    case = linear_case(gen, B=2, T=9, H=40, V=45, dtype=torch.bfloat16, spread=0.02,
+                       temperature=FULL["temperature"])
     opts = dict(FULL, loss_type="dapo", chunk_size=4)
     out, gh, gw = run(linear_grpo_loss, case, **opts)
     logits = (case["hidden"].float() @ case["weight"].float().T).to(torch.bfloat16).double()
+    m, old = case["mask"], case["old_logp"].double()
+    for lg in (logits, case["hidden"].double() @ case["weight"].double().T):
+        ratio = (ref.token_logprobs(lg, case["targets"].clamp(min=0), FULL["temperature"]) - old).exp()[m]
+        assert ((ratio > 1 - FULL["eps_low"] + 0.05) & (ratio < 1 + FULL["eps_high"] - 0.05)).all(), ratio
     args = {k: v for k, v in case.items() if k not in ("hidden", "weight")}
     args = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in args.items()}
     on_rounded = ref.grpo_loss(logits, **args, **{k: v for k, v in opts.items() if k != "chunk_size"})
