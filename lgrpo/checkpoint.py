@@ -37,6 +37,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike):
         import fcntl
         import socket
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         self.path = Path(run_dir) / LOCK_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ class RunLock:
             print(f"[warn] {self.path}: taking over the lock of {self.taken_over}, which ended without "
                   "releasing it (killed or crashed)", flush=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+              "since": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, (json.dumps(me) + "\n").encode(), 0)
         os.fsync(self._fd)
@@ -194,7 +195,7 @@ def load_rng_file(path: Path) -> dict:
 
     try:
         state = torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: holds more than tensors and numbers, so it is not loaded (loading it could run code "
             f"from the checkpoint folder). A checkpoint from lgrpo before RNG format {RNG_FORMAT} cannot be "
@@ -377,8 +378,9 @@ def _write_folder(final: Path, dist: D.Dist, write_all: Callable[[Path], None],
         elif _no_space(err, final.parent):
             free = shutil.disk_usage(final.parent).free / 2**20 if final.parent.exists() else 0.0
             msg = (f"no space left on the disk of {final.parent} ({free:.0f} MiB free) while saving {what}; "
-                   f"the partial {tmp.name} was removed and {intact}. Free some space (or lower "
-                   f"--checkpoint.keep) and run the same command again")
+                   f"the partial {tmp.name} was removed and {intact}. Free some space and run the same "
+                   f"command again (older checkpoints are pruned only after a new one is saved, so a "
+                   f"lower --checkpoint.keep frees nothing now: delete the oldest step_* by hand if needed)")
         else:
             msg = f"saving {what} to {tmp} failed: {type(err).__name__}: {err}; the partial save was removed, {intact}"
         raise CheckpointError(msg) from err

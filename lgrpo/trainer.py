@@ -586,22 +586,26 @@ class Trainer:
                         self.logger.write(format_step(self.step, cfg.train.steps, metrics))
                     self.stopped_by = stop.agreed(self.dist)
                     interval = cfg.checkpoint.interval
-                    if (
-                        (interval and self.step % interval == 0)
-                        or self.step == cfg.train.steps
-                        or self.stopped_by is not None
-                    ):
-                        path = self.save()
-                        if self.stopped_by is not None and self.dist.is_main:
-                            print(f"[stop] saved step {self.step} to {path}; run the same command again "
-                                  f"to resume", flush=True)
+                    saved = (interval and self.step % interval == 0) or self.step == cfg.train.steps
+                    if saved or self.stopped_by is not None:
+                        self._save_at_boundary()
+                    if self.stopped_by is None and on_step is not None:
+                        on_step(self, metrics)
+                        # A signal during on_step (the periodic eval) stops here, not one full step later.
+                        # Every rank ran on_step, so every rank asks the same number of times.
+                        self.stopped_by = stop.agreed(self.dist)
+                        if self.stopped_by is not None and not saved:
+                            self._save_at_boundary()
                     if self.stopped_by is not None:
                         break
-                    if on_step is not None:
-                        on_step(self, metrics)
         finally:
             self.logger.close()
         return history
+
+    def _save_at_boundary(self) -> None:
+        path = self.save()
+        if self.stopped_by is not None and self.dist.is_main:
+            print(f"[stop] saved step {self.step} to {path}; run the same command again to resume", flush=True)
 
 
 def _metric_name(key: str) -> str:

@@ -62,6 +62,21 @@ def test_sigterm_mid_step_saves_that_step_and_resume_finishes_the_run(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("interval", [0, 2])  # the step not yet saved, and already saved at its interval
+def test_a_signal_during_the_periodic_eval_stops_before_the_next_step(tmp_path, interval):
+    trainer = make_trainer(tmp_path, train={"steps": 4}, checkpoint={"interval": interval})
+    evals = []
+
+    def periodic_eval(tr, _metrics):  # stands in for train.py's held-out eval every 2 steps
+        if tr.step % 2 == 0:
+            evals.append(tr.step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    history = trainer.fit(on_step=periodic_eval)
+    assert trainer.stopped_by == signal.SIGTERM and trainer.step == 2 and len(history) == 2 and evals == [2]
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == [step_dir_name(2)]
+
+
 def test_train_main_exits_128_plus_the_signal_without_the_final_stages(tmp_path, monkeypatch):
     from lgrpo.train import main
     from lgrpo.trainer import Trainer
