@@ -435,7 +435,12 @@ class ParallelConfig:
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
 
+    timeout_s: int = 1800
+    """Seconds a collective waits for the other ranks (a hung, stopped or dead rank) before the run stops
+    with an error naming the phase it stalled in."""
+
     def __post_init__(self) -> None:
+        _check(self.timeout_s >= 1, "parallel.timeout_s", f"must be >= 1, got {self.timeout_s}")
         _one_of(self.fsdp, ("auto", "on", "off"), "parallel.fsdp")
         _one_of(self.reference, ("replicate", "shard"), "parallel.reference")
         _one_of(self.listener, ("replicate", "shard"), "parallel.listener")

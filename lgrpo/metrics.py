@@ -29,6 +29,11 @@ class Timer:
         t0 = time.perf_counter()
         try:
             yield
+        except RuntimeError as err:  # torch.distributed's timeout errors derive from it
+            if _is_collective_timeout(err):
+                err.add_note(f"lgrpo: a collective timed out in the {name} phase: another rank is stalled, "
+                             f"stopped or dead there (the wait is bounded by --parallel.timeout_s)")
+            raise
         finally:
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
@@ -36,6 +41,12 @@ class Timer:
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _is_collective_timeout(err: BaseException) -> bool:
+    """gloo says "Timed out waiting ..."; NCCL's watchdog "Watchdog caught collective operation timeout"."""
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -24,7 +24,7 @@ from .metrics import check_tensorboard
 FREE_TO_CHANGE = (
     "run.dir", "run.name", "run.allow_config_change", "run.progress", "run.log_every", "run.tensorboard",
     "checkpoint.resume", "checkpoint.keep", "checkpoint.export", "train.eval_every", "data.eval_size",
-    "parallel.fsdp", "parallel.reference", "parallel.listener", "parallel.backend",
+    "parallel.fsdp", "parallel.reference", "parallel.listener", "parallel.backend", "parallel.timeout_s",
     "model.attn_implementation",  # resolved per machine (auto): the same attention, another kernel
     "loss.prefix_attention",  # likewise
 )

@@ -311,7 +311,7 @@ def summary_line(reports: dict, seconds: float) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    dist = D.init(cfg.train.device, cfg.parallel.backend)
+    dist = D.init(cfg.train.device, cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     cfg.validate_world(dist.world_size)
     run_dir = start_run(cfg, dist)
     seed_everything(cfg.train.seed + dist.rank)
