@@ -206,8 +206,8 @@ def test_bench_rollout_smoke_has_the_vllm_rows(run_bench):
 
 # --- two ranks (torchrun, gloo): the rank script is this file ----------------------------------------------
 
-# The policy FSDP2-sharded (--parallel.fsdp auto: on under torchrun), the reference and the listener too (as the
-# Qwen presets). Uneven work between the ranks: the stop string "h" ends completions at data-dependent
+# The policy FSDP2-sharded (--parallel.fsdp auto: on under torchrun), the reference sharded, the listener
+# replicated (both start as copies of the warmed-up policy). Uneven work between the ranks: the stop string "h" ends completions at data-dependent
 # lengths, a think block is forced on a data-dependent share of rows (the listener scores a different
 # number of rows on each rank), and eval splits 3 pairs 2 + 1 (padded).
 TWO_RANKS = [
@@ -217,7 +217,7 @@ TWO_RANKS = [
     "--data.synthetic_train_size", "16", "--data.synthetic_eval_size", "3", "--reward.listener_batch_size", "1",
     "--loss.micro_batch_size", "4", "--optim.schedule", "constant", "--optim.lr", "1e-3",
     "--checkpoint.interval", "0", "--checkpoint.export", "false",
-    "--parallel.reference", "shard", "--parallel.listener", "shard",
+    "--parallel.reference", "shard", "--parallel.listener", "replicate",
 ]
 
 
