@@ -207,9 +207,9 @@ def test_bench_rollout_smoke_has_the_vllm_rows(run_bench):
 # --- two ranks (torchrun, gloo): the rank script is this file ----------------------------------------------
 
 # The policy FSDP2-sharded (--parallel.fsdp auto: on under torchrun), the reference sharded, the listener
-# replicated (both start as copies of the warmed-up policy). Uneven work between the ranks: the stop string "h" ends completions at data-dependent
-# lengths, a think block is forced on a data-dependent share of rows (the listener scores a different
-# number of rows on each rank), and eval splits 3 pairs 2 + 1 (padded).
+# replicated (both start as copies of the warmed-up policy). Uneven work between the ranks: the stop string
+# "h" ends completions at data-dependent lengths, a think block is forced on a data-dependent share of rows
+# (the listener scores a different number of rows on each rank), and eval splits 3 pairs 2 + 1 (padded).
 TWO_RANKS = [
     "--rollout.engine", "vllm", "--train.device", "cpu", "--run.progress", "false", "--run.name", "run",
     "--train.steps", "2", "--train.prompts_per_step", "2", "--rollout.group_size", "4",
