@@ -531,7 +531,9 @@ class Trainer:
             return
         full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
         for m in frozen:
-            set_model_state_dict(m, full, options=StateDictOptions(full_state_dict=True))
+            # a copy each: set_model_state_dict writes into the dict it is given (a sharded model's DTensors),
+            # so a replicated listener after a sharded reference was handed DTensors and refused them
+            set_model_state_dict(m, dict(full), options=StateDictOptions(full_state_dict=True))
 
     # -- the loop -------------------------------------------------------------------------------------
 

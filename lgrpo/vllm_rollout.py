@@ -20,8 +20,14 @@ How it runs (TRL's "colocate" mode): one in-process vLLM engine per rank beside 
   copy bumps): after every optimizer step, only the newest weights are ever sampled from, and μ
   minibatches of one GRPO step cost one push. The push is the worker's ``reload_weights`` (in place);
   then **both** caches are reset (``reset_prefix_cache``: a prompt would reuse keys/values of the old
-  weights; ``reset_encoder_cache``: without it vLLM dies with "Encoder cache miss"). Under FSDP2 each
-  rank gathers the full tensors (``DTensor.full_tensor``, one parameter at a time) into its own engine.
+  weights; ``reset_encoder_cache``: without it vLLM dies with "Encoder cache miss").
+- **Several ranks** (torchrun): one engine per rank (vLLM's ``external_launcher`` in the training process
+  group, tensor parallel 1), each on its own share of the prompts; its generate communicates nothing, so
+  uneven completion lengths cannot hang. A FSDP2-sharded policy is pushed from its parameters, never
+  ``state_dict`` (which reshards a gathered module): at rest each parameter is gathered in turn
+  (``DTensor.full_tensor``, the same order on every rank); inside the rollout phase the trainer and eval
+  hold the policy gathered (``lgrpo.distributed.gathered``) and the push copies the unsharded tensors
+  without a collective. Tested on 2 CPU ranks against one process (tests/test_vllm_rollout.py).
 - **Seeds.** Each request's seed is a hash of (seed, step, the prompt's global position); vLLM gives its
   ``n`` samples ``seed + g``. A prompt's samples therefore do not depend on the rest of the batch or on the
   number of ranks, and a resumed run draws what the uninterrupted one drew. They are vLLM's draws, not
@@ -89,12 +95,31 @@ def request_seed(seed: int, step: int, prompt_id: int) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def _weights_version(model) -> tuple:
-    return tuple((id(p), p._version) for p in model.parameters())
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")
+
+
+def _named_tensors(model):
+    """What ``state_dict`` holds (every parameter under every name it has, the persistent buffers), without
+    calling it: under FSDP2 ``state_dict`` reshards a gathered module (its pre-hook), so a push inside
+    ``lgrpo.distributed.gathered`` would leave the rest of the phase running on DTensors."""
+    yield from model.named_parameters(remove_duplicate=False)
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            yield name, buf
+
+
+def _fsdp(model) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _text_config(config):
@@ -138,6 +163,7 @@ class VLLMRollout:
         self.asleep = False
         self.pushes = 0
         self._pushed: tuple | None = None
+        self._resting: list | None = None  # the policy's sharded parameters as seen outside `gathered` (FSDP2)
         limit = max_model_len or min(int(getattr(text, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
                                      DEFAULT_MAX_MODEL_LEN)
         self._folder = tempfile.mkdtemp(prefix="lgrpo-vllm-")
@@ -156,13 +182,13 @@ class VLLMRollout:
             kwargs.update(enable_mm_embeds=True, limit_mm_per_prompt={"image": 8, "video": 0})
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_enabled)
+        # On every world size: a fixed KV cache (without it vLLM's CPU worker asks for most of the host's
+        # memory, and refuses to start when two ranks share it) and eager mode (no compile at start-up).
+        kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes or 256 << 20)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:
-            # one engine per rank inside torchrun's process group, as TRL's colocate mode starts it (not yet
-            # run by this project's tests: they run one process)
+            # one engine per rank inside torchrun's process group, as TRL's colocate mode starts it
             kwargs["distributed_executor_backend"] = "external_launcher"
-        else:
-            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes or 256 << 20)
         self.llm = self._start(kwargs)
         _LIVE.add(self)
         from . import distributed as D
@@ -228,16 +254,33 @@ class VLLMRollout:
 
     def _weights(self):
         """(name, tensor) of the policy in the compute dtype, one at a time. The vision tower's too, although
-        vLLM is handed its embeddings: a partial reload is refused layer by layer, and the copy is small."""
+        vLLM is handed its embeddings: a partial reload is refused layer by layer, and the copy is small.
+        A sharded policy (FSDP2) at rest gives DTensors, gathered here one at a time (an all-gather each, in
+        the same order on every rank); inside ``lgrpo.distributed.gathered`` it gives its unsharded
+        tensors, and the push communicates nothing."""
         dtype = getattr(torch, self.dtype) if isinstance(self.dtype, str) else self.dtype
-        for name, t in self.model.state_dict().items():
+        for name, t in _named_tensors(self.model):
             t = _full(t).detach()
             yield name, (t.to(dtype) if t.is_floating_point() else t)
 
+    def _weights_version(self) -> tuple | None:
+        """The in-place version counters of the parameters the optimizer steps. Under FSDP2 those are the
+        sharded ones: inside ``gathered`` the module holds unsharded copies (other objects, which the optimizer
+        never steps), so the sharded ones seen last at rest stand in. None: unknown (a
+        sharded policy only ever seen gathered), so the weights are pushed every time."""
+        params = list(self.model.parameters())
+        if any(_is_dtensor(p) for p in params) or not _fsdp(self.model):
+            self._resting = params
+        elif self._resting is None:
+            return None
+        return tuple((id(p), p._version) for p in self._resting)
+
     def push_weights(self, force: bool = False) -> bool:
-        """Copy the policy's weights into the engine when they changed (or ``force``); reset both caches."""
-        version = _weights_version(self.model)
-        if not force and version == self._pushed:
+        """Copy the policy's weights into the engine when they changed (or ``force``); reset both caches.
+        Under torchrun every rank decides alike: the versions move with the optimizer steps, which every
+        rank takes together."""
+        version = self._weights_version()
+        if not force and version is not None and version == self._pushed:
             return False
         self._wake()
         # Modules that hold only derived buffers (rotary caches, the image mean/std) have nothing to load:

@@ -202,3 +202,78 @@ def test_bench_rollout_smoke_has_the_vllm_rows(run_bench):
     assert names[-2:] == ["vllm (head_dim 32)", "engine (head_dim 32)"], names
     assert all(r["extra"]["tok_s"] > 0 for r in data["rows"]), data["rows"]
     assert data["vllm_start_s"] > 0
+
+
+# --- two ranks (torchrun, gloo): the rank script is this file ----------------------------------------------
+
+# The policy FSDP2-sharded (--parallel.fsdp auto: on under torchrun), the reference sharded, the listener
+# replicated (both start as copies of the warmed-up policy). Uneven work between the ranks: the stop string
+# "h" ends completions at data-dependent lengths, a think block is forced on a data-dependent share of rows
+# (the listener scores a different number of rows on each rank), and eval splits 3 pairs 2 + 1 (padded).
+TWO_RANKS = [
+    "--rollout.engine", "vllm", "--train.device", "cpu", "--run.progress", "false", "--run.name", "run",
+    "--train.steps", "2", "--train.prompts_per_step", "2", "--rollout.group_size", "4",
+    "--rollout.max_new_tokens", "16", "--rollout.stop", "h", "--sft.steps", "2", "--sft.batch_size", "2",
+    "--data.synthetic_train_size", "16", "--data.synthetic_eval_size", "3", "--reward.listener_batch_size", "1",
+    "--loss.micro_batch_size", "4", "--optim.schedule", "constant", "--optim.lr", "1e-3",
+    "--checkpoint.interval", "0", "--checkpoint.export", "false",
+    "--parallel.reference", "shard", "--parallel.listener", "replicate",
+]
+
+
+def _rank_main(variant: str, out: Path) -> None:
+    """`python -m lgrpo.train` (its main) on TWO_RANKS, with the forced think blocks of test_distributed_vlm;
+    writes rank 0's per-step metrics and held-out reports to out/result.json."""
+    import lgrpo.prompts as P
+    from lgrpo.train import main
+    from tests.test_distributed_vlm import collect, forced_reasoning
+
+    P.parse_completion = forced_reasoning()
+    assert main([*TWO_RANKS, "--model.policy", variant, "--run.dir", str(out)]) == 0
+    if int(os.environ.get("RANK", 0)) == 0:
+        result = collect(out / "run")
+        rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        result["more"] = {str(m["step"]): {k: m.get(k) for k in ("entropy", "completion_len", "reward_std")}
+                          for m in rows}
+        result["world"] = int(os.environ.get("WORLD_SIZE", 1))
+        (out / "result.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_two_ranks_with_vllm_rollouts_match_one_process(variant, tmp_path):
+    """`lgrpo.train --rollout.engine vllm` on 2 CPU ranks (torchrun, gloo; one in-process engine per rank,
+    vLLM's external_launcher): every step's losses, rewards and held-out report equal one process's, as
+    tests/test_distributed_vlm.py asserts for the default engine. The requests' seeds follow the prompts'
+    global positions, so the two ranks sample what the one process samples. Both launches have a timeout,
+    so a hang fails."""
+    from tests.launch import torchrun
+
+    proc = torchrun(__file__, str(variant), str(tmp_path / "two"), timeout=480)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    one = subprocess.run([sys.executable, __file__, str(variant), str(tmp_path / "one")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-4000:] + one.stderr[-4000:]
+    a, b = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two"))
+    assert (a["world"], b["world"]) == (1, 2)
+
+    assert sorted(a["steps"]) == sorted(b["steps"]) == ["1", "2"]
+    for step in a["steps"]:
+        for key, value in a["steps"][step].items():
+            floor = 2e-5 if key in ("loss", "grad_norm", "kl") else 1e-6  # as test_distributed_vlm
+            assert b["steps"][step][key] == pytest.approx(value, rel=1e-4, abs=floor), (step, key)
+        # the same completions (lengths) scored by the same updated weights (entropy)
+        assert b["more"][step]["completion_len"] == pytest.approx(a["more"][step]["completion_len"], rel=1e-6)
+        assert b["more"][step]["entropy"] == pytest.approx(a["more"][step]["entropy"], rel=1e-4), step
+    # real work: rewards that differ within groups (a non-zero loss), completions cut by the stop string
+    assert any(a["more"][s]["reward_std"] > 0 for s in a["more"]), a
+    assert all(0 < a["more"][s]["completion_len"] < 16 for s in a["more"]), a
+    assert sorted(a["reports"]) == sorted(b["reports"]) == ["eval_after", "eval_before", "eval_initial"]
+    for stage, report in a["reports"].items():
+        assert report["n"] == b["reports"][stage]["n"] == 3
+        for key in ("accuracy", "accuracy_swapped", "format_rate", "listener_confidence"):
+            assert b["reports"][stage][key] == pytest.approx(report[key], rel=1e-5, abs=1e-7), (stage, key)
+
+
+if __name__ == "__main__":  # a rank under torchrun (or the one-process oracle): VARIANT OUT
+    _rank_main(sys.argv[1], Path(sys.argv[2]))
