@@ -71,10 +71,14 @@ def _row_stats_kernel(
     live = _live_rows(mask_ptr, idx, in_range, HAS_MASK)
     base = (rows // rows_per_batch) * stride_b + (rows % rows_per_batch) * stride_t
 
-    # Running statistics per row, relative to the running max m (base-2 units):
-    #   s = sum 2^(y - m),   t = sum 2^(y - m) * (y - m)   (t: for the entropy, kept shifted so
-    #   logits of magnitude 1e4 do not cancel catastrophically).
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    # Running statistics per row, relative to the running max mx of the raw logits x (y = x * scale):
+    #   s = sum 2^(y - m),   t = sum 2^(y - m) * (y - m),   m = mx * scale   (t: for the entropy,
+    #   kept shifted so logits of magnitude 1e4 do not cancel catastrophically).
+    # The shift is taken on the raw logits, (x - mx) * scale, not as x * scale - m: x - mx is exact for
+    # the entries near the max (Sterbenz), the ones that carry the probability, while x * scale alone is
+    # rounded to an ulp of |y| (~2.4e-4 at |x| = 1e4, tau = 3), an error the entropy (and logp) would
+    # inherit whole (seen: entropy off by 5.1e-5 against fp64, LGRPO_TEST_SEED=3816350121).
+    mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
     t = tl.zeros([BLOCK_R], tl.float32)
     # Masked rows skip the vocabulary: the loop runs only if one row of the tile is live.
@@ -84,28 +88,30 @@ def _row_stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         ld = live[:, None] & (cols[None, :] < V)
         x = tl.load(x_ptr + base[:, None] + cols[None, :], mask=ld, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=1) * scale)  # max(x) * scale = max(x * scale): scale > 0
+        mx_new = tl.maximum(mx, tl.max(x, axis=1))  # the max of y = x * scale too: scale > 0
         # A row (or tile) seen so far only as -inf keeps reference point 0: no inf - inf.
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - ref)
-        # One FMA per element. Clamping at -200 changes nothing (2^-200 is 0 in fp32, as is
-        # 2^(anything below -149)) but turns -inf into a finite value, so e * shifted is 0, not NaN.
-        shifted = tl.maximum(x * scale - ref[:, None], -200.0)
+        ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        step = (mx - ref) * scale  # <= 0 (-inf while nothing was seen)
+        alpha = tl.exp2(step)
+        # Clamping at -200 changes nothing (2^-200 is 0 in fp32, as is 2^(anything below -149)) but
+        # turns -inf into a finite value, so e * shifted is 0, not NaN.
+        shifted = tl.maximum((x - ref[:, None]) * scale, -200.0)
         e = tl.exp2(shifted)
         if ENTROPY:
-            # t relative to the new reference: alpha * (t + (m - ref) * s) + sum e * (y - ref);
+            # t relative to the new reference: alpha * (t + (m - m_new) * s) + sum e * (y - m_new);
             # the where() drops the 0 * inf term of rows with s = 0 (nothing seen yet).
-            carry = tl.where(s > 0, m - ref, 0.0) * s
+            carry = tl.where(s > 0, step, 0.0) * s
             t = alpha * (t + carry) + tl.sum(e * shifted, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        mx = mx_new
 
     tgt = tl.load(tgt_ptr + idx, mask=live, other=0).to(tl.int64)
     valid = live & (tgt >= 0) & (tgt < V)  # out-of-range ids never read; the caller raises on them
-    y_t = tl.load(x_ptr + base + tgt, mask=valid, other=0.0).to(tl.float32) * scale
+    x_t = tl.load(x_ptr + base + tgt, mask=valid, other=0.0).to(tl.float32)
     log2_s = tl.log2(tl.where(s > 0, s, 1.0))  # s = 0 only on rows that are not reported
-    lse2 = m + log2_s
-    logp = tl.where(valid, (y_t - lse2) * _LN2, float("nan"))
+    lse2 = mx * scale + log2_s
+    # y_t - lse2 from the shifted target logit, as the entropy's terms (exact near the max)
+    logp = tl.where(valid, ((x_t - mx) * scale - log2_s) * _LN2, float("nan"))
     tl.store(logp_ptr + idx, tl.where(live, logp, 0.0), mask=in_range)
     tl.store(lse_ptr + idx, tl.where(live, lse2 * _LN2, 0.0), mask=in_range)
     if ENTROPY:
