@@ -150,6 +150,12 @@ def test_linear_bf16_equals_exact_math_on_its_bf16_logits(gen, small_tiles):  # 
     # sit a margin away from the clip bounds [0.8, 1.28] on both (at the loss's temperature).
     case = linear_case(gen, B=2, T=9, H=40, V=45, dtype=torch.bfloat16, spread=0.02,
                        temperature=FULL["temperature"])
+    # |advantage| >= 0.5, so the policy term carries the gradient. With ref within 0.02 of logp the KL
+    # term's coefficient 1 - exp(ref - logp) is ~0.02, a difference bf16 logits move at first order;
+    # with an advantage near 0 that term was the whole (tiny) gradient (seed 497: adv -0.0012,
+    # d loss / d weight off by 4%).
+    adv = case["advantages"]
+    case["advantages"] = torch.where(adv < 0, -0.5, 0.5) + adv
     opts = dict(FULL, loss_type="dapo", chunk_size=4)
     out, gh, gw = run(linear_grpo_loss, case, **opts)
     logits = (case["hidden"].float() @ case["weight"].float().T).to(torch.bfloat16).double()
