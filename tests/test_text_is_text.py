@@ -117,6 +117,7 @@ def test_the_judge_reads_prompts_and_its_own_reasoning_as_text(batcher, pairs, m
 
 
 def test_trl_listener_reward_reads_captions_and_reasonings_as_text(batcher, pairs, monkeypatch):
+    pytest.importorskip("trl", reason="needs the trl extra (make test EXTRAS=trl)")
     from lgrpo.integrations.trl import ListenerReward
     from lgrpo.model import load_listener
 
