@@ -61,8 +61,12 @@ class GracefulStop:
         A collective with more than one rank: every rank must call it at the same point of the loop,
         so that all of them stop after the same step.
         """
-        if dist.world_size == 1 or not dist.initialized:
-            return self.signum
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=dist.device)
-        got = int(D.all_reduce_max(flag).item())
-        return got or None
+        return agree_max(dist, self.signum or 0)[0] or None
+
+
+def agree_max(dist: D.Dist, *values: int) -> list[int]:
+    """Each value's maximum over ranks, in one all-reduce (every rank calls it at the same point)."""
+    if dist.world_size == 1 or not dist.initialized:
+        return list(values)
+    flags = torch.tensor(values, dtype=torch.int64, device=dist.device)
+    return [int(v) for v in D.all_reduce_max(flags).tolist()]

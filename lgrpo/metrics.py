@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -120,8 +121,25 @@ def keep_steps_up_to(path: str | os.PathLike, step: int) -> int:
     return len(lines) - len(kept)
 
 
+class MetricsWriteError(RuntimeError):
+    """``metrics.jsonl`` could not be written (a full disk, a vanished folder): the message says where."""
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.1f} MiB free" if free < 2**30 else f"{free / 2**30:.1f} GiB free"
+
+
 class MetricsLogger:
-    """``log(step, metrics)`` appends a JSON line to ``metrics.jsonl`` (and TensorBoard scalars)."""
+    """``log(step, metrics)`` appends a JSON line to ``metrics.jsonl`` (and TensorBoard scalars).
+
+    A failed write does not raise: the logger stops writing, keeps the error (``failed``, ``failure``) and
+    the row it could not write, so that the trainer can agree with the other ranks, save a checkpoint and
+    then stop with a message that names the disk.
+    """
 
     def __init__(
         self,
@@ -141,12 +159,14 @@ class MetricsLogger:
         self._file = None
         self._tb = None
         self._bar = None
+        self.failure: str | None = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run continues the same file, from the step it resumed at: one line per step.
         keep_steps_up_to(self.path, initial_step)
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - lives as long as the run
+        # Unbuffered bytes: a failed write leaves nothing queued that close() would try (and fail) again.
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the run
         if tensorboard != "off":
             check_tensorboard(tensorboard)
             try:
@@ -165,7 +185,15 @@ class MetricsLogger:
             return
         row = {"step": step, "kind": kind, "time": round(time.time(), 3)}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
+        line = json.dumps(row)
+        if self.failure is not None:
+            self.write(f"[metrics] not written: {line}")
+            return
+        try:
+            self._write_all((line + "\n").encode())
+        except OSError as err:
+            self._fail(err, step, line)
+            return
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time"):
@@ -180,6 +208,27 @@ class MetricsLogger:
                 },
                 refresh=False,
             )
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # a raw write may take only part of the bytes
+            view = view[self._file.write(view):]
+
+    def _fail(self, err: OSError, step: int, line: str) -> None:
+        """Stop writing; keep what went wrong, and print the row so that its numbers survive in the log."""
+        reason = err.strerror or str(err)
+        self.failure = (f"could not append step {step} to {self.path}: {reason} "
+                        f"({_free_space(self.path.parent)} on its filesystem)")
+        try:
+            self._file.close()
+        except OSError:
+            pass  # nothing is buffered; the error was reported above
+        self._file = None
+        self.write(f"[metrics] {self.failure}; the row: {line}")
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
 
     def write(self, text: str) -> None:
         """Print without breaking the progress bar."""
@@ -203,12 +252,23 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict]:
-    """The rows of a metrics file; for a step written twice (crash + resume) the last row wins."""
+    """The rows of a metrics file; for a step written twice (crash + resume) the last row wins.
+
+    A last line without its newline that does not parse was cut short (a crash, a full disk) and is left
+    out; any other line that does not parse is an error.
+    """
     rows: dict[tuple, dict] = {}
-    for line in Path(path).read_text().splitlines():
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                break
+            raise
         if kind is None or row.get("kind") == kind:
             rows[(row.get("kind"), row["step"])] = row
     return sorted(rows.values(), key=lambda r: (r.get("kind", ""), r["step"]))

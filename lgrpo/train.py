@@ -32,6 +32,7 @@ from .config import ConfigError, JobConfig, parse_args, save_config
 from .data import DataError
 from .eval import evaluate, format_report, write_report
 from .group import PromptBatch, Rollout
+from .metrics import MetricsWriteError
 from .rollout import clean_generation_config
 from .trainer import Models, Trainer
 
@@ -380,6 +381,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C outside the GRPO loop (or a second one inside it): no traceback
         print("\n[stop] interrupted: nothing saved since the last checkpoint", file=sys.stderr, flush=True)
         sys.exit(130)
-    except (ConfigError, DataError, CheckpointError) as err:  # the message says what to change: no traceback
+    except (ConfigError, DataError, CheckpointError, MetricsWriteError) as err:  # the message says what to do
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(err, ConfigError) else 1)

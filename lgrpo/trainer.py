@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import Checkpointer, latest_checkpoint
+from .checkpoint import Checkpointer, CheckpointError, latest_checkpoint
 from .config import JobConfig
 from .engine import engine_for
 from .group import GroupBatch, PromptBatch, Rollout, encode_completions
-from .interrupt import GracefulStop
+from .interrupt import GracefulStop, agree_max
 from .kernels import group_advantages
-from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
+from .metrics import MetricsLogger, MetricsWriteError, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
 from .rollout import generate
 from .scoring import CompletionScorer
@@ -586,7 +586,11 @@ class Trainer:
                     self.logger.log(self.step, metrics)
                     if self.step % cfg.run.log_every == 0:
                         self.logger.write(format_step(self.step, cfg.train.steps, metrics))
-                    self.stopped_by = stop.agreed(self.dist)
+                    # One all-reduce for both: a signal on any rank, and rank 0's metrics write failing.
+                    signum, metrics_lost = agree_max(self.dist, stop.signum or 0, int(self.logger.failed))
+                    self.stopped_by = signum or None
+                    if metrics_lost:
+                        self._stop_for_metrics()
                     interval = cfg.checkpoint.interval
                     saved = (interval and self.step % interval == 0) or self.step == cfg.train.steps
                     if saved or self.stopped_by is not None:
@@ -603,6 +607,17 @@ class Trainer:
         finally:
             self.logger.close()
         return history
+
+    def _stop_for_metrics(self) -> None:
+        """metrics.jsonl could not be written on rank 0: save this step first (every rank), then stop."""
+        what = self.logger.failure if self.dist.is_main else "rank 0 could not write metrics.jsonl"
+        try:
+            path = self.save()
+        except CheckpointError as err:
+            raise MetricsWriteError(f"{what}; the checkpoint of step {self.step} could not be saved either "
+                                    f"({err})") from None
+        raise MetricsWriteError(f"{what}. Step {self.step} is saved in {path} (its metrics row is printed "
+                                f"above): free space there and run the same command again to resume")
 
     def _save_at_boundary(self) -> None:
         path = self.save()
