@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from . import vllm
+from .engine import engine_for
+from .hf import HFRollout
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,19 +49,13 @@ def rollout_for(cfg: RolloutConfig, model, tokenizer, **vllm_options) -> Rollout
     """
     stop = cfg.stop or None
     if cfg.engine == "vllm":
-        from .vllm import engine_for as vllm_engine_for
-
-        return vllm_engine_for(model, tokenizer, max_new_tokens=cfg.max_new_tokens, stop=stop,
+        return vllm.engine_for(model, tokenizer, max_new_tokens=cfg.max_new_tokens, stop=stop,
                                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, **vllm_options)
     if vllm_options:
         raise ValueError(f"options {sorted(vllm_options)} are for --rollout.engine vllm, not {cfg.engine!r}")
     if cfg.engine == "engine":
-        from .engine import engine_for
-
         return engine_for(model, tokenizer, max_new_tokens=cfg.max_new_tokens, stop=stop)
     if cfg.engine == "hf":
-        from .hf import HFRollout
-
         return HFRollout(model, tokenizer, max_new_tokens=cfg.max_new_tokens, stop=stop,
                          static_cache=cfg.static_cache)
     raise ValueError(f"rollout engine must be 'engine', 'hf' or 'vllm', got {cfg.engine!r}")
