@@ -1,17 +1,17 @@
-"""Rollout throughput: lgrpo.engine beside transformers' generate, Qwen2.5-VL-3B-sized, two images a prompt.
+"""Rollout throughput: lgrpo.rollout.engine beside transformers' generate, Qwen2.5-VL-3B-sized, two images a prompt.
 
 Rows (random bf16 weights, SDPA; every completion runs to the full budget: no EOS, no stop string):
-  engine, N rows          lgrpo.engine.RolloutEngine: N / 8 prompts x G = 8, prefill once per prompt,
+  engine, N rows          lgrpo.rollout.engine.RolloutEngine: N / 8 prompts x G = 8, prefill once per prompt,
                           KV fork, CUDA-graph decode (the timed call is the second one; the first
                           call's time and its graph-capture time are in the note)
   hf do_sample, N rows    transformers generate(do_sample=True) on the prompts repeated G times
   hf static+compile       the same with cache_implementation="static" (transformers compiles the
                           decode step on CUDA; the first call's time is in the note)
-  --rollout.engine hf     (smoke only) lgrpo.rollout.generate: generate + the seeded sampler + the
+  --rollout.engine hf     (smoke only) lgrpo.rollout.hf.generate: generate + the seeded sampler + the
                           host-side stop check, what the trainer ran before the engine
   floor                   the weights (language model, bf16) read once per decode step at this run's
                           copy bandwidth; "+KV" adds the cache rows' keys/values read each step
-  vllm, N rows            (smoke only, when vLLM imports) lgrpo.vllm_rollout: each prompt once with n = G,
+  vllm, N rows            (smoke only, when vLLM imports) lgrpo.rollout.vllm: each prompt once with n = G,
                           on the tiny model's head_dim-32 variant (vLLM's CPU attention needs >= 32), beside
                           "engine (head_dim 32)", the engine on the same variant; start-up in the note.
                           Skipped (noted in the JSON) without vLLM: it lives in its own venv on CPU
@@ -95,10 +95,10 @@ def vllm_rows(sizes, new, device, rows, info, guarded) -> None:
         print(info["vllm"])
         return
     from lgrpo.batching import VLBatcher
-    from lgrpo.engine import RolloutEngine
     from lgrpo.model import load_model
+    from lgrpo.rollout.engine import RolloutEngine
+    from lgrpo.rollout.vllm import VLLMRollout, write_tiny_variant
     from lgrpo.synthetic import SyntheticTask
-    from lgrpo.vllm_rollout import VLLMRollout, write_tiny_variant
 
     folder = write_tiny_variant(Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "tiny32")
     model = load_model(str(folder), seed=0, device=device).eval()
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     def save():
         write_json(args.out, "bench_rollout", {"title": title, "env": env, "rows": rows, **info})
 
-    from lgrpo.engine import RolloutEngine  # on CPU it samples with the kernel's PyTorch twin
+    from lgrpo.rollout.engine import RolloutEngine  # on CPU it samples with the kernel's PyTorch twin
 
     model, tok, make_prompts = build(smoke, device, dtype)
     model.eval()
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
 
         def path_row(n_rows=n_rows, prompts=prompts, tokens=tokens, tok_s=tok_s):
             """What --rollout.engine hf runs: generate + the seeded sampler + the host-side stop check."""
-            from lgrpo.rollout import generate
+            from lgrpo.rollout.hf import generate
 
             kw = dict(max_new_tokens=new, stop=None, seed=0)
             _, first_s = _timed(lambda: generate(model, tok, prompts, G, **kw))
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
 
     def same_greedy():
         """Greedy: the engine's tokens against generate(do_sample=False) on the repeated prompts."""
-        from lgrpo.rollout import generate
+        from lgrpo.rollout.hf import generate
 
         prompts = make_prompts(2)
         short = min(new, 16)

@@ -2,7 +2,7 @@
 
 One decoding step of a rollout turns the fp32 logits of the last position, ``[B, V]``, into one
 token per row. Rows, B = 16 and 64 (rollout batches), V = 152064 (Qwen2.5-VL):
-  ours                 lgrpo.sampling.sample_from_logits: fixed-point CDF, blocked scan, T = 1
+  ours                 lgrpo.rollout.top_p.sample_from_logits: fixed-point CDF, blocked scan, T = 1
   ours, top_p=0.95     the same with a nucleus (adds a sort and a second scan)
   ours, per step       the whole CounterSampler call of a step (sample + the -inf/0 scores HF takes)
   flat fp64 cumsum     the sampler before it (<= commit be58fd6): one ``cumsum`` over each fp64 row,
@@ -38,7 +38,8 @@ from bench.common import (  # noqa: E402
     sync,
     write_json,
 )
-from lgrpo.sampling import CounterSampler, counter_uniform, sample_from_logits  # noqa: E402
+from lgrpo.rollout.hf import CounterSampler  # noqa: E402
+from lgrpo.rollout.top_p import counter_uniform, sample_from_logits  # noqa: E402
 
 QWEN_V = 152064
 SMOKE_VOCAB = 5000

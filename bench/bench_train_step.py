@@ -4,7 +4,7 @@ Phases, each guarded (a failing phase prints why; the others still report):
 
 1. build: policy + frozen reference built directly on the GPU in bf16 (never on the CPU first);
 2. GRPO step at group size 8 (2 prompts x 8 completions, two 448x448 images per prompt, 256 new
-   tokens): rollout (lgrpo.engine, the default --rollout.engine), listener-style scoring (a forward of the
+   tokens): rollout (lgrpo.rollout.engine, the default --rollout.engine), listener-style scoring (a forward of the
    frozen model at the last position + listener_confidence), reference log-probs, the policy update
    with linear_grpo_loss and AdamW; time per phase, tokens/s, peak memory;
 3. update at 8 x 1024 text tokens (forward+backward through the scorer with linear_grpo_loss), to
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         )
         rows.append(
             Row(
-                "  rollout (lgrpo.engine)",
+                "  rollout (lgrpo.rollout.engine)",
                 secs["rollout"] * 1e3,
                 note=f"{m['tokens_per_s/rollout']:.0f} tok/s, {new_tokens} new tokens x 16",
             )
@@ -373,7 +373,7 @@ def main(argv=None) -> int:
         return n, new, torch.randint(100, 150000 if not smoke else 900, (n, 64), generator=gen).to(device)
 
     def generate_16x256():
-        from lgrpo.rollout import clean_generation_config, generate
+        from lgrpo.rollout.hf import clean_generation_config, generate
 
         tok = StubTokenizer()
         clean_generation_config(policy, tok)
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
 
     def generate_static_16x256():
         """The same rollout with rollout.static_cache: on CUDA transformers compiles the decode step."""
-        from lgrpo.rollout import generate
+        from lgrpo.rollout.hf import generate
 
         tok = StubTokenizer()
         n, new, ids = text_prompts()

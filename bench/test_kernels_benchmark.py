@@ -51,7 +51,7 @@ from bench import bench_linear_grpo as linear_bench  # noqa: E402
 from bench import bench_listener as listener_bench  # noqa: E402
 from bench import bench_sampler as sampler_bench  # noqa: E402
 from bench.common import copy_bandwidth_gbs, environment, rel_err  # noqa: E402
-from lgrpo.sampling import sample_from_logits  # noqa: E402
+from lgrpo.rollout.top_p import sample_from_logits  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -371,7 +371,7 @@ SAMPLER_ROWS = (16, 64)
 SAMPLER_VOCAB = sampler_bench.QWEN_V if CUDA else sampler_bench.SMOKE_VOCAB
 SAMPLER_IMPLS = {
     "ours": "the rollout engine's Triton kernel (lgrpo.kernels.sampler.sample_tokens): Gumbel-max, Philox",
-    "fixed_point": "lgrpo.sampling.sample_from_logits: fixed-point CDF, blocked scan (the generate path)",
+    "fixed_point": "lgrpo.rollout.top_p.sample_from_logits: fixed-point CDF, blocked scan (the generate path)",
     "cumsum_fp64": "the sampler before it: one flat fp64 cumsum per row + searchsorted",
     "multinomial": "torch.multinomial(softmax(logits)) (HF do_sample)",
 }

@@ -163,9 +163,9 @@ class RolloutConfig:
     Same tokens as without. Not yet measured by this project (SPEC §4: 1690 vs 337 tok/s, plain HF)."""
 
     engine: str = "engine"
-    """Rollouts (and greedy evaluation) through lgrpo.engine (prefill once per prompt, KV fork, decode
-    step on the device, CUDA graphs on a GPU) or "hf" (transformers generate, lgrpo.rollout), or "vllm"
-    (an in-process vLLM engine beside the policy, lgrpo.vllm_rollout; needs the vllm extra). Greedy:
+    """Rollouts (and greedy evaluation) through lgrpo.rollout.engine (prefill once per prompt, KV fork, decode
+    step on the device, CUDA graphs on a GPU) or "hf" (transformers generate, lgrpo.rollout.hf), or "vllm"
+    (an in-process vLLM engine beside the policy, lgrpo.rollout.vllm; needs the vllm extra). Greedy:
     the same tokens; sampled: the same distribution (different draws unless top_p < 1; vLLM's are its own)."""
 
     vllm_gpu_memory_utilization: float = 0.3

@@ -18,7 +18,7 @@ all-gather per block). So every phase follows one of two rules, whatever its dat
 - **gathered for the phase**: ``generate`` runs a data-dependent number of forwards (it stops when
   its rows are done), so the sharded policy is unsharded once for the whole phase
   (:func:`gathered`: one all-gather per block on every rank) and its forwards then communicate
-  nothing. Rollouts and held-out evaluation follow this rule. The rollout engine (lgrpo/engine.py)
+  nothing. Rollouts and held-out evaluation follow this rule. The rollout engine (lgrpo/rollout/engine.py)
   also keeps the same count: its every-k-steps "all rows done?" test is all-reduced (max), so every
   rank leaves the decode loop at the same step and the all-reduces themselves match.
 
@@ -88,7 +88,7 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> 
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-_BEFORE_CLOSE: list = []  # run by close() before the process group goes (lgrpo.vllm_rollout's engines use it)
+_BEFORE_CLOSE: list = []  # run by close() before the process group goes (lgrpo.rollout.vllm's engines use it)
 
 
 def on_close(fn) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from . import distributed as D
-from .engine import engine_for
-from .rollout import generate
+from .config import RolloutConfig
+from .rollout import rollout_for
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -52,30 +52,20 @@ def judge(
 
     Under FSDP ``fsdp_root`` (the module ``fully_shard`` was applied to last, e.g. the trainer's
     scorer) is gathered around each ``generate`` (lgrpo/distributed.py, "gathered for the phase").
-    ``engine``: "engine" (lgrpo.engine; ``reduce_max`` keeps ranks' decode loops equally long), "hf"
-    (transformers generate) or "vllm" (lgrpo.vllm_rollout); the same tokens either way.
+    ``engine``: "engine", "hf" or "vllm", as ``--rollout.engine`` (:func:`lgrpo.rollout.rollout_for`; with the
+    engine ``reduce_max`` keeps ranks' decode loops equally long); the same tokens either way.
     """
     keys = ("accuracy", "format", "contradiction", "answer", "listener")
     out: dict[str, list] = {k: [] for k in keys}
     texts = []
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    rollout_cfg = RolloutConfig(engine=engine, max_new_tokens=max_new_tokens, stop=stop or "")
     for lo in range(0, len(indices), batch_size):
         part = indices[lo : lo + batch_size]
         prompts = task.prompts(split, part, [swap] * len(part)).to(device)
         with ctx, D.gathered(fsdp_root if fsdp_root is not None else policy):
-            if engine == "vllm":
-                from .vllm_rollout import generate as vllm_generate
-
-                rollout = vllm_generate(policy, task.tokenizer, prompts, 1, max_new_tokens=max_new_tokens, stop=stop,
-                                        greedy=True)
-            elif engine == "engine":
-                rollout = engine_for(policy, task.tokenizer, max_new_tokens=max_new_tokens, stop=stop).generate(
-                    prompts, 1, greedy=True, reduce_max=reduce_max
-                )
-            else:
-                rollout = generate(
-                    policy, task.tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, greedy=True
-                )
+            rollouts = rollout_for(rollout_cfg, policy, task.tokenizer)
+            rollout = rollouts.generate(prompts, 1, greedy=True, reduce_max=reduce_max)
         r = task.rewards(rollout)
         for k in keys:
             v = r.get(k)

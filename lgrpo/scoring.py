@@ -18,7 +18,6 @@ both the log-prob passes and the fused loss, and is the FSDP root.
 
 from __future__ import annotations
 
-import inspect
 from contextlib import nullcontext
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from .attention import CHOICES, build_layout, install
 from .group import GroupBatch, PromptBatch
 from .kernels import grpo_loss, linear_grpo_loss, token_logprobs
+from .positions import continuation_positions, prompt_positions, text_positions, uses_mrope
 
 
 def completion_states(model, batch: GroupBatch, *, shared_prefix: bool = True,
@@ -83,36 +83,6 @@ def head_logprobs(hidden: torch.Tensor, head: nn.Module | torch.Tensor, targets:
 # --- the two forwards -------------------------------------------------------------------------------------
 
 
-def _is_vlm(model) -> bool:
-    return hasattr(model.base_model, "get_rope_index")
-
-
-def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions as HF generate assigns them to a left-padded text batch (pads get 1, never read)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
-
-
-def _prompt_positions(model, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts' positions (``[3, P, L]`` M-RoPE for a VLM, ``[P, L]`` for text) and the position of
-    the token after each prompt ``[P]``, where its completions start."""
-    mask = prompts.attention_mask.bool()
-    if not _is_vlm(model):
-        pos = text_positions(prompts.attention_mask)
-        return pos, mask.sum(-1)
-    base = model.base_model
-    types = prompts.mm_token_type_ids
-    if types is None:
-        types = (prompts.input_ids == model.config.image_token_id).int()
-    kwargs = dict(image_grid_thw=prompts.image_grid_thw, attention_mask=prompts.attention_mask)
-    if "mm_token_type_ids" in inspect.signature(base.get_rope_index).parameters:
-        kwargs["mm_token_type_ids"] = types
-    pos, _ = base.get_rope_index(prompts.input_ids, **kwargs)
-    # Text after the last image continues from the largest position so far (as get_rope_index numbers it).
-    nxt = pos.masked_fill(~mask[None], -1).amax(dim=(0, 2)) + 1
-    return pos, nxt
-
-
 def _check_prefix_masks(batch: GroupBatch) -> torch.Tensor:
     lengths = batch.lengths
     c = batch.completion_ids.shape[1]
@@ -130,13 +100,13 @@ def _shared_states(model, batch: GroupBatch, backend: str) -> torch.Tensor:
     lengths_c = _check_prefix_masks(batch)
     valid_p = prompts.attention_mask.bool()
     lengths_p = valid_p.sum(-1)
-    pos_p, nxt = _prompt_positions(model, prompts)
+    pos_p, nxt = prompt_positions(model, prompts)
     c = batch.completion_ids.shape[1]
-    pos_c = (nxt[group][:, None] + torch.arange(c, device=nxt.device)[None])[mask]
-    if pos_p.dim() == 3:  # M-RoPE: completion tokens are text, the same position on all three axes
-        flat_pos = torch.cat([pos_p[:, valid_p], pos_c[None].expand(3, -1)], -1)[:, None]
+    pos_c = continuation_positions(model, nxt[group], torch.arange(c, device=nxt.device))
+    if pos_p.dim() == 3:  # M-RoPE: [3, tokens]
+        flat_pos = torch.cat([pos_p[:, valid_p], pos_c[:, mask]], -1)[:, None]
     else:
-        flat_pos = torch.cat([pos_p[valid_p], pos_c])[None]
+        flat_pos = torch.cat([pos_p[valid_p], pos_c[mask]])[None]
     layout = build_layout(lengths_p, lengths_c, group, backend)
     inputs = {
         "input_ids": torch.cat([prompts.input_ids[valid_p], batch.completion_ids[mask]])[None],
@@ -167,7 +137,7 @@ def _repeated_states(model, batch: GroupBatch) -> torch.Tensor:
     if "mm_token_type_ids" in inputs:
         types = inputs["mm_token_type_ids"]
         inputs["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(ids, dtype=types.dtype)], 1)
-    if not _is_vlm(model):
+    if not uses_mrope(model):
         # Text: positions as generate assigned them. A VLM computes its (3-D) positions from the mask.
         inputs["position_ids"] = text_positions(inputs["attention_mask"])
     out = model.base_model(**inputs, use_cache=False)

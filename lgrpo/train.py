@@ -33,7 +33,7 @@ from .data import DataError
 from .eval import evaluate, format_report, write_report
 from .group import PromptBatch, Rollout
 from .metrics import MetricsWriteError
-from .rollout import clean_generation_config
+from .rollout.hf import clean_generation_config
 from .trainer import Models, Trainer
 
 # --- the task: prompts, rewards and warm-up targets from the model/data pipeline ----------------------

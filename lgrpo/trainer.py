@@ -29,13 +29,12 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import Checkpointer, CheckpointError, latest_checkpoint
 from .config import JobConfig
-from .engine import engine_for
 from .group import GroupBatch, PromptBatch, Rollout, encode_completions
 from .interrupt import GracefulStop, agree_max
 from .kernels import group_advantages
 from .metrics import MetricsLogger, MetricsWriteError, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
-from .rollout import generate
+from .rollout import rollout_for
 from .scoring import CompletionScorer
 
 
@@ -178,12 +177,8 @@ class Trainer:
         self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
         self.skipped_in_a_row = 0
         self.logger: MetricsLogger | None = None
-        if cfg.rollout.engine == "vllm":  # started now: eval and every rollout reuse it (lgrpo.vllm_rollout)
-            from .vllm_rollout import engine_for as vllm_engine_for
-
-            vllm_engine_for(self.policy, task.tokenizer, max_new_tokens=cfg.rollout.max_new_tokens,
-                            stop=cfg.rollout.stop or None, dtype=cfg.model.dtype, seed=cfg.train.seed,
-                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
+        if cfg.rollout.engine == "vllm":  # started now, with the run's dtype and seed: eval and every rollout reuse it
+            rollout_for(cfg.rollout, self.policy, task.tokenizer, dtype=cfg.model.dtype, seed=cfg.train.seed)
         # Prompt tokens this rank's scoring forwards computed in the current step, per phase: each prompt
         # once per micro-batch with the shared prefix, once per completion without.
         self.prompt_tokens = {"reference": 0, "update": 0}
@@ -219,25 +214,15 @@ class Trainer:
 
     @torch.no_grad()
     def rollouts(self, prompts: PromptBatch, prompt_ids: torch.Tensor) -> Rollout:
-        """G completions of every prompt, sampled by the seeded sampler (lgrpo.engine, or lgrpo.rollout
-        with --rollout.engine hf), or by vLLM with per-prompt seeds (--rollout.engine vllm)."""
+        """G completions of every prompt, sampled by the seeded sampler (the rollout engine, or transformers'
+        generate with --rollout.engine hf), or by vLLM with per-prompt seeds (--rollout.engine vllm)."""
         r = self.cfg.rollout
-        sampling = dict(temperature=r.temperature, top_p=r.top_p, seed=self.cfg.train.seed, step=self.step,
-                        prompt_ids=prompt_ids, batch_size=r.batch_size)
+        # every rank runs the same number of forwards (they may all-gather under FSDP)
+        sync = D.all_reduce_max if self.dist.world_size > 1 else None
         with D.gathered(self.scorer):
-            if r.engine == "vllm":
-                from .vllm_rollout import generate as vllm_generate
-
-                return vllm_generate(self.policy, self.task.tokenizer, prompts, self.G,
-                                     max_new_tokens=r.max_new_tokens, stop=r.stop or None, **sampling)
-            if r.engine == "engine":
-                engine = engine_for(self.policy, self.task.tokenizer, max_new_tokens=r.max_new_tokens,
-                                    stop=r.stop or None)
-                # every rank runs the same number of forwards (they may all-gather under FSDP)
-                sync = D.all_reduce_max if self.dist.world_size > 1 else None
-                return engine.generate(prompts, self.G, reduce_max=sync, **sampling)
-            return generate(self.policy, self.task.tokenizer, prompts, self.G, max_new_tokens=r.max_new_tokens,
-                            stop=r.stop, static_cache=r.static_cache, **sampling)
+            return rollout_for(r, self.policy, self.task.tokenizer).generate(
+                prompts, self.G, temperature=r.temperature, top_p=r.top_p, seed=self.cfg.train.seed, step=self.step,
+                prompt_ids=prompt_ids, batch_size=r.batch_size, reduce_max=sync)
 
     def policy_update(self, rollout: Rollout, advantages: torch.Tensor, timer: Timer) -> dict:
         """μ passes over the minibatches; each minibatch is one optimizer step."""

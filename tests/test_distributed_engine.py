@@ -28,7 +28,7 @@ def run_rank(out: Path) -> None:
     import torch.distributed as dist
 
     from lgrpo import distributed as D
-    from lgrpo.engine import RolloutEngine
+    from lgrpo.rollout.engine import RolloutEngine
     from tests.test_engine import STOP, _scripted_lm, _text_prompts
     from tests.toy_task import char_tokenizer
 

@@ -1,4 +1,4 @@
-"""The rollout engine (lgrpo.engine) against the transformers path it replaces (lgrpo.rollout.generate):
+"""The rollout engine (lgrpo.rollout.engine) against the transformers path it replaces (lgrpo.rollout.hf.generate):
 greedy token for token on the tiny VLM and the text stand-in, stops where StopOnString stops, seeded
 draws independent of the batch, the vision tower once per prompt, and the stop automaton."""
 
@@ -12,12 +12,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from lgrpo.engine import RolloutEngine, bucket_sizes, engine_for, prompt_columns
 from lgrpo.group import PromptBatch
 from lgrpo.model import load_model, load_tokenizer
-from lgrpo.rollout import StopOnString, clean_generation_config, generate
-from lgrpo.sampling import NonFiniteLogitsError
-from lgrpo.stop import StopCriteria, token_bytes
+from lgrpo.rollout.engine import RolloutEngine, engine_for
+from lgrpo.rollout.graphs import bucket_sizes, prompt_columns
+from lgrpo.rollout.hf import StopOnString, clean_generation_config, generate
+from lgrpo.rollout.sampler import NonFiniteLogitsError
+from lgrpo.rollout.stop import StopCriteria, token_bytes
 from tests.toy_task import char_tokenizer, ragged_vl_batch, tiny_lm
 
 STOP = "</answer>"
@@ -123,12 +124,12 @@ def test_the_kernel_inside_the_engine(vlm, monkeypatch):
     in its place gives the same rollouts, sampled and greedy, with the VLM's banned ids."""
     from lgrpo.kernels import sampler
 
-    import lgrpo.engine as E
+    import lgrpo.rollout.sampler as S
 
     model, tok, prompts = vlm
     engine = RolloutEngine(model, tok, max_new_tokens=5, stop=STOP)
     twin = [engine.generate(prompts, 2, seed=9), engine.generate(prompts, 2, greedy=True)]
-    monkeypatch.setattr(E, "CPU_SAMPLER", sampler.sample_tokens)
+    monkeypatch.setattr(S, "CPU_SAMPLER", sampler.sample_tokens)
     kernel = [engine.generate(prompts, 2, seed=9), engine.generate(prompts, 2, greedy=True)]
     for a, b in zip(twin, kernel):
         _same(a, b)
@@ -172,7 +173,7 @@ def _scripted_lm(tok):
 
 
 def _host_stops(tok, completion_ids, max_new, eos_ids):
-    """Where rollout.py's host-side logic (StopOnString, then the first EOS) ends each row."""
+    """Where the hf path's host-side logic (StopOnString, then the first EOS) ends each row."""
     n, width = completion_ids.shape
     prompt = torch.zeros(n, 1, dtype=torch.long)
     stopper = StopOnString(tok, STOP, prompt_len=1)
@@ -454,7 +455,7 @@ def test_engine_for_frees_its_engine_with_the_model(toy):
     clean_generation_config(model, tok)
     engine = engine_for(model, tok, max_new_tokens=3)
     engine.generate(prompts, 2, greedy=True)
-    refs = [weakref.ref(x) for x in (model, engine, engine._buf["kv"][0][0])]
+    refs = [weakref.ref(x) for x in (model, engine, engine._buf.kv[0][0])]
     del model, engine
     gc.collect()
     assert [r() for r in refs] == [None, None, None]

@@ -65,8 +65,8 @@ def test_gpu_eval_twice_with_a_weight_change_between(monkeypatch):
     so that such a replay reads NaN-filled blocks rather than, by luck of the allocator, fresh copies."""
     import lgrpo.eval as E
     from lgrpo import distributed as D
-    from lgrpo.engine import RolloutEngine, engine_for
-    from lgrpo.rollout import clean_generation_config
+    from lgrpo.rollout.engine import RolloutEngine, engine_for
+    from lgrpo.rollout.hf import clean_generation_config
 
     tok = char_tokenizer()
     task = ToyTask(tok, n_eval=8)

@@ -149,7 +149,7 @@ def test_one_stop_set_for_rollouts_masks_and_the_batcher():
     from lgrpo.batching import VLBatcher
     from lgrpo.model import load_policy, load_tokenizer
     from lgrpo.prompts import stop_token_ids
-    from lgrpo.rollout import clean_generation_config, generate
+    from lgrpo.rollout.hf import clean_generation_config, generate
 
     tok = load_tokenizer("tiny")
     stops = stop_token_ids(tok)

@@ -8,7 +8,7 @@ import torch
 from lgrpo.kernels import reference
 from lgrpo.kernels import sampler as S
 
-from lgrpo.sampling import fixed_point_probs
+from lgrpo.rollout.top_p import fixed_point_probs
 from tests.test_sampling import _chi_square_ok
 
 
@@ -52,7 +52,7 @@ def test_kernel_equals_the_pytorch_twin(gen, monkeypatch):
 
 def test_kernel_follows_the_present_samplers_distribution(gen):
     """Chi-square of 20000 draws (one row id each) against the fixed-point sampler's probabilities
-    (lgrpo.sampling), temperature 0.7, with a banned id that holds the largest logit."""
+    (lgrpo.rollout.top_p), temperature 0.7, with a banned id that holds the largest logit."""
     vocab, n = 11, 20000
     logits = torch.randn(vocab, generator=gen) * 1.5
     banned = torch.zeros(vocab, dtype=torch.bool)

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lgrpo.sampling import (
-    PROB_ONE,
-    BanTokens,
-    CounterSampler,
-    NonFiniteLogitsError,
-    counter_uniform,
-    fixed_point_probs,
-    row_cumsum,
-    sample_from_logits,
-)
+from lgrpo.rollout.hf import BanTokens, CounterSampler
+from lgrpo.rollout.sampler import NonFiniteLogitsError
+from lgrpo.rollout.top_p import PROB_ONE, counter_uniform, fixed_point_probs, row_cumsum, sample_from_logits
 
 
 def _chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
@@ -68,7 +61,7 @@ def test_row_cumsum_is_exact(gen, width):
 
 def test_blocked_scan_samples_the_same_tokens(gen, monkeypatch):
     """The CUDA path (blocked scan) and the CPU path (one scan) give the same ids: integer sums."""
-    import lgrpo.sampling as sampling
+    import lgrpo.rollout.top_p as sampling
 
     logits = torch.randn(5, 4099, generator=gen) * 2
     u = counter_uniform(11, 0, torch.arange(5), 3)

@@ -12,7 +12,8 @@ import torch
 
 from lgrpo.group import GroupBatch, PromptBatch
 from lgrpo.model import enable_activation_checkpointing, load_model
-from lgrpo.scoring import CompletionScorer, completion_logprobs, completion_states, text_positions
+from lgrpo.positions import text_positions
+from lgrpo.scoring import CompletionScorer, completion_logprobs, completion_states
 from lgrpo.synthetic import SyntheticTask
 from tests.toy_task import char_tokenizer, sharpened, tiny_lm
 

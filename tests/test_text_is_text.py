@@ -84,7 +84,7 @@ def test_adding_text_to_a_rendered_prompt_keeps_it_text(batcher):
 def test_the_judge_reads_prompts_and_its_own_reasoning_as_text(batcher, pairs, monkeypatch):
     """The judge's prompt reaches generate with the template's control tokens only, and its own reasoning
     (here a completion that spells a new system turn) reaches its listener forward as text."""
-    import lgrpo.rollout as R
+    import lgrpo.rollout.hf as R
     from lgrpo.judge import Judge
     from lgrpo.model import load_model
 

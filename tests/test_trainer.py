@@ -11,8 +11,9 @@ import torch
 from lgrpo import distributed as D
 from lgrpo.config import build_config
 from lgrpo.group import GroupBatch, PromptBatch, completion_mask
-from lgrpo.rollout import StopOnString, clean_generation_config, generate
-from lgrpo.scoring import CompletionScorer, text_positions
+from lgrpo.positions import text_positions
+from lgrpo.rollout.hf import StopOnString, clean_generation_config, generate
+from lgrpo.scoring import CompletionScorer
 from lgrpo.trainer import Models, NonFiniteError, PromptOrder, Trainer
 from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
 

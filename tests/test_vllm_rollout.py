@@ -4,7 +4,7 @@ Skipped where vLLM is not installed (the main venv: its transformers is outside 
 vLLM venv: ``bash tools/vllm_venv.sh && .venv-vllm/bin/python -m pytest -q tests/test_vllm_rollout.py``.
 
 The model is the tiny Qwen2.5-VL with head_dim 32 (vLLM's CPU attention needs >= 32; the built-in one has
-16), written by :func:`lgrpo.vllm_rollout.write_tiny_variant` into a temporary folder, fp32.
+16), written by :func:`lgrpo.rollout.vllm.write_tiny_variant` into a temporary folder, fp32.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (tools/vllm_venv.sh makes a venv with it)")
 
-from lgrpo.rollout import generate  # noqa: E402
-from lgrpo.vllm_rollout import VLLMRollout, request_seed, write_tiny_variant  # noqa: E402
+from lgrpo.rollout.hf import generate  # noqa: E402
+from lgrpo.rollout.vllm import VLLMRollout, request_seed, write_tiny_variant  # noqa: E402
 from tests.toy_task import ragged_vl_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

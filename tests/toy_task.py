@@ -113,7 +113,7 @@ def ragged_vl_batch(model_name: str):
     (4 to 16 visual tokens), left padded to different lengths: (model, tokenizer, PromptBatch)."""
     from lgrpo.batching import VLBatcher
     from lgrpo.model import load_model
-    from lgrpo.rollout import clean_generation_config
+    from lgrpo.rollout.hf import clean_generation_config
     from lgrpo.synthetic import SyntheticTask
 
     model = load_model(model_name, seed=0)

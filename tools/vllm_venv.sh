@@ -43,5 +43,5 @@ cp "$SHIM" "$SITE/_lgrpo_torchvision_shim.py"
 echo "import _lgrpo_torchvision_shim" > "$SITE/_lgrpo_torchvision_shim.pth"
 # No build isolation: lgrpo._C builds against the torch above.
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-"$PY" -c "import torchvision, vllm, lgrpo.vllm_rollout; print('vllm', vllm.__version__, 'torchvision', torchvision.__version__)"
+"$PY" -c "import torchvision, vllm, lgrpo.rollout.vllm; print('vllm', vllm.__version__, 'torchvision', torchvision.__version__)"
 touch "$STAMP"

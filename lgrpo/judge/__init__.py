@@ -10,7 +10,7 @@ r.order, r.scores, r.comparisons                            # best first (0-base
 ```
 
 **One judgement** (one order of the two images): the judge writes its reasoning greedily,
-``<think>…</think><answer>N</answer>`` (:func:`lgrpo.rollout.generate`), then its *calibrated probability*
+``<think>…</think><answer>N</answer>`` (:func:`lgrpo.rollout.hf.generate`), then its *calibrated probability*
 of each image is read exactly as the listener reads a reasoner (SPEC §1): the same model, prefilled with
 its own reasoning up to ``<answer>``, softmax over the logits of the two choice tokens at that next
 position (:class:`lgrpo.listener.Listener`, i.e. ``lgrpo.ops.listener_confidence``). One ``generate`` for

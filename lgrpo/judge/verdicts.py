@@ -83,7 +83,7 @@ class Judge:
         ``temperature``) to the constructor.
         """
         from ..model import load_model
-        from ..rollout import clean_generation_config
+        from ..rollout.hf import clean_generation_config
 
         model = load_model(name_or_path, trainable=False, dtype=dtype, device=device,
                            attn_implementation=attn_implementation, seed=seed)
@@ -194,12 +194,13 @@ class Judge:
 
     def _generate(self, prompts: list[str], images: list[list[ProcessedImage]]) -> list[str]:
         """Greedy completions of the reasoner prompts. The one place the judge calls the rollout engine."""
-        from ..rollout import generate
+        from ..config import RolloutConfig
+        from ..rollout import rollout_for
 
         batch = self.batcher.reasoner_batch(prompts, images).to(_device(self.model), _dtype(self.model))
-        rollout = generate(self.model, self.batcher.tokenizer, batch,
-                           max_new_tokens=self.max_new_tokens, stop=self.batcher.fmt.answer_close, greedy=True)
-        return rollout.texts
+        # transformers' generate: the judge runs a frozen model once per batch, not a training loop
+        path = RolloutConfig(engine="hf", max_new_tokens=self.max_new_tokens, stop=self.batcher.fmt.answer_close)
+        return rollout_for(path, self.model, self.batcher.tokenizer).generate(batch, greedy=True).texts
 
 
 def _device(model) -> torch.device:

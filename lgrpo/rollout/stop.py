@@ -12,7 +12,7 @@ so any way a byte-level BPE splits or merges the stop string at its boundary (``
 + ``>``, ``>\\n``, ``."</``, ...) is handled exactly. For a byte-level BPE a token's bytes come
 from the GPT-2 byte alphabet; for any other tokenizer from decoding the id alone.
 
-Equivalent to decoding the completion and testing ``stop in text`` (lgrpo.rollout.StopOnString):
+Equivalent to decoding the completion and testing ``stop in text`` (lgrpo.rollout.hf.StopOnString):
 UTF-8 is self-synchronising, so the stop string's bytes occur in the byte stream exactly when its
 characters occur in the decoded text.
 """

@@ -1,4 +1,5 @@
-"""The seeded sampler of rollouts: a pure function of ``(seed, step, row id, position)`` and the logits.
+"""The top-p sampler of rollouts (the hf path's, and the engine's with ``top_p < 1``): a pure function of
+``(seed, step, row id, position)`` and the logits.
 
 Each row draws one counter-based uniform number per position and inverts the CDF of
 ``softmax(logits / T)`` (after top-p). The same prompt therefore gets the same completion on any
@@ -21,7 +22,6 @@ host, and copied to the device once: nothing in a decoding step waits for the GP
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor
 
 _MASK32 = 0xFFFFFFFF
 PROB_ONE = 2**61  # fixed-point scale of a probability: 1.0 -> 2^61; a row's sum stays below 2^62
@@ -122,80 +122,3 @@ def sample_from_logits(
     target = torch.minimum(target, total - 1).clamp_(min=0)
     idx = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
     return idx.masked_fill_(empty, 0), empty
-
-
-class NonFiniteLogitsError(RuntimeError):
-    pass
-
-
-class CounterSampler(LogitsProcessor):
-    """Turns HF greedy decoding into seeded sampling: the chosen token gets 0, every other -inf.
-
-    The uniforms of all ``max_new_tokens`` positions are made at construction (on the host) and moved
-    to the logits' device on the first call. Rows with no finite logit are recorded, not raised on
-    the spot (that would wait for the GPU every token): call :meth:`check` after generating.
-    """
-
-    def __init__(
-        self,
-        seed: int,
-        step: int,
-        row_ids: torch.Tensor,
-        temperature: float,
-        top_p: float,
-        prompt_len: int,
-        max_new_tokens: int,
-    ):
-        self.temperature, self.top_p, self.prompt_len = temperature, top_p, prompt_len
-        self.row_ids = torch.as_tensor(row_ids, dtype=torch.long).cpu()
-        self.uniforms = counter_uniform(seed, step, self.row_ids, torch.arange(max_new_tokens))
-        self.empty: torch.Tensor | None = None  # [B] bool on the logits' device
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # The index within the completion, not the padded length: padding depends on the batch.
-        position = input_ids.shape[1] - self.prompt_len
-        if self.uniforms.device != scores.device:
-            self.uniforms = self.uniforms.to(scores.device)
-        ids, empty = sample_from_logits(scores, self.uniforms[:, position], self.temperature, self.top_p)
-        self.empty = empty if self.empty is None else self.empty | empty
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, ids.unsqueeze(1), 0.0)
-        return out
-
-    def check(self) -> None:
-        """Raise if any row met logits with nothing finite to sample from (a diverged policy)."""
-        if self.empty is not None and bool(self.empty.any()):
-            rows = self.row_ids[self.empty.cpu()].tolist()
-            raise NonFiniteLogitsError(
-                f"the policy's logits had no finite value (NaN or all -inf) while sampling rows {rows[:8]}"
-                f"{' ...' if len(rows) > 8 else ''}: the model has diverged"
-            )
-
-
-class BanTokens(LogitsProcessor):
-    """Never emit these ids (a VLM's image/video placeholders: one in a completion breaks the next forward,
-    which counts placeholders against image features). Applied before sampling, so the sampler draws from
-    the policy renormalised without them; a trained model gives them ~0 mass anyway."""
-
-    def __init__(self, ids: list[int]):
-        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
-        self._on_device: tuple | None = None  # (device, vocab, ids there): one copy, not one per token
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        key = (scores.device, scores.shape[-1])
-        if self._on_device is None or self._on_device[:2] != key:
-            self._on_device = (*key, self.ids[self.ids < scores.shape[-1]].to(scores.device))
-        return scores.index_fill(-1, self._on_device[2], float("-inf"))
-
-
-def placeholder_token_ids(config) -> list[int]:
-    """The vision placeholder / delimiter ids of a (V)LM config (empty for a text model)."""
-    names = (
-        "image_token_id",
-        "video_token_id",
-        "vision_start_token_id",
-        "vision_end_token_id",
-        "vision_token_id",
-    )
-    ids = [getattr(config, n, None) for n in names]
-    return [int(i) for i in ids if isinstance(i, int)]

