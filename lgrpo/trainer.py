@@ -32,7 +32,7 @@ from .config import JobConfig
 from .engine import engine_for
 from .group import GroupBatch, PromptBatch, Rollout, encode_completions
 from .interrupt import GracefulStop
-from .kernels import group_advantages
+from .kernels import PER_SEQUENCE, group_advantages, loss_options
 from .metrics import MetricsLogger, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
 from .rollout import generate
@@ -304,13 +304,10 @@ class Trainer:
             beta=cfg.beta,
             importance_level=cfg.importance_level,
         )
-        if cfg.loss_type in ("dapo", "bnpo"):
-            # bnpo's "per token over the batch" is dapo with the global token count as num_items.
-            loss_kwargs.update(loss_type="dapo", num_items=global_tokens)
-        elif cfg.loss_type == "dr_grpo":
-            loss_kwargs.update(loss_type="dr_grpo", max_len=self.cfg.rollout.max_new_tokens)
-        else:
-            loss_kwargs.update(loss_type="grpo")
+        # normalised by the step's global counts: tokens over every rank, dr_grpo's length the rollout's cap
+        loss_kwargs.update(
+            loss_options(cfg.loss_type, num_items=global_tokens, max_len=self.cfg.rollout.max_new_tokens)
+        )
 
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, tokens, clipped, entropy, kl
         for lo in range(0, len(rows), cfg.micro_batch_size):
@@ -326,7 +323,7 @@ class Trainer:
             loss, logp, entropy, kl, clipped = self.scorer(
                 part, temperature=self.cfg.rollout.temperature, loss=kwargs
             )
-            if cfg.loss_type in ("grpo", "dr_grpo"):
+            if cfg.loss_type in PER_SEQUENCE:
                 loss = loss * (len(sub) / global_seqs)  # per-sequence means: weight by the share of sequences
             # FSDP2 averages gradients over ranks; the loss above is already a share of the global loss.
             (loss * world).backward()
