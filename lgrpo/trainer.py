@@ -339,22 +339,12 @@ class Trainer:
             )
         D.all_reduce_sum(sums)
 
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        grad_norm = (
-            D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else torch.zeros(())
-        )
-        loss_value, norm_value = float(sums[0]), float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._non_finite(loss_value, norm_value)
-        else:
-            if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(
-                    self.policy.parameters(), self.cfg.optim.grad_clip, grad_norm, foreach=True
-                )
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        loss_value = float(sums[0])
+        norm_value, stepped = self.gradient_step(self.optimizer, loss_value)
+        if stepped:
             self.skipped_in_a_row = 0
+        else:
+            self._non_finite(loss_value, norm_value)
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():  # a skipped update: the schedule still follows the step count
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -368,6 +358,24 @@ class Trainer:
             "ent_sum": float(sums[3]),
             "kl_sum": float(sums[4]),
         }
+
+    def gradient_step(self, optimizer: torch.optim.Optimizer, loss: float) -> tuple[float, bool]:
+        """After the backward passes, for the update and the warm-up alike: the global gradient norm, then,
+        when it and ``loss`` are finite, clipping to ``optim.grad_clip`` and one ``optimizer`` step.
+
+        Returns the norm and whether the step was taken. The gradients are dropped either way, so a
+        non-finite step leaves the weights (and the optimizer's moments) as they were."""
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        norm = D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else torch.zeros(())
+        finite = math.isfinite(loss) and math.isfinite(float(norm))
+        if finite:
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(
+                    self.policy.parameters(), self.cfg.optim.grad_clip, norm, foreach=True
+                )
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm), finite
 
     def _non_finite(self, loss: float, grad_norm: float) -> None:
         """Stop (default) or skip: either way the weights were not touched."""
@@ -494,17 +502,12 @@ class Trainer:
                 (loss * self.dist.world_size).backward()
                 total += loss.detach().double()
             loss_value = float(D.all_reduce_sum(total))
-            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-            norm = D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
-            if not (math.isfinite(loss_value) and math.isfinite(float(norm))):
+            norm, stepped = self.gradient_step(optimizer, loss_value)
+            if not stepped:
                 raise NonFiniteError(
                     f"warm-up step {len(losses) + 1}: non-finite loss ({loss_value}) or "
-                    f"gradient norm ({float(norm)}); the weights were not updated"
+                    f"gradient norm ({norm}); the weights were not updated"
                 )
-            if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.policy.parameters(), self.cfg.optim.grad_clip, norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             losses.append(loss_value)
             if logger is not None:
                 logger.update(1)
