@@ -13,7 +13,7 @@ from lgrpo.config import build_config
 from lgrpo.group import GroupBatch, PromptBatch, completion_mask
 from lgrpo.rollout import StopOnString, clean_generation_config, generate
 from lgrpo.scoring import CompletionScorer, text_positions
-from lgrpo.trainer import Models, NonFiniteError, PromptOrder, Trainer
+from lgrpo.trainer import Models, NonFiniteError, Trainer
 from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
 
 
@@ -320,17 +320,6 @@ def test_non_finite_skip_mode_drops_the_update_and_goes_on(tmp_path):
     assert len(history) == 2 and history[0]["grad_norm"] != history[0]["grad_norm"]  # NaN logged
     assert history[1]["grad_norm"] == history[1]["grad_norm"]
     assert not torch.equal(before, param)  # the second step did update
-
-
-def test_prompt_order_is_a_permutation_per_epoch_and_resumable():
-    order = PromptOrder(10, 4, seed=1)
-    seen = [order.next()[0] for _ in range(5)]  # 20 prompts = 2 epochs
-    flat = sum(seen, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
-    state = order.state_dict()
-    again = PromptOrder(10, 4, seed=1)
-    again.load_state_dict(state)
-    assert again.next() == order.next()
 
 
 @pytest.mark.usefixtures("reference_kernels")
