@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import Checkpointer, latest_checkpoint
+from .checkpoint import Checkpointer, ModelState, OptimizerState, latest_checkpoint
 from .config import JobConfig
 from .data import PromptOrder
 from .engine import engine_for
@@ -123,10 +123,13 @@ class Trainer:
         self.order = PromptOrder(
             task.num_prompts("train"), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.swap_augment
         )
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist)
         self.step = 0  # completed GRPO steps
         self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
         self.skipped_in_a_row = 0
+        # What a checkpoint holds: each entry's state_dict() is saved, its load_state_dict() called on resume.
+        states = {"model": ModelState(self.policy), "optimizer": OptimizerState(self.policy, self.optimizer),
+                  "scheduler": self.scheduler, "trainer": self}
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist, states)
         self.logger: MetricsLogger | None = None
         if cfg.rollout.engine == "vllm":  # started now: eval and every rollout reuse it (lgrpo.vllm_rollout)
             from .vllm_rollout import engine_for as vllm_engine_for
@@ -488,12 +491,16 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"data": self.order.state_dict(), "skipped_in_a_row": self.skipped_in_a_row}
+        """The trainer's own part of a checkpoint (JSON): completed steps, data position, skips in a row."""
+        return {"step": self.step, "data": self.order.state_dict(), "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.order.load_state_dict(state["data"])
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
 
     def save(self) -> Path:
-        return self.checkpointer.save(
-            self.step, self.policy, self.optimizer, self.scheduler, self.state_dict()
-        )
+        return self.checkpointer.save(self.step)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path``, or what ``checkpoint.resume`` names (``auto``: the newest checkpoint that verifies)."""
@@ -502,10 +509,7 @@ class Trainer:
             path = self.checkpointer.find(self.cfg.checkpoint.resume)
             if path is None:
                 return False
-        state = self.checkpointer.load(path, self.policy, self.optimizer, self.scheduler, verified=verified)
-        self.step = state["step"]
-        self.order.load_state_dict(state["data"])
-        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+        self.checkpointer.load(path, verified=verified)  # every registered state, this trainer's included
         if self.dist.is_main:
             print(f"[resume] from {path} at step {self.step}", flush=True)
         return True

@@ -29,7 +29,8 @@ OVERRIDES = {
 def run(out_dir: Path) -> dict:
     """One training run of the stand-in (world size from the environment); returns what rank 0 saw."""
     from lgrpo import distributed as D
-    from lgrpo.checkpoint import export_pretrained, latest_checkpoint
+    from lgrpo.checkpoint import latest_checkpoint
+    from lgrpo.export import export_pretrained
     from tests.test_trainer import make_trainer
 
     trainer = make_trainer(out_dir, **OVERRIDES)
@@ -37,16 +38,8 @@ def run(out_dir: Path) -> dict:
     export_pretrained(trainer.policy, out_dir / "final", trainer.dist)
     # Resume the step-2 checkpoint into a fresh trainer and redo step 3: the same loss again.
     again = make_trainer(out_dir / "again", **OVERRIDES)
-    again.checkpointer.load(
-        latest_checkpoint(out_dir / "checkpoints").with_name("step_0000002"),
-        again.policy,
-        again.optimizer,
-        again.scheduler,
-    )
-    again.order.load_state_dict(
-        json.loads((out_dir / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())["data"]
-    )
-    again.step = 2
+    again.checkpointer.load(latest_checkpoint(out_dir / "checkpoints").with_name("step_0000002"))
+    assert again.step == 2  # the trainer's own state (step, data position) came back with the weights
     redo = again.train_step()
     result = {
         "losses": [m["loss"] for m in history],
