@@ -419,6 +419,8 @@ class Trainer:
         A random or tiny policy never writes ``<think>…</think><answer>k</answer>`` by chance, so every
         group would get the same (zero) format reward and GRPO would have nothing to learn from.
         Uses its own constant-lr AdamW (not checkpointed: a resumed run starts from GRPO weights).
+        On N ranks: the same batches and normaliser as one process, the gradients equal to float32
+        rounding, the weights close but not bit-identical (lgrpo.distributed: what equals what).
         """
         cfg = self.cfg.sft
         if cfg.steps == 0:
