@@ -5,6 +5,7 @@ on CUDA tensors (or under ``TRITON_INTERPRET=1``) and fall back to the pure-PyTo
 elsewhere.
 ``linear_grpo_loss`` does the same from hidden states and the lm_head weight, chunk by chunk,
 never holding the full logits.
+``loss_options`` maps a loss type and its normaliser to those functions' options.
 """
 
 if __name__ == "lgrpo.kernels":
@@ -13,8 +14,12 @@ if __name__ == "lgrpo.kernels":
     from .grpo import grpo_loss
     from .linear_grpo import linear_grpo_loss
     from .logprobs import token_logprobs
+    from .loss_options import PER_SEQUENCE, loss_options
 
-    __all__ = ["GRPOLossOutput", "group_advantages", "grpo_loss", "linear_grpo_loss", "token_logprobs"]
+    __all__ = [
+        "PER_SEQUENCE", "GRPOLossOutput", "group_advantages", "grpo_loss", "linear_grpo_loss", "loss_options",
+        "token_logprobs",
+    ]
 else:
     # This folder was found as a top-level `kernels` because the repository root is on sys.path
     # (`python -m ...` or pytest started from the checkout, torchrun ranks with PYTHONPATH=<root>).

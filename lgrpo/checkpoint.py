@@ -1,5 +1,4 @@
-"""Checkpoints that count only once complete and verified, resume of everything a step depends on, and
-the final export.
+"""Checkpoints that count only once complete and verified, and resume of everything a step depends on.
 
 Layout of a run's ``checkpoints/`` folder::
 
@@ -19,8 +18,14 @@ the new one is in place). On resume the newest checkpoint is verified against it
 checksums); a damaged one is passed over, with a warning naming it and the one used instead. The
 folder must be on a file system every rank sees (one node, or a shared file system across nodes).
 
+What a checkpoint holds is the registry of stateful objects the :class:`Checkpointer` is handed
+(torchtitan's pattern): each entry's ``state_dict()`` is saved and its ``load_state_dict()`` called on
+resume, so the trainer never passes its pieces one by one.
+
 The same atomic, verified folder holds the warm-up's weights (:func:`save_weights`): the frozen
 reference and listener are copies of the warmed-up policy, and a resumed run rebuilds them from it.
+Elsewhere: process seeding and RNG state (lgrpo.seeding), the run folder's lock (lgrpo.run_lock), the
+final Hugging Face export (lgrpo.export).
 """
 
 from __future__ import annotations
@@ -30,30 +35,27 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
+    get_optimizer_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
 from . import distributed as D
+from .seeding import RNG_FORMAT, rng_state, set_rng_state
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 DONE = "DONE"
@@ -64,129 +66,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message says why and what is intact."""
 
 
-# --- one owner per run folder ---------------------------------------------------------------------
-
-LOCK_FILE = "run.lock"
-
-
-class RunFolderBusy(CheckpointError):
-    """Another live process holds the run folder's lock; the message names it."""
-
-
-class RunLock:
-    """An exclusive ``fcntl.flock`` on ``<run folder>/run.lock``, held for the life of the process.
-
-    Two trainers in one folder would replace each other's ``metrics.jsonl`` and delete each other's
-    ``step_N.tmp`` (a requeued job started while the old one still runs). The kernel drops a flock
-    when its holder dies, however it dies, so a lock that can be taken is never a live owner's; the
-    file's contents (host, PID, since when) only name the holder in the refusal, and when a taken lock
-    still names someone, that holder died without releasing it: taken over with a warning.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike):
-        import fcntl
-        import socket
-        from datetime import datetime
-
-        self.path = Path(run_dir) / LOCK_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(self._fd)
-            os.close(self._fd)
-            raise RunFolderBusy(
-                f"run folder {self.path.parent} is in use by {holder} (lock {self.path}): wait for that run "
-                "to end or stop it, or start this one under another --run.name") from None
-        except OSError as err:  # a file system without locks (some network mounts): say so, go on
-            print(f"[warn] cannot lock {self.path} ({err.strerror}): this file system does not support "
-                  "locks, so nothing stops a second run from using the folder at the same time", flush=True)
-            self.taken_over = None
-        else:
-            self.taken_over = _lock_holder(self._fd, default=None)
-        if self.taken_over is not None:
-            print(f"[warn] {self.path}: taking over the lock of {self.taken_over}, which ended without "
-                  "releasing it (killed or crashed)", flush=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, (json.dumps(me) + "\n").encode(), 0)
-        os.fsync(self._fd)
-
-    def release(self) -> None:
-        """Empty the file (a clean end: the next owner has nothing to warn about), then unlock."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
-        os.close(self._fd)  # closing the last descriptor drops the flock
-        self._fd = None
-
-
-def _lock_holder(fd: int, default: str | None = "another process") -> str | None:
-    """"PID 1234 on host h since 2026-12-07 11:40:03 UTC" from the lock file, or ``default`` when empty."""
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "null")
-        return f"PID {info['pid']} on host {info['host']} since {info['since']}"
-    except (OSError, ValueError, TypeError, KeyError):
-        return default
-
-
-_HELD: dict[str, RunLock] = {}  # run folder (real path) -> this process's lock on it
-
-
-def lock_run_folder(run_dir: str | os.PathLike, dist: D.Dist) -> RunLock | None:
-    """Rank 0 takes the run folder's :class:`RunLock` (released at exit); every rank raises the same
-    :class:`RunFolderBusy` when it is held, so no rank waits in a collective for one that gave up."""
-    import atexit
-
-    lock, refusal = None, None
-    if dist.is_main:
-        key = os.path.realpath(run_dir)
-        lock = _HELD.get(key)
-        if lock is None or lock._fd is None:  # this process already owns it: a second main() in one process
-            try:
-                lock = _HELD[key] = RunLock(run_dir)
-                atexit.register(lock.release)
-            except RunFolderBusy as err:
-                refusal = str(err)
-    refusal = D.broadcast_object(refusal)
-    if refusal is not None:
-        raise RunFolderBusy(refusal)
-    return lock
-
-
-# --- RNG ------------------------------------------------------------------------------------------
-
-
-# Our own state in a checkpoint is tensors, numbers and strings only, read with torch.load(weights_only=True):
-# loading a checkpoint runs none of our code (a pickle could run any). DCP's .metadata is torch's own
-# pickle: a checkpoint folder must still come from a trusted source (docs/failures.md).
-RNG_FORMAT = 2
-
-
-def rng_state() -> dict:
-    """This process's RNG streams as plain data: torch/cuda tensors, Python's state tuple of ints, and
-    numpy's MT19937 state with its key array as a tensor (numpy arrays are not weights_only-loadable)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"format": RNG_FORMAT, "torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --- RNG files ---------------------------------------------------------------------------------
 
 
 def load_rng_file(path: Path) -> dict:
@@ -204,12 +84,6 @@ def load_rng_file(path: Path) -> dict:
         raise CheckpointError(f"{path}: not an lgrpo RNG state of format {RNG_FORMAT}; start over with "
                               "--checkpoint.resume none or a new --run.name")
     return state
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 @contextlib.contextmanager
@@ -419,33 +293,72 @@ def _write_folder(final: Path, dist: D.Dist, write_all: Callable[[Path], None],
     return final
 
 
-class Checkpointer:
-    """Save/load the policy, optimizer, scheduler, trainer state and per-rank RNG; keep the latest k."""
+class ModelState:
+    """The model as a stateful entry of the checkpointer's registry: plain or FSDP-sharded, any dtype."""
 
-    def __init__(self, folder: str | os.PathLike, keep: int, dist: D.Dist):
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """The optimizer as a stateful entry: its state keyed by parameter name (the model's), so it reshards."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+# Entries of the registry whose state is tensors: written with DCP (sharded, any world size). The others
+# are JSON in trainer_state.json: "trainer" at its top level (step, data position...), each other under
+# its own name ("scheduler").
+TENSOR_STATES = ("model", "optimizer")
+TOP_LEVEL_STATE = "trainer"
+
+
+class Checkpointer:
+    """Save/load a registry of stateful objects and per-rank RNG; keep the latest k.
+
+    ``states`` (torchtitan's Stateful registry) maps a name to an object with ``state_dict()`` and
+    ``load_state_dict()``: the trainer hands ``{"model", "optimizer", "scheduler", "trainer"}``
+    (:class:`ModelState`, :class:`OptimizerState`, its LR scheduler, itself). A scheduler may be None.
+    """
+
+    def __init__(self, folder: str | os.PathLike, keep: int, dist: D.Dist, states: dict):
         self.folder = Path(folder)
         self.keep = keep
         self.dist = dist
+        self.states = states
 
-    def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict
-    ) -> Path:
+    def save(self, step: int) -> Path:
         """Write ``step_N`` atomically (collective: every rank calls it); raises :class:`CheckpointError`
         (every rank) when it cannot, leaving the earlier checkpoints as they were."""
 
         def write_all(tmp: Path) -> None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            tensors = {k: self.states[k].state_dict() for k in TENSOR_STATES if k in self.states}
             with _single_process_quiet():
-                dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp))
+                dcp.save(tensors, checkpoint_id=str(tmp))
             torch.save(rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
 
         def write_main(tmp: Path) -> None:
-            state = {
-                "step": step,
-                "world_size": self.dist.world_size,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                **trainer_state,
-            }
+            state: dict = {"step": step, "world_size": self.dist.world_size}
+            for name, obj in self.states.items():
+                if name in TENSOR_STATES:
+                    continue
+                if name == TOP_LEVEL_STATE:
+                    state.update(obj.state_dict())
+                else:
+                    state[name] = obj.state_dict() if obj is not None else None
             _fsync_write(tmp / "trainer_state.json", json.dumps(state, indent=2))
 
         final = _write_folder(self.folder / step_dir_name(step), self.dist, write_all, write_main,
@@ -500,11 +413,9 @@ class Checkpointer:
         good = [p for p in complete_checkpoints(path.parent) if p != path]
         return f"; other complete checkpoints there: {', '.join(p.name for p in good)}" if good else ""
 
-    def load(
-        self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler,
-        *, verified: bool = False,
-    ) -> dict:
-        """Restore a complete checkpoint in place; returns its trainer state (step, data position...).
+    def load(self, path: str | os.PathLike, *, verified: bool = False) -> dict:
+        """Restore a complete checkpoint into every registered state, in place; returns the JSON state
+        (step, world size, data position...).
 
         Verifies it first (collective) unless ``verified`` (it came from :meth:`find`)."""
         path = Path(path)
@@ -512,16 +423,16 @@ class Checkpointer:
         if problems:
             raise CheckpointError(f"{path} cannot be loaded: {'; '.join(problems)}" + self._others(path))
         state = json.loads((path / "trainer_state.json").read_text())
-        if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            sd = {"model": model_sd, "optimizer": optim_sd}
-            with _single_process_quiet():
-                dcp.load(sd, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-        else:
-            _load_model(path, model)
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        tensors = {k: self.states[k].state_dict() for k in TENSOR_STATES if k in self.states}
+        with _single_process_quiet():
+            dcp.load(tensors, checkpoint_id=str(path))  # in place, into the entries' own (sharded) tensors
+        for name, sd in tensors.items():
+            self.states[name].load_state_dict(sd)
+        for name, obj in self.states.items():
+            if name == TOP_LEVEL_STATE:
+                obj.load_state_dict(state)
+            elif name not in TENSOR_STATES and obj is not None and state.get(name) is not None:
+                obj.load_state_dict(state[name])
         rng_file = path / f"rng_rank{self.dist.rank}.pt"
         if rng_file.is_file() and state.get("world_size") == self.dist.world_size:
             set_rng_state(load_rng_file(rng_file))
@@ -580,31 +491,3 @@ def load_weights(folder: str | os.PathLike, models: list[nn.Module], *, verified
         raise CheckpointError(f"{folder}: {'; '.join(problems)}")
     for m in models:
         _load_model(folder, m)
-
-
-# --- the final export -----------------------------------------------------------------------------
-
-
-def export_pretrained(
-    model: nn.Module, out_dir: str | os.PathLike, dist: D.Dist, extra_savers: tuple = ()
-) -> Path | None:
-    """Write ``model`` as a safetensors Hugging Face folder that ``from_pretrained`` loads.
-
-    Collective under FSDP2 (the full weights are gathered to rank 0's CPU, one tensor at a time);
-    rank 0 writes to ``out_dir.tmp`` and renames. ``extra_savers`` are objects with
-    ``save_pretrained`` (tokenizer, image processor) written into the same folder.
-    """
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    out = Path(out_dir)
-    if dist.is_main:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=full, safe_serialization=True)
-        for saver in extra_savers:
-            if saver is not None:
-                saver.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    D.barrier()
-    return out if dist.is_main else None

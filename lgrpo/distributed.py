@@ -26,6 +26,27 @@ Evaluation splits the pairs evenly (``ceil(n / world)`` per rank, padded with re
 dropped), so the per-batch listener calls, and their padding all-reduce, are equal in number too.
 Checkpoint saves, exports and the per-step metric all-reduces run on every rank unconditionally.
 Tests: tests/test_distributed.py (2 processes, gloo, with a timeout so a hang fails).
+
+What equals what between N ranks and one process, the GRPO update and the supervised warm-up alike:
+
+- **bit for bit**: each step's prompts and their order (lgrpo.data.PromptOrder, split by rank), the
+  warm-up's targets, the rollouts' random draws (keyed by the global row, not the rank), and the
+  global token and sequence counts every loss is normalised by;
+- **to float32 rounding**: each step's gradient and gradient norm. Micro-batch gradients are summed in
+  another order (autograd's accumulation on one process, FSDP's reduce-scatter across ranks) and a
+  sharded norm sums its shards; the logged losses are fp64 sums of the same fp32 terms.
+- **closely, not exactly**: the weights. AdamW divides each coordinate's step by its own gradient scale,
+  so a coordinate whose gradient is near zero (where rounding is most of its value) can move by up to
+  the learning rate either way, and such differences compound step after step.
+
+The seeded sampler draws the same token only while no token's cumulative probability lies within the
+weights' difference of its uniform draw. So a short run reproduces one process's rollouts, and its
+losses for the first steps after identical weights (tests/test_distributed.py: 3 GRPO steps; and a warm-up
+of 8 steps, after which the same completions are sampled, the losses drifting apart from the second GRPO
+step at the test's lr 1e-2), while a long run, a long warm-up at its high learning rate above all, may
+take another path from some step on: a run distributed like the one-process run, not identical to it.
+Bit-identical sums would need a fixed reduction tree over every micro-batch of every rank (per-micro-batch
+gradients kept, or gathered), which costs memory the update cannot spare.
 """
 
 from __future__ import annotations

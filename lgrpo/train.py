@@ -19,21 +19,16 @@ import torch
 
 from . import distributed as D
 from . import preflight
-from .checkpoint import (
-    CheckpointError,
-    export_pretrained,
-    load_weights,
-    lock_run_folder,
-    save_weights,
-    seed_everything,
-    weights_info,
-)
+from .checkpoint import CheckpointError, load_weights, save_weights, weights_info
 from .config import ConfigError, JobConfig, parse_args, save_config
 from .data import DataError
 from .eval import evaluate, format_report, write_report
+from .export import export_pretrained
 from .group import PromptBatch, Rollout
 from .metrics import MetricsWriteError
 from .rollout.hf import clean_generation_config
+from .run_lock import lock_run_folder
+from .seeding import seed_everything
 from .trainer import Models, Trainer
 
 # --- the task: prompts, rewards and warm-up targets from the model/data pipeline ----------------------

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import Checkpointer, CheckpointError, latest_checkpoint
+from .checkpoint import Checkpointer, CheckpointError, ModelState, OptimizerState, latest_checkpoint
 from .config import JobConfig
+from .data import PromptOrder
 from .group import GroupBatch, PromptBatch, Rollout, encode_completions
 from .interrupt import GracefulStop, agree_max
-from .kernels import group_advantages
+from .kernels import PER_SEQUENCE, group_advantages, loss_options
 from .metrics import MetricsLogger, MetricsWriteError, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
 from .rollout import rollout_for
@@ -60,57 +61,6 @@ class Task(Protocol):
 
     def sft_targets(self, prompts: PromptBatch) -> list[str]:
         """The templated reasoning + answer for each prompt (supervised warm-up)."""
-
-
-# --- data order -----------------------------------------------------------------------------------
-
-
-class PromptOrder:
-    """Global prompt order: a seeded permutation per epoch, consumed ``per_step`` prompts at a time.
-
-    The order depends only on (seed, epoch), never on the number of ranks; the state is two ints.
-    ``swap`` flags (image-position augmentation) are a seeded function of (seed, epoch, index), or
-    all False with ``swap=False``.
-    """
-
-    def __init__(self, n: int, per_step: int, seed: int, swap: bool = True):
-        if n < 1:
-            raise ValueError("the training split holds no prompts")
-        self.n, self.per_step, self.seed, self.swap = n, per_step, seed, swap
-        self.epoch, self.offset = 0, 0
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def next(self) -> tuple[list[int], list[bool]]:
-        idx, swaps = [], []
-        while len(idx) < self.per_step:
-            perm = self._perm(self.epoch)
-            take = min(self.per_step - len(idx), self.n - self.offset)
-            chunk = perm[self.offset : self.offset + take].tolist()
-            g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch + 1)
-            flips = torch.rand(self.n, generator=g) < 0.5
-            idx += chunk
-            swaps += [bool(flips[i]) and self.swap for i in chunk]
-            self.offset += take
-            if self.offset == self.n:
-                self.epoch, self.offset = self.epoch + 1, 0
-        return idx, swaps
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "n": self.n}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("n", self.n) != self.n:
-            raise ValueError(
-                f"the checkpoint's data order was over {state['n']} prompts, the data now holds "
-                f"{self.n}: resume with the same data (a bad row need not be removed: with --data.on_bad_row "
-                f"skip it keeps its place, is replaced when drawn and listed in bad_rows.jsonl)"
-            )
-        self.epoch, self.offset = state["epoch"], state["offset"]
-
-
 
 
 # --- the trainer -------------------------------------------------------------------------------------
@@ -172,10 +122,13 @@ class Trainer:
         self.order = PromptOrder(
             task.num_prompts("train"), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.swap_augment
         )
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist)
         self.step = 0  # completed GRPO steps
         self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
         self.skipped_in_a_row = 0
+        # What a checkpoint holds: each entry's state_dict() is saved, its load_state_dict() called on resume.
+        states = {"model": ModelState(self.policy), "optimizer": OptimizerState(self.policy, self.optimizer),
+                  "scheduler": self.scheduler, "trainer": self}
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist, states)
         self.logger: MetricsLogger | None = None
         if cfg.rollout.engine == "vllm":  # started now, with the run's dtype and seed: eval and every rollout reuse it
             rollout_for(cfg.rollout, self.policy, task.tokenizer, dtype=cfg.model.dtype, seed=cfg.train.seed)
@@ -289,13 +242,10 @@ class Trainer:
             beta=cfg.beta,
             importance_level=cfg.importance_level,
         )
-        if cfg.loss_type in ("dapo", "bnpo"):
-            # bnpo's "per token over the batch" is dapo with the global token count as num_items.
-            loss_kwargs.update(loss_type="dapo", num_items=global_tokens)
-        elif cfg.loss_type == "dr_grpo":
-            loss_kwargs.update(loss_type="dr_grpo", max_len=self.cfg.rollout.max_new_tokens)
-        else:
-            loss_kwargs.update(loss_type="grpo")
+        # normalised by the step's global counts: tokens over every rank, dr_grpo's length the rollout's cap
+        loss_kwargs.update(
+            loss_options(cfg.loss_type, num_items=global_tokens, max_len=self.cfg.rollout.max_new_tokens)
+        )
 
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, tokens, clipped, entropy, kl
         for lo in range(0, len(rows), cfg.micro_batch_size):
@@ -311,7 +261,7 @@ class Trainer:
             loss, logp, entropy, kl, clipped = self.scorer(
                 part, temperature=self.cfg.rollout.temperature, loss=kwargs
             )
-            if cfg.loss_type in ("grpo", "dr_grpo"):
+            if cfg.loss_type in PER_SEQUENCE:
                 loss = loss * (len(sub) / global_seqs)  # per-sequence means: weight by the share of sequences
             # FSDP2 averages gradients over ranks; the loss above is already a share of the global loss.
             (loss * world).backward()
@@ -327,22 +277,12 @@ class Trainer:
             )
         D.all_reduce_sum(sums)
 
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        grad_norm = (
-            D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else torch.zeros(())
-        )
-        loss_value, norm_value = float(sums[0]), float(grad_norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self._non_finite(loss_value, norm_value)
-        else:
-            if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(
-                    self.policy.parameters(), self.cfg.optim.grad_clip, grad_norm, foreach=True
-                )
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        loss_value = float(sums[0])
+        norm_value, stepped = self.gradient_step(self.optimizer, loss_value)
+        if stepped:
             self.skipped_in_a_row = 0
+        else:
+            self._non_finite(loss_value, norm_value)
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():  # a skipped update: the schedule still follows the step count
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -356,6 +296,24 @@ class Trainer:
             "ent_sum": float(sums[3]),
             "kl_sum": float(sums[4]),
         }
+
+    def gradient_step(self, optimizer: torch.optim.Optimizer, loss: float) -> tuple[float, bool]:
+        """After the backward passes, for the update and the warm-up alike: the global gradient norm, then,
+        when it and ``loss`` are finite, clipping to ``optim.grad_clip`` and one ``optimizer`` step.
+
+        Returns the norm and whether the step was taken. The gradients are dropped either way, so a
+        non-finite step leaves the weights (and the optimizer's moments) as they were."""
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        norm = D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else torch.zeros(())
+        finite = math.isfinite(loss) and math.isfinite(float(norm))
+        if finite:
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(
+                    self.policy.parameters(), self.cfg.optim.grad_clip, norm, foreach=True
+                )
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm), finite
 
     def _non_finite(self, loss: float, grad_norm: float) -> None:
         """Stop (default) or skip: either way the weights were not touched."""
@@ -446,6 +404,8 @@ class Trainer:
         A random or tiny policy never writes ``<think>…</think><answer>k</answer>`` by chance, so every
         group would get the same (zero) format reward and GRPO would have nothing to learn from.
         Uses its own constant-lr AdamW (not checkpointed: a resumed run starts from GRPO weights).
+        On N ranks: the same batches and normaliser as one process, the gradients equal to float32
+        rounding, the weights close but not bit-identical (lgrpo.distributed: what equals what).
         """
         cfg = self.cfg.sft
         if cfg.steps == 0:
@@ -482,17 +442,12 @@ class Trainer:
                 (loss * self.dist.world_size).backward()
                 total += loss.detach().double()
             loss_value = float(D.all_reduce_sum(total))
-            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-            norm = D.full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
-            if not (math.isfinite(loss_value) and math.isfinite(float(norm))):
+            norm, stepped = self.gradient_step(optimizer, loss_value)
+            if not stepped:
                 raise NonFiniteError(
                     f"warm-up step {len(losses) + 1}: non-finite loss ({loss_value}) or "
-                    f"gradient norm ({float(norm)}); the weights were not updated"
+                    f"gradient norm ({norm}); the weights were not updated"
                 )
-            if self.cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.policy.parameters(), self.cfg.optim.grad_clip, norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             losses.append(loss_value)
             if logger is not None:
                 logger.update(1)
@@ -523,12 +478,16 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"data": self.order.state_dict(), "skipped_in_a_row": self.skipped_in_a_row}
+        """The trainer's own part of a checkpoint (JSON): completed steps, data position, skips in a row."""
+        return {"step": self.step, "data": self.order.state_dict(), "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.order.load_state_dict(state["data"])
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
 
     def save(self) -> Path:
-        return self.checkpointer.save(
-            self.step, self.policy, self.optimizer, self.scheduler, self.state_dict()
-        )
+        return self.checkpointer.save(self.step)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path``, or what ``checkpoint.resume`` names (``auto``: the newest checkpoint that verifies)."""
@@ -537,10 +496,7 @@ class Trainer:
             path = self.checkpointer.find(self.cfg.checkpoint.resume)
             if path is None:
                 return False
-        state = self.checkpointer.load(path, self.policy, self.optimizer, self.scheduler, verified=verified)
-        self.step = state["step"]
-        self.order.load_state_dict(state["data"])
-        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+        self.checkpointer.load(path, verified=verified)  # every registered state, this trainer's included
         if self.dist.is_main:
             print(f"[resume] from {path} at step {self.step}", flush=True)
         return True

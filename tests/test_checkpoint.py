@@ -11,15 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lgrpo import distributed as D
-from lgrpo.checkpoint import (
-    CheckpointError,
-    complete_checkpoints,
-    export_pretrained,
-    latest_checkpoint,
-    rng_state,
-    set_rng_state,
-)
+from lgrpo.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from lgrpo.export import export_pretrained
 from lgrpo.metrics import read_jsonl
+from lgrpo.seeding import rng_state, set_rng_state
 from tests.test_trainer import make_trainer
 
 STEPS = {"steps": 4}
@@ -89,9 +84,7 @@ def test_incomplete_checkpoint_is_ignored_and_keep_k_prunes(tmp_path):
     (folder / "step_0000005").mkdir()
     assert latest_checkpoint(folder).name == "step_0000003"
     with pytest.raises(CheckpointError, match="step_0000005.*interrupted while being written"):
-        trainer.checkpointer.load(
-            folder / "step_0000005", trainer.policy, trainer.optimizer, trainer.scheduler
-        )
+        trainer.checkpointer.load(folder / "step_0000005")
     trainer.step = 6
     trainer.save()
     assert not (folder / "step_0000004.tmp").exists()
@@ -158,13 +151,12 @@ def test_load_restores_optimizer_and_schedule(tmp_path):
     trainer = make_trainer(tmp_path, train={"steps": 2}, checkpoint={"interval": 2})
     trainer.fit()
     other = make_trainer(tmp_path / "other", seed=1)
-    other.checkpointer.load(
-        latest_checkpoint(tmp_path / "checkpoints"), other.policy, other.optimizer, other.scheduler
-    )
+    other.checkpointer.load(latest_checkpoint(tmp_path / "checkpoints"))
     for a, b in zip(trainer.policy.parameters(), other.policy.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(trainer.optimizer.state[a]["exp_avg_sq"], other.optimizer.state[b]["exp_avg_sq"])
     assert other.scheduler.last_epoch == trainer.scheduler.last_epoch == 2
+    assert other.step == 2 and other.order.state_dict() == trainer.order.state_dict()  # the trainer's entry
 
 
 def test_export_loads_with_from_pretrained(tmp_path):

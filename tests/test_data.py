@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from lgrpo import data
-from lgrpo.data import DataError, EpochSampler, ManifestDataset, convert, read_manifest, take_examples
+from lgrpo.data import DataError, ManifestDataset, PromptOrder, convert, read_manifest
 from lgrpo.prompts import parse_completion
 from lgrpo.synthetic import COLOURS, SHAPES, SyntheticTask, reference_completion, render
 
@@ -261,41 +261,42 @@ def test_convert_rejects_unknown_format_and_missing_source(tmp_path):
 
 # -- iteration order -----------------------------------------------------------------------------------
 
-def test_sampler_is_a_seeded_permutation_per_epoch():
-    s = EpochSampler(10, seed=3, swap_positions=True)
-    first, second = s.take(10), s.take(10)
-    assert sorted(i for i, _ in first) == list(range(10)) == sorted(i for i, _ in second)
-    assert [i for i, _ in first] != [i for i, _ in second]  # a new order each epoch
-    assert s.state_dict()["epoch"] == 2
-    again = EpochSampler(10, seed=3, swap_positions=True)
-    assert again.take(20) == first + second
-    assert EpochSampler(10, seed=4).take(10) != EpochSampler(10, seed=3).take(10)
-    assert [i for i, _ in EpochSampler(5, shuffle=False).take(7)] == [0, 1, 2, 3, 4, 0, 1]
+def test_prompt_order_is_a_seeded_permutation_per_epoch():
+    order = PromptOrder(10, 4, seed=3)
+    draws = [order.next() for _ in range(5)]  # 20 prompts = 2 epochs
+    flat = sum((idx for idx, _ in draws), [])
+    assert sorted(flat[:10]) == list(range(10)) == sorted(flat[10:])
+    assert flat[:10] != flat[10:]  # a new order each epoch
+    assert order.state_dict() == {"epoch": 2, "offset": 0, "n": 10}
+    again = PromptOrder(10, 4, seed=3)
+    assert [again.next() for _ in range(5)] == draws
+    assert PromptOrder(10, 10, seed=4).next() != PromptOrder(10, 10, seed=3).next()
+    with pytest.raises(ValueError, match="holds no prompts"):
+        PromptOrder(0, 4, seed=0)
 
 
-def test_sampler_resumes_exactly():
-    straight = EpochSampler(7, seed=0, swap_positions=True)
-    expected = straight.take(3) + straight.take(9)
-    a = EpochSampler(7, seed=0, swap_positions=True)
-    head = a.take(3)
-    b = EpochSampler(7, seed=0, swap_positions=True)
+def test_prompt_order_resumes_exactly():
+    straight = PromptOrder(7, 3, seed=0)
+    expected = [straight.next() for _ in range(4)]
+    a = PromptOrder(7, 3, seed=0)
+    head = [a.next()]
+    b = PromptOrder(7, 3, seed=0)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # survives a checkpoint round trip
-    assert head + b.take(9) == expected
-    with pytest.raises(ValueError, match="n=7"):
-        EpochSampler(8, seed=0).load_state_dict(a.state_dict())
+    assert head + [b.next() for _ in range(3)] == expected
+    with pytest.raises(ValueError, match="over 7 prompts, the data now holds 8"):
+        PromptOrder(8, 3, seed=0).load_state_dict(a.state_dict())
 
 
 def test_swaps_are_balanced_and_labels_follow():
-    swaps = [s for _, s in EpochSampler(2000, seed=0, swap_positions=True).take(2000)]
+    _, swaps = PromptOrder(2000, 2000, seed=0).next()
     assert 900 < sum(swaps) < 1100
-    assert not any(s for _, s in EpochSampler(50, seed=0).take(50))
+    assert not any(PromptOrder(50, 50, seed=0, swap=False).next()[1])
 
     task = SyntheticTask(seed=0)
     ds = task.dataset("train", 40)
-    sampler = EpochSampler(len(ds), seed=1, swap_positions=True)
-    draws = EpochSampler(len(ds), seed=1, swap_positions=True).take(40)
-    for ex, (i, swapped) in zip(take_examples(ds, sampler, 40), draws):
+    for i, swapped in zip(*PromptOrder(len(ds), 40, seed=1).next()):
         original = ds[i]
+        ex = original.swapped() if swapped else original
         assert ex.preferred == (3 - original.preferred if swapped else original.preferred)
         # The preferred image is still the one that shows the prompt.
         assert ex.captions[ex.preferred - 1] == ex.prompt

@@ -13,13 +13,14 @@ from grpo_checks import (
     VALUE_RTOL,
     assert_close_rel,
     assert_matches_reference,
+    fp64,
     grpo_case,
     one_row_programs,  # noqa: F401  (fixture)
     run_loss,
     run_reference64,
     small_tiles,  # noqa: F401  (fixture)
 )
-from lgrpo.kernels import _common, group_advantages, grpo_loss, token_logprobs
+from lgrpo.kernels import PER_SEQUENCE, _common, group_advantages, grpo_loss, loss_options, token_logprobs
 from lgrpo.kernels import reference as ref
 
 pytestmark = pytest.mark.skipif(not _common.HAS_TRITON, reason="needs triton")
@@ -97,6 +98,28 @@ def test_overrides_num_items_and_max_len(gen, small_tiles):  # noqa: F811
         out, grad = run_loss(grpo_loss, case, **opts)
         want, want_grad = run_reference64(case, **opts)
         assert_matches_reference(out, grad, want, want_grad, torch.float32)
+
+
+def test_loss_options_pick_each_loss_types_normaliser(gen):
+    """loss_options: the one rule the trainer and the TRL/verl adapters map loss types with."""
+    case = {k: fp64(v) for k, v in grpo_case(gen, B=3, T=5, V=20).items()}
+    live = int(case["mask"].sum())
+
+    def loss(**opts):
+        return float(run_loss(ref.grpo_loss, case, **opts)[0].loss)
+
+    # bnpo over a count is dapo over it: the batch's own count gives bnpo's mean, twice it half of it
+    assert loss_options("bnpo", num_items=2 * live) == {"loss_type": "dapo", "num_items": 2 * live}
+    assert loss(**loss_options("bnpo", num_items=live)) == pytest.approx(loss(loss_type="bnpo"), rel=1e-12)
+    assert loss(**loss_options("bnpo", num_items=2 * live)) == pytest.approx(loss(loss_type="bnpo") / 2, rel=1e-12)
+    assert loss_options("bnpo") == {"loss_type": "bnpo"}
+    # dapo with num_items 1 is the token sum a caller divides by its own normaliser
+    assert loss(**loss_options("dapo", num_items=1)) == pytest.approx(live * loss(loss_type="bnpo"), rel=1e-12)
+    assert loss_options("dr_grpo", num_items=9, max_len=7) == {"loss_type": "dr_grpo", "max_len": 7}
+    assert loss_options("grpo", num_items=9, max_len=7) == {"loss_type": "grpo"}  # divides by neither
+    assert set(PER_SEQUENCE) == {"grpo", "dr_grpo"}
+    with pytest.raises(ValueError, match="loss_type must be one of.*'sapo'"):
+        loss_options("sapo")
 
 
 def test_on_policy_loss_is_minus_mean_advantage(gen, small_tiles):  # noqa: F811

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from lgrpo.checkpoint import LOCK_FILE, RunFolderBusy, RunLock
+from lgrpo.run_lock import LOCK_FILE, RunFolderBusy, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 HOLD = """
 import sys
-from lgrpo.checkpoint import RunLock
+from lgrpo.run_lock import RunLock
 lock = RunLock(sys.argv[1])
 print("held", flush=True)
 sys.stdin.readline()  # hold until the test says so

@@ -14,7 +14,7 @@ from lgrpo.group import GroupBatch, PromptBatch, completion_mask
 from lgrpo.positions import text_positions
 from lgrpo.rollout.hf import StopOnString, clean_generation_config, generate
 from lgrpo.scoring import CompletionScorer
-from lgrpo.trainer import Models, NonFiniteError, PromptOrder, Trainer
+from lgrpo.trainer import Models, NonFiniteError, Trainer
 from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
 
 
@@ -292,6 +292,25 @@ def test_non_finite_gradient_stops_before_the_weights_move(tmp_path):
 
 
 @pytest.mark.usefixtures("reference_kernels")
+def test_non_finite_warmup_gradient_stops_before_the_weights_move(tmp_path):
+    """The warm-up takes the update's gradient step: a NaN gradient stops it, even in skip mode."""
+    trainer = make_trainer(tmp_path, sft={"steps": 3, "batch_size": 4}, train={"on_nonfinite": "skip"})
+    param = trainer.policy.get_output_embeddings().weight
+    seen = []  # the weights each backward saw (one micro-batch per warm-up step)
+
+    def nan_from_step_2(grad):
+        seen.append(param.detach().clone())
+        return grad * float("nan") if len(seen) == 2 else grad
+
+    handle = param.register_hook(nan_from_step_2)
+    with pytest.raises(NonFiniteError, match=r"warm-up step 2: non-finite loss \(.*\) or gradient norm \(nan\)"):
+        trainer.warmup()
+    handle.remove()
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])  # step 1 stepped
+    assert torch.equal(seen[1], param) and param.grad is None  # step 2 left the weights, dropped its gradients
+
+
+@pytest.mark.usefixtures("reference_kernels")
 def test_non_finite_skip_mode_drops_the_update_and_goes_on(tmp_path):
     trainer = make_trainer(tmp_path, train={"on_nonfinite": "skip", "steps": 2})
     param = trainer.policy.get_output_embeddings().weight
@@ -302,17 +321,6 @@ def test_non_finite_skip_mode_drops_the_update_and_goes_on(tmp_path):
     assert len(history) == 2 and history[0]["grad_norm"] != history[0]["grad_norm"]  # NaN logged
     assert history[1]["grad_norm"] == history[1]["grad_norm"]
     assert not torch.equal(before, param)  # the second step did update
-
-
-def test_prompt_order_is_a_permutation_per_epoch_and_resumable():
-    order = PromptOrder(10, 4, seed=1)
-    seen = [order.next()[0] for _ in range(5)]  # 20 prompts = 2 epochs
-    flat = sum(seen, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
-    state = order.state_dict()
-    again = PromptOrder(10, 4, seed=1)
-    again.load_state_dict(state)
-    assert again.next() == order.next()
 
 
 @pytest.mark.usefixtures("reference_kernels")

@@ -53,7 +53,7 @@ from trl.trainer.utils import nanmax, nanmin
 
 from lgrpo.attention import install as install_shared_prefix
 from lgrpo.group import GroupBatch, PromptBatch, group_identical
-from lgrpo.kernels import linear_grpo_loss
+from lgrpo.kernels import linear_grpo_loss, loss_options
 from lgrpo.scoring import completion_states, head_logprobs
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -250,12 +250,9 @@ class LGRPOTrainer(GRPOTrainer):
         options = dict(temperature=self.temperature, eps_low=self.epsilon_low, eps_high=self.epsilon_high,
                        delta=self.args.delta, beta=self.beta, importance_level=self.importance_sampling_level,
                        kl_bias_correction=self.beta != 0.0 and bool(self.args.use_bias_correction_kl))
-        if self.loss_type == "dapo":  # the token sum; TRL's normaliser divides below
-            options.update(loss_type="dapo", num_items=1)
-        elif self.loss_type == "dr_grpo":
-            options.update(loss_type="dr_grpo", max_len=self.max_completion_length)
-        else:
-            options.update(loss_type=self.loss_type)
+        # dapo: the token sum (num_items 1), which TRL's normaliser divides below; bnpo: this micro-batch's tokens
+        options.update(loss_options(self.loss_type, num_items=1 if self.loss_type == "dapo" else None,
+                                    max_len=self.max_completion_length))
         request = dict(options, prompt_length=prompt_ids.size(1), targets=completion_ids, advantages=advantages,
                        mask=mask, old_logp=inputs.get("old_per_token_logps"),
                        ref_logp=inputs["ref_per_token_logps"] if self.beta != 0.0 else None)

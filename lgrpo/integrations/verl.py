@@ -49,7 +49,7 @@ from verl.utils.metric import AggregationType, Metric
 from verl.utils.torch_functional import masked_mean
 
 from lgrpo.group import GroupBatch, PromptBatch, group_identical
-from lgrpo.kernels import linear_grpo_loss
+from lgrpo.kernels import linear_grpo_loss, loss_options
 from lgrpo.scoring import completion_states
 
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -205,10 +205,10 @@ def _aggregation(config, data, live: torch.Tensor, width: int) -> dict:
         if batch_num_tokens is None:
             if dp_size > 1:
                 raise ValueError("batch_num_tokens: the global token count is required when dp_size > 1")
-            return dict(loss_type="bnpo", scale=1)
-        return dict(loss_type="dapo", num_items=float(batch_num_tokens) / dp_size, scale=1)
+            return dict(loss_options("bnpo"), scale=1)
+        return dict(loss_options("bnpo", num_items=float(batch_num_tokens) / dp_size), scale=1)
     if mode == "token-sum":
-        return dict(loss_type="dapo", num_items=1, scale=dp_size)
+        return dict(loss_options("dapo", num_items=1), scale=dp_size)
     # seq-mean-*: the kernel divides by B; verl by the global batch size / dp (or this batch's non-empty rows)
     if global_batch_size is None:
         if dp_size > 1:
@@ -216,9 +216,9 @@ def _aggregation(config, data, live: torch.Tensor, width: int) -> dict:
         global_batch_size = int((live.sum(1) > 0).sum())
     scale = live.shape[0] * dp_size / max(float(global_batch_size), 1e-30)
     if mode == "seq-mean-token-mean":
-        return dict(loss_type="grpo", scale=scale)
+        return dict(loss_options("grpo"), scale=scale)
     max_len = 1 if mode == "seq-mean-token-sum" else (config.loss_scale_factor or width)
-    return dict(loss_type="dr_grpo", max_len=int(max_len), scale=scale)
+    return dict(loss_options("dr_grpo", max_len=int(max_len)), scale=scale)
 
 
 @torch.no_grad()
