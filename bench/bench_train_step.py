@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, arg_parser, environment, print_table, write_json  # noqa: E402
 
 from lgrpo.group import GroupBatch, PromptBatch  # noqa: E402
+from lgrpo.rewards import Rewards  # noqa: E402
 
 GiB = 1024**3
 ANCHORS = {"update_8x1024_backbone_ms": 349.0, "update_8x1024_full_logits_ms": 391.0, "generate_tok_s": 337.0}
@@ -191,7 +192,7 @@ class BenchTask:
         fmt = (torch.rand(len(rollout), generator=gen) < 0.5).float()
         acc = (torch.rand(len(rollout), generator=gen) < 0.5).float()
         lst = probs[:, 0].float().cpu()
-        return {"format": fmt, "accuracy": acc, "listener": lst, "total": fmt + 0.5 * acc + 0.5 * lst}
+        return Rewards(total=fmt + 0.5 * acc + 0.5 * lst, format=fmt, accuracy=acc, listener=lst)
 
 
 def lm_params(model) -> int:

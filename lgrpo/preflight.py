@@ -6,7 +6,9 @@ Before any model loads (:func:`check_run`): ``--run.tensorboard on`` without the
 unless ``--run.allow_config_change``; then both configs are kept). After the models and data are built
 (:func:`check_task`): bad manifest rows go to the run's ``bad_rows.jsonl``, prompts too long for the
 model's positions are bad rows too, and a ``--rollout.max_new_tokens`` shorter than the warm-up's answers
-(every rollout cut before ``</answer>``, every format reward 0) gets a warning.
+(every rollout cut before ``</answer>``, every format reward 0) or fewer training prompts than
+``--train.prompts_per_step`` gets a warning. A model folder that does not exist is refused before the
+run folder is touched (:func:`check_model_folders`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ def config_changes(old: dict, new: dict) -> list[str]:
     a.update({k: v for k, v in BEFORE_IT_EXISTED.items() if k not in a and k in b})
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b))
             if k not in FREE_TO_CHANGE and a[k] != b[k] and not (a[k] is None and k in RESOLVED_FROM_NONE)]
+
+
+def check_model_folders(cfg: JobConfig) -> None:
+    """Every model folder the run will load exists: ``--model.policy``, ``--model.reference`` with a KL term,
+    ``--model.listener`` with a listener reward. Refused before the run folder is touched, naming the
+    option (not a traceback from the loader once the folder is written)."""
+    from .model import model_dir
+
+    for option, value, loaded in (("policy", cfg.model.policy, True),
+                                  ("reference", cfg.model.reference, cfg.loss.beta > 0),
+                                  ("listener", cfg.model.listener, cfg.reward.w_listener > 0)):
+        if value is None or not loaded:
+            continue
+        try:
+            model_dir(value)
+        except FileNotFoundError as err:
+            raise ConfigError(f"--model.{option} {value}: {err}") from None
 
 
 def check_run(cfg: JobConfig, run_dir: Path) -> list[str]:
@@ -171,8 +190,22 @@ def check_task(cfg: JobConfig, task, policy, run_dir: Path, dist) -> None:
                 ds.mark_bad(i, f"the prompt is {exact} tokens with its images; with --rollout.max_new_tokens "
                                f"{cfg.rollout.max_new_tokens} and the listener's {LISTENER_MARGIN} that is over "
                                f"the model's {limit} positions")
+    if dist.is_main:
+        _check_prompts_per_step(cfg, task)
     if cfg.sft.steps > 0:
         _check_answer_length(cfg, task, dist)
+
+
+def _check_prompts_per_step(cfg: JobConfig, task) -> None:
+    """Warn when a step asks for more prompts than the training data holds: each step then repeats pairs."""
+    ds = task.splits.get("train") if hasattr(task, "splits") else None
+    usable = task.num_prompts("train") - len(getattr(ds, "bad", ()))
+    per_step = cfg.train.prompts_per_step
+    if 0 < usable < per_step:
+        print(f"[warn] the training data ({cfg.data.train}) holds {usable} usable prompt(s) but "
+              f"--train.prompts_per_step is {per_step}: every step repeats each pair up to "
+              f"{math.ceil(per_step / usable)} times. Add rows, or set --train.prompts_per_step {usable} or "
+              f"less (a multiple of the number of ranks)", flush=True)
 
 
 def _check_answer_length(cfg: JobConfig, task, dist, sample: int = 32) -> None:

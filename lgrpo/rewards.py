@@ -6,7 +6,8 @@
 - ``r_list`` ∈ [0, 1]: the listener's probability of the preferred image given the reasoning with the
   answer removed; 0 without a (non-empty) think block.
 - ``R = w_fmt·r_fmt + w_acc·r_acc + w_list·r_list``, default weights (1.0, 0.5, 0.5).
-- contradiction: the listener's argmax differs from the reasoner's answer (only where both exist).
+- contradiction: the listener's argmax differs from the reasoner's answer (only where both exist):
+  :func:`contradiction`, the one definition every contradiction rate averages.
 
 Typical use in a rollout step::
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,32 +43,53 @@ class RewardWeights:
 
 @dataclass
 class Rewards:
-    """All ``[B]`` fp32 on CPU unless noted.
+    """A task's rewards for N completions, each ``[N]`` on CPU: what the trainer and eval read.
 
-    ``answer``/``listener_choice`` are long, 1 or 2, 0 where absent; ``contradiction`` is bool and
-    False where undefined (no answer or no listener score); ``metrics`` summarises the batch.
+    ``total`` is what the group advantages are computed from; ``format``, ``accuracy`` and ``listener`` are
+    its components (fp32; ``listener`` NaN where no listener ran). ``contradiction``: 1 where the listener's
+    choice differs from the answer, 0 where they agree, NaN where either is missing (:func:`contradiction`).
+    ``answer`` and ``listener_choice``: long, 1 or 2, 0 where absent. ``extra``: further per-completion
+    statistics a task logs (not part of ``total``). A task may leave the optional ones None.
     """
 
     total: torch.Tensor
-    fmt: torch.Tensor
-    acc: torch.Tensor
+    format: torch.Tensor
+    accuracy: torch.Tensor
     listener: torch.Tensor
-    answer: torch.Tensor
-    listener_choice: torch.Tensor
-    contradiction: torch.Tensor
-    metrics: dict[str, float]
+    contradiction: torch.Tensor | None = None
+    answer: torch.Tensor | None = None
+    listener_choice: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def logged(self) -> dict[str, torch.Tensor]:
+        """The per-completion statistics under the names ``metrics.jsonl`` and the step line use: the total
+        is "reward", components "reward/<name>"; "accuracy" repeats "reward/accuracy" under the name the
+        step line and the experiments read; "contradiction" is there even when the task has none (NaN)."""
+        nan = torch.full_like(self.total, float("nan"), dtype=torch.float32)
+        return {
+            "reward": self.total,
+            "reward/format": self.format,
+            "reward/accuracy": self.accuracy,
+            "reward/listener": self.listener,
+            **{f"reward/{k}": v for k, v in self.extra.items()},
+            "accuracy": self.accuracy,
+            "contradiction": self.contradiction if self.contradiction is not None else nan,
+        }
+
+
+def contradiction(answer: torch.Tensor, listener_choice: torch.Tensor) -> torch.Tensor:
+    """Per completion: 1.0 where the listener's choice differs from the reasoner's answer, 0.0 where they
+    agree, NaN where either is absent (0) — the one definition the trainer's and eval's rates average."""
+    comparable = (answer > 0) & (listener_choice > 0)
+    return torch.where(comparable, (listener_choice != answer).float(), float("nan"))
 
 
 def compute_rewards(parsed: Sequence[ParsedCompletion], preferred: Sequence[int] | torch.Tensor,
                     listener: ListenerScores | None = None,
                     weights: RewardWeights = RewardWeights()) -> Rewards:
     """Rewards for B completions. ``preferred[b]`` ∈ {1, 2} is the human label *as presented* (after any
-    position swap). ``listener=None`` (listener off) gives ``r_list = 0`` and no contradiction statistics.
-
-    Metrics (floats; NaN where a subset is empty): ``reward``, ``r_fmt``, ``r_acc``, ``r_list`` (means),
-    ``answered`` (fraction with an answer), ``listener_scored`` (fraction scored), ``contradiction_rate``
-    (among rows with an answer and a listener score), ``acc_agree`` / ``acc_disagree`` (reasoner accuracy
-    where the listener agrees / disagrees), ``n_agree`` / ``n_disagree``.
+    position swap). ``listener=None`` (listener off): ``r_list`` is 0 in the total, NaN in ``listener``,
+    and no contradiction is defined.
     """
     n = len(parsed)
     preferred = torch.as_tensor(preferred, dtype=torch.long).flatten().cpu()
@@ -89,23 +111,8 @@ def compute_rewards(parsed: Sequence[ParsedCompletion], preferred: Sequence[int]
         choice = torch.where(scored, listener.choice().cpu(), 0)
     else:
         r_list = torch.zeros(n)
-        scored = torch.zeros(n, dtype=torch.bool)
         choice = torch.zeros(n, dtype=torch.long)
     total = weights.fmt * r_fmt + weights.acc * r_acc + weights.listener * r_list
-    comparable = scored & (answer > 0)
-    contradiction = comparable & (choice != answer)
-    agree = comparable & ~contradiction
-
-    metrics = {
-        "reward": _mean(total), "r_fmt": _mean(r_fmt), "r_acc": _mean(r_acc), "r_list": _mean(r_list),
-        "answered": _mean((answer > 0).float()), "listener_scored": _mean(scored.float()),
-        "contradiction_rate": _mean(contradiction[comparable].float()),
-        "acc_agree": _mean(r_acc[agree]), "acc_disagree": _mean(r_acc[contradiction]),
-        "n_agree": float(agree.sum()), "n_disagree": float(contradiction.sum()),
-    }
-    return Rewards(total=total, fmt=r_fmt, acc=r_acc, listener=r_list, answer=answer, listener_choice=choice,
-                   contradiction=contradiction, metrics=metrics)
-
-
-def _mean(x: torch.Tensor) -> float:
-    return float(x.float().mean()) if x.numel() else float("nan")
+    return Rewards(total=total, format=r_fmt, accuracy=r_acc,
+                   listener=r_list if listener is not None else torch.full((n,), float("nan")),
+                   contradiction=contradiction(answer, choice), answer=answer, listener_choice=choice)

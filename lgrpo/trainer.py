@@ -4,7 +4,7 @@
     → policy update with the fused loss (μ passes over minibatches, KL to the frozen reference)
     → metrics
 
-Everything model- or data-specific comes through a :class:`Task` (prompts, rewards, the supervised
+Everything model- or data-specific comes through a :class:`~lgrpo.task.Task` (prompts, rewards, the supervised
 warm-up's targets), so the same trainer runs the tiny built-in model, Qwen2.5-VL, and the test stand-ins.
 
 Batch layout. A step takes ``train.prompts_per_step`` prompts over all ranks; rank r takes its
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -35,43 +33,19 @@ from .interrupt import GracefulStop, agree_max
 from .kernels import PER_SEQUENCE, group_advantages, loss_options
 from .metrics import MetricsLogger, MetricsWriteError, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
+from .rewards import Rewards
 from .rollout import rollout_for
 from .scoring import CompletionScorer
+from .task import Models, Task
 
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm; raised before the optimizer touched the weights."""
 
 
-class Task(Protocol):
-    """What the trainer needs from the data / model / reward pipeline."""
-
-    tokenizer: object
-
-    def num_prompts(self, split: str) -> int:
-        """Number of prompts of a split ("train", "eval")."""
-
-    def prompts(self, split: str, indices: list[int], swap: list[bool] | None = None) -> PromptBatch:
-        """The prompts (left padded, images once each), with the task's bookkeeping in ``extra``."""
-
-    def rewards(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Per completion [N]: "total" and its components ("format", "accuracy", "listener"), and
-        optionally "contradiction" (listener's argmax != answer) and "answer" (1, 2, 0 = none).
-        Completion ``n`` continues ``rollout.prompts`` row ``rollout.group[n]``."""
-
-    def sft_targets(self, prompts: PromptBatch) -> list[str]:
-        """The templated reasoning + answer for each prompt (supervised warm-up)."""
 
 
 # --- the trainer -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Models:
-    """The pieces ``build`` hands the trainer: the trainable policy and the frozen reference (if any)."""
-
-    policy: nn.Module
-    reference: nn.Module | None
 
 
 class Trainer:
@@ -150,9 +124,7 @@ class Trainer:
             rollout = self.rollouts(prompts, prompt_ids)
         with timer.phase("reward"):
             rewards = self.task.rewards(rollout)
-        advantages = group_advantages(
-            rewards["total"].float().to(self.device), self.G, cfg.loss.advantage_scale
-        )
+        advantages = group_advantages(rewards.total.float().to(self.device), self.G, cfg.loss.advantage_scale)
         update = self.policy_update(rollout, advantages, timer)
         return self.step_metrics(rollout, rewards, advantages, update, timer)
 
@@ -332,48 +304,43 @@ class Trainer:
             print(f"[skip] {msg}", flush=True)
 
     def step_metrics(
-        self, rollout: Rollout, rewards: dict, advantages: torch.Tensor, update: dict, timer: Timer
+        self, rollout: Rollout, rewards: Rewards, advantages: torch.Tensor, update: dict, timer: Timer
     ) -> dict:
         """Reward components, lengths, timings and throughput, reduced over ranks."""
-        names = sorted(k for k, v in rewards.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+        logged = {k: v.float().to(self.device) for k, v in rewards.logged().items()}
         lengths = rollout.lengths.float().to(self.device)
-        groups = rewards["total"].float().view(-1, self.G)
-        vals = [rewards[k].float().to(self.device).nansum() for k in names]
-        counts = [(~torch.isnan(rewards[k].float())).sum().float().to(self.device) for k in names]
+        total = rewards.total.float().to(self.device)
+        groups = total.view(-1, self.G)
+        vals = [v.nansum() for v in logged.values()]
+        counts = [(~torch.isnan(v)).sum().float() for v in logged.values()]
         extra = torch.stack(
             [
                 lengths.sum(),
                 lengths.square().sum(),
                 torch.tensor(float(len(rollout)), device=self.device),
                 rollout.truncated.float().sum().to(self.device),
-                (groups == groups[:, :1]).all(-1).float().sum().to(self.device),
-                rewards["total"].float().to(self.device).square().sum(),
+                (groups == groups[:, :1]).all(-1).float().sum(),
+                total.square().sum(),
                 torch.tensor(float(self.prompt_tokens["reference"]), device=self.device),
                 torch.tensor(float(self.prompt_tokens["update"]), device=self.device),
             ]
         )
-        flat = D.all_reduce_sum(
-            torch.cat([torch.stack(vals + counts).double(), extra.double()]) if names else extra.double()
-        )
-        k = len(names)
+        flat = D.all_reduce_sum(torch.cat([torch.stack(vals + counts).double(), extra.double()]))
+        k = len(logged)
         # NaN entries (e.g. contradiction where no answer was given) are left out of their mean.
         means = {
-            _metric_name(n): float(flat[i] / max(float(flat[k + i]), 1))
-            if float(flat[k + i])
-            else float("nan")
-            for i, n in enumerate(names)
+            name: float(flat[i] / max(float(flat[k + i]), 1)) if float(flat[k + i]) else float("nan")
+            for i, name in enumerate(logged)
         }
         len_sum, len_sq, n_rows, n_trunc, flat_groups, r_sq, prompt_ref, prompt_upd = flat[2 * k :].tolist()
         mean_len = len_sum / n_rows
-        reward_mean = means.get("reward", float("nan"))
+        reward_mean = means["reward"]
         secs = timer.seconds
         step_time = sum(secs.values())
         update_tokens = update.pop("update_tokens")
         metrics = {
             **means,
             "reward_std": math.sqrt(max(r_sq / n_rows - reward_mean**2, 0.0)),
-            "accuracy": means.get("reward/accuracy", float("nan")),
-            "contradiction": means.get("contradiction", float("nan")),
             **update,
             "completion_len": mean_len,
             "completion_len_std": math.sqrt(max(len_sq / n_rows - mean_len**2, 0.0)),
@@ -564,13 +531,6 @@ class Trainer:
         path = self.save()
         if self.stopped_by is not None and self.dist.is_main:
             print(f"[stop] saved step {self.step} to {path}; run the same command again to resume", flush=True)
-
-
-def _metric_name(key: str) -> str:
-    """ "total" is the reward; other reward components are reward/<name>; statistics keep their name."""
-    if key == "total":
-        return "reward"
-    return key if key in ("contradiction",) else f"reward/{key}"
 
 
 def format_step(step: int, total: int, m: dict) -> str:

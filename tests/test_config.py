@@ -147,7 +147,7 @@ def test_float_options_are_finite_and_sane_at_parse_time(argv, message):
 def test_pointless_settings_are_warned_about_at_start_up(tmp_path, capsys):
     """Issue 27, case 5: --loss.beta 0 with --model.reference, and all reward weights 0, ran silently."""
     from lgrpo import distributed as D
-    from lgrpo.train import start_run
+    from lgrpo.run import start_run
 
     assert build_config("tiny").pointless() == []
     cfg = build_config("tiny", {"loss": {"beta": 0.0}, "model": {"reference": "tiny"},

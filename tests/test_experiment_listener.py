@@ -251,7 +251,7 @@ def test_side_by_side_runs_drop_only_the_options_each_seed_replaces():
 def test_build_strips_the_listeners_verdict_when_configured():
     from lgrpo import distributed as D
     from lgrpo.config import build_config
-    from lgrpo.train import build
+    from lgrpo.task import build
 
     verdict = "image 1 shows a red circle. image 1 matches the prompt."
     cfg = build_config("tiny", {"reward": {"listener_strip_verdict": True}, "loss": {"beta": 0.0}})

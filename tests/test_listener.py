@@ -126,8 +126,8 @@ def test_rewards_from_a_rollout(listener_model, batcher, rollout):
         if p.answer is not None and p.reasoning is not None:
             assert out.contradiction[b].item() == (int(scores.probs[b].argmax()) + 1 != p.answer)
         else:
-            assert not out.contradiction[b]
-    assert out.fmt.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+            assert out.contradiction[b].isnan()
+    assert out.format.tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])

@@ -156,7 +156,7 @@ def test_the_trainer_resolves_auto_attention_for_the_policy_weights(importable_f
     the run: with fp32 master weights (the default) that is SDPA; with the weights in bf16, flash-attn."""
     from lgrpo import distributed as D
     from lgrpo.config import build_config
-    from lgrpo.train import resolve_auto
+    from lgrpo.run import resolve_auto
 
     cuda = D.Dist(device=torch.device("cuda"))
     for overrides, want in (({}, "sdpa"),

@@ -66,7 +66,8 @@ def test_loss_chunk_size_reaches_linear_grpo_loss(tmp_path, monkeypatch):
 
 
 def test_image_size_bounds_change_the_visual_tokens_and_are_written():
-    from lgrpo.train import build, resolve_auto
+    from lgrpo.run import resolve_auto
+    from lgrpo.task import build
 
     def tokens(**data):
         cfg = build_config("tiny", {"data": data, "train": {"steps": 0}, "reward": {"w_listener": 0.0}})
@@ -84,7 +85,8 @@ def test_image_size_bounds_change_the_visual_tokens_and_are_written():
 
 
 def test_attention_auto_resolves_once_for_every_model(tmp_path):
-    from lgrpo.train import build, resolve_auto
+    from lgrpo.run import resolve_auto
+    from lgrpo.task import build
 
     cfg = build_config("tiny", {"train": {"steps": 0}})
     assert cfg.model.attn_implementation == "auto"
@@ -102,7 +104,8 @@ def test_prefix_attention_reaches_every_shared_prefix_pass(tmp_path, monkeypatch
     """Reference, old-log-prob, update and listener forwards all build their layout for the chosen backend;
     auto resolves at start-up, and a backend that cannot run the update here is refused there."""
     import lgrpo.scoring as S
-    from lgrpo.train import build, resolve_auto
+    from lgrpo.run import resolve_auto
+    from lgrpo.task import build
 
     seen = []
     real = S.build_layout
@@ -133,7 +136,7 @@ def test_prefix_attention_reaches_every_shared_prefix_pass(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("on", [True, False])
 def test_gradient_checkpointing_reaches_the_policy_only(on):
-    from lgrpo.train import build
+    from lgrpo.task import build
 
     def checkpointing(model):  # the property's name before transformers 5.2x
         name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \

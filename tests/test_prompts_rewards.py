@@ -1,7 +1,5 @@
 """Prompts, the completion parser and the reward arithmetic (no model forward here)."""
 
-import math
-
 import pytest
 import torch
 
@@ -17,7 +15,10 @@ from lgrpo.prompts import (
     render_reasoner_prompt,
     strip_verdict,
 )
+from lgrpo.report import summarize
 from lgrpo.rewards import RewardWeights, compute_rewards
+
+NAN = float("nan")
 
 
 @pytest.fixture(scope="module")
@@ -213,37 +214,37 @@ def test_rewards_formula_and_contradictions():
     acc = [1, 0, 1, 1, 0]
     lst = [0.9, 0.7, 0.0, 0.4, 0.8]
     expected = [w.fmt * f + w.acc * a + w.listener * r for f, a, r in zip(fmt, acc, lst)]
-    torch.testing.assert_close(out.fmt, torch.tensor(fmt, dtype=torch.float32))
-    torch.testing.assert_close(out.acc, torch.tensor(acc, dtype=torch.float32))
+    torch.testing.assert_close(out.format, torch.tensor(fmt, dtype=torch.float32))
+    torch.testing.assert_close(out.accuracy, torch.tensor(acc, dtype=torch.float32))
     torch.testing.assert_close(out.listener, torch.tensor(lst))
     torch.testing.assert_close(out.total, torch.tensor(expected))
     assert out.answer.tolist() == [1, 2, 1, 2, 0]
     assert out.listener_choice.tolist() == [1, 1, 0, 1, 2]
-    assert out.contradiction.tolist() == [False, True, False, True, False]
+    torch.testing.assert_close(out.contradiction, torch.tensor([0.0, 1.0, NAN, 1.0, NAN]), equal_nan=True)
 
-    m = out.metrics
+    # The report's statistics over these rows (lgrpo.report, the one place they are computed).
+    m = summarize({"accuracy": out.accuracy, "format": out.format, "answer": out.answer,
+                   "contradiction": out.contradiction, "listener": out.listener}, None)
     assert m["contradiction_rate"] == pytest.approx(2 / 3)  # rows 0, 1, 3 are comparable
-    assert m["acc_agree"] == pytest.approx(1.0)             # row 0
-    assert m["acc_disagree"] == pytest.approx(0.5)          # rows 1 (wrong) and 3 (right)
-    assert (m["n_agree"], m["n_disagree"]) == (1.0, 2.0)
-    assert m["reward"] == pytest.approx(sum(expected) / 5)
+    assert m["accuracy_agree"] == pytest.approx(1.0)        # row 0
+    assert m["accuracy_disagree"] == pytest.approx(0.5)     # rows 1 (wrong) and 3 (right)
+    assert (m["n_agree"], m["n_disagree"]) == (1, 2)
     assert m["answered"] == pytest.approx(4 / 5)
-    assert m["listener_scored"] == pytest.approx(4 / 5)
+    assert m["listener_confidence"] == pytest.approx(sum(lst) / 5)
 
 
 def test_rewards_without_listener():
     parsed = [parse_completion("<think>a</think><answer>2</answer>")]
     out = compute_rewards(parsed, torch.tensor([2]), None, RewardWeights(fmt=0.0, acc=2.0, listener=9.0))
-    assert out.total.tolist() == [2.0] and out.listener.tolist() == [0.0]
-    assert not out.contradiction.any()
-    assert math.isnan(out.metrics["contradiction_rate"]) and math.isnan(out.metrics["acc_agree"])
+    assert out.total.tolist() == [2.0] and out.listener.isnan().all()  # r_list 0 in the total, not measured
+    assert out.contradiction.isnan().all()
 
 
 def test_listener_score_is_ignored_without_reasoning():
     # A caller that scored a row anyway cannot give reward to a completion without a think block.
     parsed = [parse_completion("<answer>1</answer>")]
     out = compute_rewards(parsed, [1], _scores([0.99], [True]))
-    assert out.listener.tolist() == [0.0] and not out.contradiction.any()
+    assert out.listener.tolist() == [0.0] and out.contradiction.isnan().all()
 
 
 @pytest.mark.parametrize("preferred,err", [([1, 3], "1 or 2"), ([1], "labels")])

@@ -26,6 +26,20 @@ def no_build(monkeypatch):
     monkeypatch.setattr(lgrpo.train, "build", build)
 
 
+class Started(Exception):
+    """Raised where the run would start warming up: the models and the task were built, the config written."""
+
+
+@pytest.fixture
+def stop_when_started(monkeypatch):
+    import lgrpo.train
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(lgrpo.train, "warm_up_or_restore", started)
+
+
 # --- the command line --------------------------------------------------------------------------------
 
 
@@ -69,33 +83,27 @@ def test_tensorboard_on_without_the_package_fails_before_building(tmp_path, monk
         main([*QUICK, "--run.dir", str(tmp_path), "--run.tensorboard", "on"])
 
 
-def test_a_reused_run_name_with_another_config_is_refused_unless_allowed(tmp_path, monkeypatch):
-    import lgrpo.train
+@pytest.mark.usefixtures("stop_when_started")
+def test_a_reused_run_name_with_another_config_is_refused_unless_allowed(tmp_path):
+    from lgrpo.run import resolve_auto
     from lgrpo.train import main
 
     run = tmp_path / "r"
     old = parse_args([*QUICK, "--run.dir", str(tmp_path), "--run.name", "r"])
-    save_config(lgrpo.train.resolve_auto(old, D.Dist()), run / "config.json")  # as main writes it
+    save_config(resolve_auto(old, D.Dist()), run / "config.json")  # as main writes it
     argv = [*QUICK, "--run.dir", str(tmp_path), "--run.name", "r", "--loss.beta", "0.1", "--run.log_every", "5"]
 
-    class Built(Exception):
-        pass
-
-    def build(*args, **kwargs):
-        raise Built
-
-    monkeypatch.setattr(lgrpo.train, "build", build)
     with pytest.raises(ConfigError, match=r"holds a run with another config \(loss\.beta: 0\.04 -> 0\.1\)") as err:
         main(argv)
     assert "log_every" not in str(err.value)  # how often it prints is not part of what a run computes
     assert json.loads((run / "config.json").read_text())["loss"]["beta"] == 0.04  # untouched
 
-    with pytest.raises(Built):  # allowed: both configs are kept, then the run goes on to build
+    with pytest.raises(Started):  # allowed: both configs are kept, then the run goes on to build
         main([*argv, "--run.allow_config_change", "true"])
     kept = [p for p in run.glob("config.*.json")]
     assert len(kept) == 1 and json.loads(kept[0].read_text())["loss"]["beta"] == 0.04
     assert json.loads((run / "config.json").read_text())["loss"]["beta"] == 0.1
-    with pytest.raises(Built):  # the same (new) config again: no question asked
+    with pytest.raises(Started):  # the same (new) config again: no question asked
         main(argv)
     # A config.json written before an option existed (here: without data.on_bad_row), or before the image
     # bounds were resolved at start-up (None: the model folder's), is not a change.
@@ -103,8 +111,59 @@ def test_a_reused_run_name_with_another_config_is_refused_unless_allowed(tmp_pat
     del saved["data"]["on_bad_row"]
     saved["data"]["max_pixels"] = None
     (run / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(Built):
+    with pytest.raises(Started):
         main(argv)
+
+
+@pytest.mark.parametrize("bad, fixed, message", [
+    (["--model.reference", "/nonexistent"], [],
+     r"^--model\.reference /nonexistent: '/nonexistent' is neither 'tiny' nor a local model folder"),
+    (["--data.max_pixels", "1"], ["--data.max_pixels", "12544"],
+     r"^--data\.max_pixels 1: need 0 < min_pixels <= max_pixels, got 3136, 1 \(a bound not given is the model "
+     r"folder's\)$"),
+])
+@pytest.mark.usefixtures("stop_when_started")
+def test_a_start_that_fails_leaves_no_config_and_the_fixed_command_runs(tmp_path, bad, fixed, message):
+    """Issue 27, case 5: a start that failed (a missing model folder, contradictory image bounds) was a
+    traceback after config.json was written, and the corrected command was then refused as "a run with
+    another config" although no step ran."""
+    from lgrpo.train import main
+
+    argv = [*QUICK, "--run.dir", str(tmp_path), "--run.name", "r"]
+    with pytest.raises(ConfigError, match=message):
+        main([*argv, *bad])
+    assert not (tmp_path / "r" / "config.json").exists()
+    with pytest.raises(Started):
+        main([*argv, *fixed])
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["reference"] is None
+
+
+def test_a_build_that_fails_leaves_no_config(tmp_path, monkeypatch):
+    """Whatever fails while the models and the task are built: the folder holds no config, so the same
+    command (once the cause is fixed) is not refused as another config."""
+    import lgrpo.train
+    from lgrpo.train import main
+
+    def build(*args, **kwargs):
+        raise OSError("disk unplugged while loading")
+
+    monkeypatch.setattr(lgrpo.train, "build", build)
+    with pytest.raises(OSError, match="unplugged"):
+        main([*QUICK, "--run.dir", str(tmp_path), "--run.name", "r", "--loss.beta", "0.5"])
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_a_missing_model_folder_is_one_line_without_a_traceback(tmp_path):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "lgrpo.train", *QUICK, "--run.dir", str(tmp_path),
+                          "--model.listener", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: --model.listener {tmp_path / 'nope'}: {str(tmp_path / 'nope')!r} is neither 'tiny' nor a local "
+        "model folder with a config.json; models are never downloaded: pass the folder of a Qwen2.5-VL checkpoint"]
+    assert not list(tmp_path.iterdir())  # refused before the run folder was made
 
 
 # --- metrics and progress ------------------------------------------------------------------------------
@@ -160,7 +219,7 @@ def batcher():
 def test_max_new_tokens_shorter_than_the_warmup_answer_warns(batcher, capsys):
     from lgrpo.preflight import _check_answer_length
     from lgrpo.synthetic import SyntheticTask
-    from lgrpo.train import PreferenceTask
+    from lgrpo.task import PreferenceTask
 
     task = PreferenceTask(batcher, {"train": SyntheticTask(0).dataset("train", 8)})
     for tokens, warned in ((16, True), (48, False)):
@@ -176,7 +235,7 @@ def test_prompts_longer_than_the_model_takes_are_bad_rows(tmp_path, batcher, on_
 
     from lgrpo.data import DataError, ManifestDataset
     from lgrpo.preflight import check_task
-    from lgrpo.train import PreferenceTask
+    from lgrpo.task import PreferenceTask
 
     for name in ("a", "b"):
         Image.new("RGB", (56, 56), (9, 9, 9)).save(tmp_path / f"{name}.png")
@@ -198,6 +257,29 @@ def test_prompts_longer_than_the_model_takes_are_bad_rows(tmp_path, batcher, on_
     assert [r["line"] for r in logged] == [2] and "4096 positions" in logged[0]["reason"]
 
 
+def test_fewer_training_prompts_than_a_step_takes_warns_with_the_numbers(tmp_path, batcher, capsys):
+    """Issue 27, case 5: a 1-row manifest with 8 prompts per step ran silently, every step the same pair."""
+    from PIL import Image
+
+    from lgrpo.data import ManifestDataset
+    from lgrpo.preflight import check_task
+    from lgrpo.task import PreferenceTask
+
+    Image.new("RGB", (56, 56), (9, 9, 9)).save(tmp_path / "a.png")
+    row = {"prompt": "which?", "image_1": "a.png", "image_2": "a.png", "preferred": 1}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    policy = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=4096))
+    for per_step, warned in ((8, True), (1, False)):
+        cfg = build_config("tiny", {"data": {"train": str(tmp_path / "m.jsonl")}, "sft": {"steps": 0},
+                                    "train": {"prompts_per_step": per_step}})
+        task = PreferenceTask(batcher, {"train": ManifestDataset(tmp_path / "m.jsonl")})
+        check_task(cfg, task, policy, tmp_path / "run", D.Dist())
+        out = capsys.readouterr().out
+        assert ("holds 1 usable prompt(s) but --train.prompts_per_step is 8: every step repeats each pair up "
+                "to 8 times" in out) == warned, out
+        assert ("--train.prompts_per_step 1 or less" in out) == warned
+
+
 # --- python -m lgrpo.eval ---------------------------------------------------------------------------------
 
 
@@ -211,7 +293,7 @@ def test_prompts_longer_than_the_model_takes_are_bad_rows(tmp_path, batcher, on_
     ],
 )
 def test_eval_cli_rejects_bad_arguments_before_loading(tmp_path, monkeypatch, capsys, args, message):
-    import lgrpo.train
+    import lgrpo.task
     from lgrpo.eval import main
 
     (tmp_path / "a_file").write_text("a file, not a folder")
@@ -219,7 +301,7 @@ def test_eval_cli_rejects_bad_arguments_before_loading(tmp_path, monkeypatch, ca
     def build_eval_task(*a, **k):
         raise AssertionError("loaded the model before checking the arguments")
 
-    monkeypatch.setattr(lgrpo.train, "build_eval_task", build_eval_task)
+    monkeypatch.setattr(lgrpo.task, "build_eval_task", build_eval_task)
     with pytest.raises(SystemExit) as exit_:
         main(["--model", "tiny", "--data", "synthetic", *[a.format(tmp=tmp_path) for a in args]])
     assert exit_.value.code == 2

@@ -146,7 +146,8 @@ def test_a_training_step_on_completions_that_spell_control_tokens(tmp_path, monk
     """Completions made of ordinary tokens that decode to a new system turn: the step runs, the listener
     sees the template's control tokens only, and scores them as the text they are."""
     from lgrpo.config import build_config
-    from lgrpo.train import build, resolve_auto
+    from lgrpo.run import resolve_auto
+    from lgrpo.task import build
     from lgrpo.trainer import Trainer
 
     cfg = build_config("tiny", {"train": {"steps": 1, "prompts_per_step": 2}, "rollout": {"group_size": 2},

@@ -66,7 +66,7 @@ def test_static_kv_cache_gives_the_same_rollouts(monkeypatch):
     for the tiny Qwen2.5-VL with two images per prompt."""
     from transformers import cache_utils
 
-    from lgrpo.train import build
+    from lgrpo.task import build
 
     made = []
     init = cache_utils.StaticCache.__init__
@@ -336,7 +336,7 @@ def test_warmup_teaches_the_format(tmp_path):
         trainer.policy, trainer.task.tokenizer, prompts, max_new_tokens=40, stop="</answer>", greedy=True
     )
     rewards = trainer.task.rewards(out)
-    assert rewards["format"].mean() == 1.0, out.texts
+    assert rewards.format.mean() == 1.0, out.texts
 
 
 def test_throughput_benchmark_smoke_runs(run_bench):
@@ -358,7 +358,7 @@ def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path):
     """
     from lgrpo.prompts import parse_completion
     from lgrpo.synthetic import reference_reasoning
-    from lgrpo.train import build
+    from lgrpo.task import build
 
     cfg = build_config("tiny", {"run": {"progress": False}, "train": {"steps": 0}})
     dist = D.init("cpu")

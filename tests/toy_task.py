@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from lgrpo.group import PromptBatch
+from lgrpo.rewards import Rewards
 
 SPECIALS = ["<pad>", "<eos>"]
 CHARS = list(string.ascii_lowercase + string.digits + " <>/:.")
@@ -85,14 +86,8 @@ class ToyTask:
             digits.append(text.count(str(lab)) / max(len(text), 1))
         fmt, acc, digits = (torch.tensor(x) for x in (fmt, acc, digits))
         # "listener" stand-in: a dense signal in [0, 1] that varies within every group.
-        return {
-            "format": fmt,
-            "accuracy": acc,
-            "listener": digits,
-            "total": fmt + 0.5 * acc + 0.5 * digits,
-            "contradiction": torch.zeros_like(acc),
-            "answer": torch.tensor(answers),
-        }
+        return Rewards(total=fmt + 0.5 * acc + 0.5 * digits, format=fmt, accuracy=acc, listener=digits,
+                       contradiction=torch.zeros_like(acc), answer=torch.tensor(answers))
 
     def sft_targets(self, prompts):
         return [f"<think>it is {lab}</think><answer>{lab}</answer>" for lab in prompts.extra["label"].tolist()]

@@ -40,14 +40,15 @@ import torch
 
 from .. import distributed as D
 from ..config import build_config
-from ..eval import judge, summarize
+from ..eval import judge
 from ..extras import MissingExtra, require
 from ..listener import Listener
 from ..model import freeze
 from ..prompts import parse_completion
+from ..report import summarize
 from ..rewards import RewardWeights
 from ..synthetic import evidence_reasoning, restate_prompt
-from ..train import build
+from ..task import build
 from ..trainer import Trainer
 from .shortcut import ShortcutPreferenceTask, ShortcutTask, describes_both_images
 

@@ -46,8 +46,9 @@ import torch
 
 from ..data import PreferenceExample
 from ..prompts import parse_completion
+from ..rewards import Rewards
 from ..synthetic import SyntheticDataset, SyntheticTask, describe, draw_pair, evidence_reasoning, restate_prompt
-from ..train import PreferenceTask
+from ..task import PreferenceTask
 
 KINDS = ("explained", "memorised")
 SPLITS = ("demos", "train", "heldout", "ood", "listener")
@@ -129,18 +130,19 @@ class ShortcutTask:
 
 
 class ShortcutPreferenceTask(PreferenceTask):
-    """:class:`lgrpo.train.PreferenceTask` with the shortcut task's demonstrations as warm-up targets.
+    """:class:`lgrpo.task.PreferenceTask` with the shortcut task's demonstrations as warm-up targets.
 
-    Rewards are the default task's (format, accuracy, listener), plus ``"explained"`` per completion:
-    1 when its think block describes both images. It does not enter the total; the trainer logs it.
+    Rewards are the default task's (format, accuracy, listener), plus ``extra["explained"]`` per
+    completion: 1 when its think block describes both images. It does not enter the total; the trainer
+    logs it (``reward/explained``).
     """
 
     def sft_targets(self, prompts) -> list[str]:
         return [self.batcher.fmt.completion(demo_reasoning(ex), ex.preferred) for ex in prompts.extra["examples"]]
 
-    def rewards(self, rollout) -> dict[str, torch.Tensor]:
+    def rewards(self, rollout) -> Rewards:
         out = super().rewards(rollout)
         fmt = self.batcher.fmt
-        out["explained"] = torch.tensor(
+        out.extra["explained"] = torch.tensor(
             [float(describes_both_images(parse_completion(t, fmt).reasoning)) for t in rollout.texts])
         return out
