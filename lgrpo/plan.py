@@ -16,7 +16,7 @@ counts them again on fresh shapes). For a decoder layer with element size e (2 f
 makes, the four MLP tensors of width i, keys and values, the attention's fp32 log-sum-exp per head, the
 norms' fp32 reciprocal roots); a vision block saves 5e·h more per patch (its fused qkv and rotary inputs).
 With gradient checkpointing each layer keeps only its input (h·e per token) and one layer is recomputed
-at a time.
+at a time: an estimate from that structure, not measured (the tests measure the plain case).
 
 Not counted: the allocator's fragmentation and the CUDA context (about 0.5 GiB), kernels' workspaces, the
 listener's and the reference's forward (no gradient: one layer's activations at a time), and the vLLM
@@ -137,12 +137,17 @@ def update_activation_bytes(s: Shapes, e: int, *, prompts: int, prompt_len: int,
     if backend == "sdpa":
         kv = 2 * e * s.kv_heads * s.head_dim
         per_layer += 2 * context * kv - completions * completion_len * kv
-        parts["attention masks"] = 2 * completions * completion_len * (prompt_len + completion_len) * e
-    if checkpointing:  # each layer keeps its input; one layer at a time is recomputed with its activations
-        parts["decoder layers"] = s.layers * tokens * s.hidden * e + per_layer
+        if not checkpointing:  # built inside the layers, so a checkpointed layer recomputes them
+            parts["attention masks"] = 2 * completions * completion_len * (prompt_len + completion_len) * e
+    per_block = patches * vision_activation_bytes(s, e)
+    if checkpointing:  # each layer and block keeps its input; the backward recomputes one at a time
+        # (an estimate from that structure: tests/test_plan.py measures the plain case only)
+        parts["decoder layers"] = s.layers * tokens * s.hidden * e + 2 * tokens * s.hidden * 4  # + final norm
+        parts["vision blocks"] = s.vision_layers * patches * s.vision_hidden * e
+        parts["recomputed layer"] = max(per_layer, per_block)
     else:
         parts["decoder layers"] = s.layers * per_layer
-    parts["vision blocks"] = patches * s.vision_layers * vision_activation_bytes(s, e)
+        parts["vision blocks"] = s.vision_layers * per_block
     parts["image patches"] = patches * 3 * 2 * s.patch**2 * e  # the patch embedding's input
     rows = completions * completion_len if loss_rows is None else min(loss_rows, completions * completion_len)
     parts["loss logits"] = rows * s.vocab * (4 if loss_rows is None else e)
@@ -262,3 +267,44 @@ def format_plan(p: Plan, device_gib: float | None = None) -> str:
 
 def _size(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+PLAN_FLAGS = ("--plan", "--plan.ranks", "--plan.gpu_gib")
+
+
+def split_plan_args(argv: list[str]) -> tuple[dict | None, list[str]]:
+    """``--plan [--plan.ranks N] [--plan.gpu_gib G]`` taken out of a training command line: the plan's
+    options (None without ``--plan``) and the rest, which is parsed as the run's config."""
+    rest, opts, asked, i = [], {}, False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--plan":
+            asked = True
+        elif arg in ("--plan.ranks", "--plan.gpu_gib"):
+            if i + 1 == len(argv):
+                raise ValueError(f"{arg} needs a value")
+            key, text = arg.removeprefix("--plan."), argv[i + 1]
+            try:
+                value = int(text) if key == "ranks" else float(text)
+            except ValueError:
+                raise ValueError(f"{arg}: not a number: {text!r}") from None
+            if not (value >= 1 if key == "ranks" else 0 < value < math.inf):
+                raise ValueError(f"{arg}: must be {'>= 1' if key == 'ranks' else 'positive and finite'}, "
+                                 f"got {text}")
+            opts[key] = value
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    if opts and not asked:
+        raise ValueError(f"{' and '.join('--plan.' + k for k in opts)} only mean something with --plan")
+    return (opts if asked else None), rest
+
+
+def device_gib(device: str) -> float | None:
+    """This machine's accelerator memory (GiB), when there is one."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GiB
+    return None
