@@ -65,6 +65,7 @@ class Shapes:
 _VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
            "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
            "fullatt_block_indexes": [7, 15, 23, 31]}
+QWEN_MAX_PIXELS = 12845056  # Qwen2.5-VL's preprocessor_config.json: a published name's image bound
 PUBLISHED = {
     "qwen2.5-vl-3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
                       "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
@@ -194,7 +195,7 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     (default: sdpa on the CPU, else what ``--loss.prefix_attention`` names, varlen when auto)."""
     from .model import load_image_processor
 
-    s = shapes or read_shapes(cfg.model.policy or "tiny")
+    s = shapes or read_shapes(cfg.model.policy or "tiny")  # a folder, "tiny", or a name in PUBLISHED
     if backend is None:
         backend = "sdpa" if device == "cpu" else {"auto": "varlen"}.get(cfg.loss.prefix_attention,
                                                                        cfg.loss.prefix_attention)
@@ -215,7 +216,9 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     for role, how in frozen:
         p.rows[f"frozen {role}"] = n * e_c / (shard if fsdp and how == "shard" else 1)
 
-    max_pixels = cfg.data.max_pixels or load_image_processor(cfg.model.policy or "tiny").size["longest_edge"]
+    model = cfg.model.policy or "tiny"
+    max_pixels = cfg.data.max_pixels or (QWEN_MAX_PIXELS if str(model) in PUBLISHED
+                                         else load_image_processor(model).size["longest_edge"])
     prompt = prompt_tokens(s, max_pixels, images, text_tokens)
     new = cfg.rollout.max_new_tokens
     group = cfg.rollout.group_size
@@ -308,3 +311,35 @@ def device_gib(device: str) -> float | None:
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / GiB
     return None
+
+
+def plan_device(cfg) -> str:
+    """What the run will use: the CPU only when asked for (or auto on a machine without a GPU)."""
+    import torch
+
+    if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return "cuda"
+
+
+def show_plan(cfg, opts: dict, out=print) -> int:
+    """``python -m lgrpo.train --plan ...``: print the plan per rank; nothing is loaded, nothing written."""
+    import os
+
+    ranks = int(opts.get("ranks") or os.environ.get("WORLD_SIZE", 1))
+    device = plan_device(cfg) if "gpu_gib" not in opts else "cuda"
+    out(format_plan(plan(cfg, ranks, device=device), opts.get("gpu_gib") or device_gib(device)))
+    return 0
+
+
+def write_plan(cfg, run_dir: Path, world_size: int) -> Path | None:
+    """The plan of the run that is starting, as ``memory_plan.txt`` in its folder (rank 0). A plan that
+    cannot be made (a model it cannot read) is a warning: the run matters more than its forecast."""
+    try:
+        text = format_plan(plan(cfg, world_size, device=plan_device(cfg)), device_gib(plan_device(cfg)))
+    except (ValueError, KeyError, OSError) as err:
+        print(f"[warn] no memory plan for this run: {err}", flush=True)
+        return None
+    path = Path(run_dir) / "memory_plan.txt"
+    path.write_text(text + "\n", encoding="utf-8")
+    return path

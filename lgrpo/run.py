@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError, load_weights, save_weights, weights_inf
 from .config import ConfigError, JobConfig, save_config
 from .eval import evaluate
 from .export import export_pretrained
+from .plan import write_plan
 from .report import format_report, write_report
 from .run_lock import lock_run_folder
 from .task import Models, policy_weights_dtype
@@ -110,6 +111,7 @@ def write_run_config(cfg: JobConfig, run_dir: Path, changes: list[str], dist: D.
         print(f"[config] {run_dir} continues with a changed config ({'; '.join(changes)}); the previous "
               f"one is kept as {kept.name}", flush=True)
     save_config(cfg, run_dir / "config.json")
+    write_plan(cfg, run_dir, dist.world_size)
 
 
 # --- before GRPO ------------------------------------------------------------------------------------------

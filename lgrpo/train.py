@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, parse_args
 from .data import DataError
 from .metrics import MetricsWriteError
+from .plan import show_plan, split_plan_args
 from .run import HeldOut, finish, frozen_copies, start_run, warm_up_or_restore, write_run_config
 from .seeding import seed_everything
 from .task import build
@@ -27,7 +28,16 @@ from .trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        plan, argv = split_plan_args(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     cfg = parse_args(argv)
+    if plan is not None:  # the memory plan: read config.json on the meta device, print, stop
+        try:
+            return show_plan(cfg, plan)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--plan: {err}") from None
     dist = D.init(cfg.train.device, cfg.parallel.backend, timeout_s=cfg.parallel.timeout_s)
     cfg.validate_world(dist.world_size)
     run_dir, changes = start_run(cfg, dist)  # checks and the lock; nothing written to the folder yet

@@ -64,8 +64,9 @@ def _captured_parser(main, argv: list[str]) -> set[str]:
 
 def _train_options() -> set[str]:
     from lgrpo.config import option_names
+    from lgrpo.plan import PLAN_FLAGS
 
-    return {"--" + name for name in option_names()} | {"--preset", "--config", "--help", "-h"}
+    return {"--" + name for name in option_names()} | {"--preset", "--config", "--help", "-h", *PLAN_FLAGS}
 
 
 def _module_main(module: str):

@@ -148,3 +148,28 @@ def test_the_paper_setup_on_eight_80gb_gpus_and_the_table(tmp_path):
                  "update activations", "peak", "fits in 74.5 GiB"):
         assert name in text
     assert "does NOT fit" in format_plan(one, device_gib=80e9 / GiB)
+
+
+def test_train_plan_prints_the_table_and_touches_nothing(tmp_path, capsys):
+    from lgrpo.train import main
+
+    assert main(["--plan", "--plan.ranks", "2", "--plan.gpu_gib", "24", "--run.dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan per rank (2 rank(s), FSDP2 sharded;") and "fits in 24.0 GiB" in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("reference_kernels")
+def test_a_run_writes_its_plan_into_the_run_folder(tmp_path, monkeypatch):
+    from lgrpo.train import main
+    from lgrpo.trainer import Trainer
+
+    def stop(self, on_step=None):
+        raise RuntimeError("stopped after start-up")
+
+    monkeypatch.setattr(Trainer, "fit", stop)
+    with pytest.raises(RuntimeError, match="after start-up"):
+        main(["--sft.steps", "0", "--data.eval", "none", "--run.progress", "false", "--run.dir", str(tmp_path),
+              "--run.name", "p"])
+    text = (tmp_path / "p" / "memory_plan.txt").read_text()
+    assert text.startswith("memory plan per rank (1 rank(s), unsharded;") and "policy weights" in text
