@@ -51,14 +51,25 @@ gradients kept, or gathered), which costs memory the update cannot spare.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import os
+import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if dist.is_available():
+    # FSDP2 imports torch.distributed.nn.functional, whose collectives take ``group=group.WORLD`` as
+    # a default argument, bound at import. Imported after the group exists (shard() imports FSDP
+    # lazily), those defaults would hold the group for the life of the process (see close()).
+    # Imported here, before any group, they are None.
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -119,10 +130,49 @@ def on_close(fn) -> None:
 
 
 def close() -> None:
+    """Run the before-close hooks, destroy the process group and free it while the interpreter is whole.
+
+    ``destroy_process_group`` only unregisters the group: it is freed, and its worker threads
+    joined, when its last reference goes. After FSDP2 sharding the sharded modules and DTensor's
+    process-wide sharding-propagation caches still hold its DeviceMesh, so the gloo workers live on
+    into interpreter finalization. A worker frees a finished collective's work object after the
+    caller has moved on; when that drops the last reference to a Python tensor, the worker takes the
+    GIL, and during finalization taking the GIL ends the thread (pthread_exit) inside that noexcept
+    destructor: std::terminate, SIGABRT ("terminate called without an active exception") after the
+    rank's work is done. So the group is freed here if nothing else holds it, else at exit, when
+    the caller's frames (trainer, models) are gone; atexit functions run before finalization.
+    """
     while _BEFORE_CLOSE:
         _BEFORE_CLOSE.pop()()
     if dist.is_available() and dist.is_initialized():
+        group = weakref.ref(dist.group.WORLD)
         dist.destroy_process_group()
+        if not _free(group):
+            atexit.register(_free, group, at_exit=True)
+
+
+def _free(group: weakref.ref, at_exit: bool = False) -> bool:
+    """Drop the references that keep a destroyed group alive; True once it is freed (its threads joined).
+
+    Sharded modules the caller no longer holds are reference cycles (FSDP2's hooks): collected here.
+    DeviceMeshes hold their groups (``_pg_registry`` in recent torch) and DTensor's caches hold
+    meshes (sharding propagation, in C++ too; redistribute planners; ...): rather than clear each
+    cache, the destroyed group is dropped from every live mesh, which no collective can use any more.
+    """
+    gc.collect()
+    pg = group()
+    if pg is not None:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        for obj in gc.get_objects():  # type(), not isinstance: __class__ of deprecated torch objects warns
+            registry = getattr(obj, "_pg_registry", None) if issubclass(type(obj), DeviceMesh) else None
+            for name in [n for n, g in registry.items() if g is pg] if registry else ():
+                del registry[name]
+        del pg
+    if group() is not None and at_exit:
+        warnings.warn("lgrpo.distributed.close: the process group is still referenced at exit; its worker "
+                      "threads may abort the exit (SIGABRT) after the work is done", RuntimeWarning, stacklevel=1)
+    return group() is None
 
 
 def barrier() -> None:

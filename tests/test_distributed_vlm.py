@@ -159,9 +159,11 @@ if __name__ == "__main__":  # a rank under torchrun
     result = run_all(out)
     import torch.distributed as dist
 
+    import lgrpo.distributed as D
+
     gathered = [None, None]
     dist.all_gather_object(gathered, result["scored"])
     result["scored"] = gathered[1]  # rank 1 scored 3 rows, rank 0 none
     if int(os.environ.get("RANK", 0)) == 0:
         (out / "result.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    D.close()  # frees the group before exit: a sharded model would keep its gloo threads into finalization
