@@ -1,6 +1,6 @@
 """The held-out report: its numbers from per-pair judgements, as a table and as JSON.
 
-:func:`summarize` turns the judgements :func:`lgrpo.eval.judge` collects (one row per pair: accuracy,
+:func:`summarize` turns the judgements :func:`lgrpo.heldout.judge` collects (one row per pair: accuracy,
 format, answer, the contradiction statistic of :func:`lgrpo.rewards.contradiction`, the listener's
 confidence) into accuracy, contradiction rate, agree/disagree accuracy and position bias;
 :func:`format_report` prints them, :func:`write_report` saves them. Used by ``python -m lgrpo.eval``, the

@@ -22,8 +22,8 @@ from . import distributed as D
 from . import preflight
 from .checkpoint import CheckpointError, load_weights, save_weights, weights_info
 from .config import ConfigError, JobConfig, save_config
-from .eval import evaluate
 from .export import export_pretrained
+from .heldout import evaluate
 from .plan import write_plan
 from .report import format_report, write_report
 from .run_lock import lock_run_folder

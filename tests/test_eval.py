@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from lgrpo.eval import evaluate, format_report, summarize, write_report
+from lgrpo.heldout import evaluate
+from lgrpo.report import format_report, summarize, write_report
 from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
 
 NAN = float("nan")
@@ -63,7 +64,7 @@ def test_gpu_eval_twice_with_a_weight_change_between(monkeypatch):
     eager engine's on the new weights. Graphs captured with autocast's weight cache would read the first
     eval's bf16 copies instead, freed when its autocast block ended; the squatters below take that memory
     so that such a replay reads NaN-filled blocks rather than, by luck of the allocator, fresh copies."""
-    import lgrpo.eval as E
+    import lgrpo.rollout as R  # rollout_for reads engine_for from there
     from lgrpo import distributed as D
     from lgrpo.rollout.engine import RolloutEngine, engine_for
     from lgrpo.rollout.hf import clean_generation_config
@@ -81,7 +82,7 @@ def test_gpu_eval_twice_with_a_weight_change_between(monkeypatch):
 
     def eager():
         with monkeypatch.context() as m:
-            m.setattr(E, "engine_for", lambda policy, tokenizer, **k: RolloutEngine(policy, tokenizer,
+            m.setattr(R, "engine_for", lambda policy, tokenizer, **k: RolloutEngine(policy, tokenizer,
                                                                                     cuda_graphs=False, **k))
             return completions(evaluate(model, task, **kw))
 

@@ -40,8 +40,8 @@ import torch
 
 from .. import distributed as D
 from ..config import build_config
-from ..eval import judge
 from ..extras import MissingExtra, require
+from ..heldout import judge
 from ..listener import Listener
 from ..model import freeze
 from ..prompts import parse_completion
