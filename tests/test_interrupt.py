@@ -106,7 +106,10 @@ def _start_training(tmp_path, *extra: str):
             "--run.progress", "false", "--checkpoint.interval", "0", "--data.eval", "none",
             "--data.synthetic_train_size", "16", "--train.prompts_per_step", "2", "--rollout.group_size", "2",
             "--rollout.max_new_tokens", "8", *extra]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT at its default, as for a program started at a terminal: a test session started as a background
+    # shell job has SIGINT ignored, ignored signals survive exec, and Python then installs no Ctrl-C handler.
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, proc, timeout_s: float = 120.0) -> None:
