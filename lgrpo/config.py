@@ -424,7 +424,7 @@ class CheckpointConfig:
 @dataclass
 class ParallelConfig:
     fsdp: str = "auto"
-    """Shard the policy with FSDP2 fully_shard: auto (when launched with torchrun), on, off."""
+    """Shard the policy with FSDP2 fully_shard: auto (when launched with torchrun), on, off (one process only)."""
 
     reference: str = "replicate"
     """The frozen reference on each rank: replicate (a full copy) or shard (FSDP2, saves memory)."""
@@ -553,6 +553,14 @@ class JobConfig:
             self.sft.steps == 0 or self.sft.batch_size % world_size == 0,
             "sft.batch_size",
             f"({self.sft.batch_size}) must divide by the number of ranks ({world_size})",
+        )
+        # Without FSDP nothing all-reduces the gradients: each rank would train its own copy on its own
+        # prompts, and the checkpoint would keep rank 0's.
+        _check(
+            world_size == 1 or self.parallel.fsdp != "off",
+            "parallel.fsdp",
+            f"off under torchrun ({world_size} processes) would train unsynchronised copies: use auto, or "
+            f"launch one process",
         )
 
     def to_dict(self) -> dict:

@@ -94,6 +94,11 @@ def test_world_size_checks():
     cfg.validate_world(2)
     with pytest.raises(ConfigError, match="--train.prompts_per_step.*4"):
         cfg.validate_world(4)
+    # Unsharded training syncs no gradients: fine in one process, refused on several.
+    cfg = build_config("tiny", {"parallel": {"fsdp": "off"}})
+    cfg.validate_world(1)
+    with pytest.raises(ConfigError, match="--parallel.fsdp.*unsynchronised"):
+        cfg.validate_world(2)
 
 
 def test_saved_config_round_trips_and_takes_overrides(tmp_path):
