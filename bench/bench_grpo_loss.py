@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -30,9 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lgrpo.kernels import grpo_loss, token_logprobs  # noqa: E402
 
 from bench.common import (  # noqa: E402
+    SLOW_COMPILE,
     GiB,
+    Impl,
     Row,
     arg_parser,
+    backward_step,
     bench_ms,
     bench_ms_after_setup,
     copy_bandwidth_gbs,
@@ -111,6 +116,64 @@ def liger_loss(longer: torch.Tensor, x: Inputs) -> torch.Tensor:
     return loss
 
 
+# The implementations both harnesses time (main() below and test_kernels_benchmark.py), by pytest id.
+IMPLS = {
+    "ours": Impl("ours (lgrpo grpo_loss)", "lgrpo grpo_loss, forward + backward"),
+    "ours_inplace": Impl("ours, inplace_grad=True",
+                         "lgrpo grpo_loss(inplace_grad=True): the gradient overwrites the logits (restored untimed)",
+                         opts=dict(inplace=True)),
+    "ours_fwd": Impl("ours, forward only", "lgrpo grpo_loss, forward only (floor: one pass)",
+                     opts=dict(forward_only=True), note="ratio to the 1-pass floor"),
+    "eager": Impl("torch eager (TRL-style)", "torch eager, TRL-style: fp32 log_softmax over the full logits"),
+    "compile": Impl("torch.compile", "torch.compile of the eager loss", smoke_skip=SLOW_COMPILE),
+    "liger": Impl("liger triton_grpo_loss (inplace)", "liger-kernel triton_grpo_loss, in place (restored untimed)",
+                  opts=dict(inplace=True), needs="liger_kernel"),
+}
+
+
+class Peer(NamedTuple):  # not a dataclass: tests/conftest.py runs this file as a module outside sys.modules
+    """One implementation ready to time. ``step()``: one call (forward, and backward unless forward-only) on a
+    fresh gradient, returning the loss; ``grad()``: its d loss / d logits ``[B, T, V]`` after a step;
+    ``restore()``: puts back the logits an in-place implementation overwrote (None: not in place)."""
+
+    leaf: torch.Tensor
+    step: Callable[[], torch.Tensor]
+    grad: Callable[[], torch.Tensor | None]
+    restore: Callable[[], None] | None
+
+
+def peer(key: str, x: Inputs) -> Peer:
+    """IMPLS[key] on its own leaf (a copy of ``x.logits``; liger's one position longer)."""
+    impl = IMPLS[key]
+    if key == "liger":
+        leaf = liger_logits(x.logits).requires_grad_()
+        loss_fn, grad = (lambda: liger_loss(leaf, x)), (lambda: None if leaf.grad is None else leaf.grad[:, :-1])
+    else:
+        leaf = x.logits.clone().requires_grad_()
+        grad = lambda: leaf.grad  # noqa: E731
+        if key in ("eager", "compile"):
+            fn = torch.compile(eager_from_logits) if key == "compile" else eager_from_logits
+            loss_fn = lambda: fn(leaf, x.ids, x.old, x.ref, x.adv, x.mask)  # noqa: E731
+        else:
+            loss_fn = lambda: ours_loss(leaf, x, inplace=impl.opts.get("inplace", False))  # noqa: E731
+    if impl.opts.get("forward_only"):
+        def step() -> torch.Tensor:
+            with torch.no_grad():
+                return loss_fn()
+    else:
+        step = backward_step(loss_fn, leaf)
+    restore = None
+    if impl.opts.get("inplace"):
+        pristine = x.logits if leaf.shape == x.logits.shape else leaf.detach().clone()  # x.logits stays as made
+
+        def restore() -> None:
+            leaf.grad = None
+            with torch.no_grad():
+                leaf.copy_(pristine)
+
+    return Peer(leaf, step, grad, restore)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -119,8 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if cuda else "cpu"
     env = environment()
     x = make_inputs(B, T, V, device)
-    ids, adv, mask, old, ref, pristine = x.ids, x.adv, x.mask, x.old, x.ref, x.logits
-    logits = pristine.clone().requires_grad_()
     logits_bytes = x.nbytes
 
     bw = copy_bandwidth_gbs() if cuda else None
@@ -141,125 +202,48 @@ def main(argv: list[str] | None = None) -> None:
         record(Row("floor: 3 passes over the logits at copy bw", floor_ms, 0.0, bw, 1.0,
                    note=f"d2d copy {bw:.0f} GB/s (read+write), logits {logits_bytes / 1e9:.2f} GB"))
 
-    def restore() -> None:
-        with torch.no_grad():
-            logits.copy_(pristine)
-
-    restore_ms = bench_ms(restore) if cuda else 0.0
+    if cuda:  # what an in-place row's untimed restore costs: one copy of the logits
+        scratch = x.logits.clone()
+        restore_ms = bench_ms(lambda: scratch.copy_(x.logits))
+        del scratch
+    else:
+        restore_ms = 0.0
 
     # eager result: the yardstick every row reports its agreement with
-    loss_ref = eager_from_logits(logits, ids, old, ref, adv, mask)
-    loss_ref.backward()
-    grad_ref, loss_ref = logits.grad.detach().clone(), loss_ref.item()
-    logits.grad = None
+    eager = peer("eager", x)
+    loss_ref = eager.step().item()
+    grad_ref = eager.grad().clone()
+    del eager
 
-    def measure(name: str, step, *, inplace: bool, floor=floor_ms, nbytes=3 * logits_bytes,
-                note: str = "") -> Row:
-        """step() runs forward + backward on the logits and returns the loss."""
-
-        def once():
-            # A fresh .grad each call, as do_bench(grad_to_none=...) in the anchors: otherwise autograd
-            # adds each new gradient into the old one, a 3-pass extra that is nobody's kernel.
-            logits.grad = None
-            if inplace:
-                restore()
-            return step()
-
-        logits.grad = None
-        loss = once()
-        if logits.grad is not None:
-            err = rel_err(logits.grad, grad_ref)
-            agreement = f"loss diff {abs(float(loss) - loss_ref):.1e}, grad relerr {err:.1e}"
+    def measure(key: str) -> Row:
+        impl = IMPLS[key]
+        if smoke and impl.smoke_skip:
+            raise RuntimeError(f"skipped in smoke mode ({impl.smoke_skip})")
+        p = peer(key, x)
+        floor, nbytes = (fwd_floor_ms, logits_bytes) if impl.opts.get("forward_only") else (floor_ms, 3 * logits_bytes)
+        if p.restore:
+            p.restore()
+        loss, grad = p.step(), p.grad()
+        if grad is not None:
+            agreement = f"loss diff {abs(float(loss) - loss_ref):.1e}, grad relerr {rel_err(grad, grad_ref):.1e}"
         else:
             agreement = f"loss diff {abs(float(loss) - loss_ref):.1e}"
-        logits.grad = None
-        if inplace:
-            restore()
-        extra = peak_extra_bytes(step) / GiB if cuda else None
-        logits.grad = None
-        if inplace:
-            def setup():
-                logits.grad = None
-                restore()
-
-            ms = bench_ms_after_setup(step, setup)
-            restore()  # leave pristine logits for the next row
+        p.leaf.grad = None  # the peak below counts the step's own gradient
+        if p.restore:
+            p.restore()
+        extra = peak_extra_bytes(p.step) / GiB if cuda else None
+        note = impl.note
+        if p.restore:
+            ms = bench_ms_after_setup(p.step, p.restore)
             note = f"{note}; timed after a restore copy ({restore_ms:.2f} ms, not counted)".lstrip("; ")
         else:
-            ms = bench_ms(once)
-        logits.grad = None
+            ms = bench_ms(p.step)
         gbs = nbytes / (ms * 1e-3) / 1e9 if cuda else None
         ratio = ms / floor if cuda else None
-        return Row(name, ms, extra, gbs, ratio, note=f"{agreement}; {note}".rstrip("; "))
+        return Row(impl.row, ms, extra, gbs, ratio, note=f"{agreement}; {note}".rstrip("; "))
 
-    def ours(inplace: bool):
-        def step():
-            loss = ours_loss(logits, x, inplace)
-            loss.backward()
-            return loss.detach()
-        return step
-
-    record(run_guarded("ours (lgrpo grpo_loss)", lambda: measure("ours (lgrpo grpo_loss)", ours(False),
-                                                                      inplace=False)))
-    record(run_guarded("ours, inplace_grad=True", lambda: measure("ours, inplace_grad=True", ours(True),
-                                                                       inplace=True)))
-
-    def ours_forward():
-        with torch.no_grad():
-            return ours_loss(logits, x)
-
-    record(run_guarded("ours, forward only", lambda: measure(
-        "ours, forward only", ours_forward, inplace=False, floor=fwd_floor_ms, nbytes=logits_bytes,
-        note="ratio to the 1-pass floor")))
-
-    def eager_step(fn):
-        def step():
-            loss = fn(logits, ids, old, ref, adv, mask)
-            loss.backward()
-            return loss.detach()
-        return step
-
-    record(run_guarded("torch eager (TRL-style)", lambda: measure(
-        "torch eager (TRL-style)", eager_step(eager_from_logits), inplace=False)))
-
-    def compiled():
-        if smoke:
-            raise RuntimeError("skipped in smoke mode (inductor compile takes minutes on CPU)")
-        return measure("torch.compile", eager_step(torch.compile(eager_from_logits)), inplace=False)
-
-    record(run_guarded("torch.compile", compiled))
-
-    def liger():
-        longer = liger_logits(pristine).requires_grad_()
-        longer_pristine = longer.detach().clone()
-
-        def step():
-            loss = liger_loss(longer, x)
-            loss.backward()
-            return loss.detach()
-
-        def restore_longer():
-            longer.grad = None
-            with torch.no_grad():
-                longer.copy_(longer_pristine)
-
-        def step_restored():
-            restore_longer()
-            return step()
-
-        longer.grad = None
-        loss = step_restored()
-        err = rel_err(longer.grad[:, :-1], grad_ref)
-        restore_longer()
-        extra = peak_extra_bytes(step) / GiB if cuda else None
-        longer.grad = None
-        ms = bench_ms_after_setup(step, restore_longer)
-        return Row("liger triton_grpo_loss (inplace)", ms, extra,
-                   3 * logits_bytes / (ms * 1e-3) / 1e9 if cuda else None, ms / floor_ms if cuda else None,
-                   note=f"loss diff {abs(float(loss) - loss_ref):.1e}, grad relerr {err:.1e}; "
-                        f"timed after a restore copy ({restore_ms:.2f} ms, not counted)")
-
-    record(run_guarded("liger triton_grpo_loss (inplace)", liger))
+    for key, impl in IMPLS.items():
+        record(run_guarded(impl.row, lambda k=key: measure(k)))
 
     print_table(title, rows, env)
 

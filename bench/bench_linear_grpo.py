@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,14 @@ from lgrpo.kernels import linear_grpo_loss  # noqa: E402
 from lgrpo.kernels.linear_grpo import default_chunk_rows  # noqa: E402
 from lgrpo.kernels.logprobs import launch_row_grad, launch_row_stats  # noqa: E402
 
+# The anchors' settings and their eager TRL-style loss, the same as the loss from logits is timed with.
+from bench.bench_grpo_loss import BETA, EPS_HI, EPS_LO, TEMP, grpo_from_logp  # noqa: E402
 from bench.common import (  # noqa: E402
     GiB,
+    Impl,
     Row,
     arg_parser,
+    backward_step,
     bench_ms,
     environment,
     matmul_ms,
@@ -42,18 +47,11 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 
-TEMP, BETA, EPS_LO, EPS_HI = 1.0, 0.04, 0.2, 0.28
 SHAPE, SMOKE_SHAPE = (8, 1024, 3584, 152064), (2, 8, 32, 96)  # B, T, H, V
-# overlap rows: (logits buffers, rows per chunk; None: the default, 384 at SHAPE with 2 buffers)
-OVERLAP_ROWS = ((2, None), (2, 512), (2, 768), (1, 768), (1, 1024))
-
-
-def grpo_from_logp(logp, old, ref, adv, mask):
-    """TRL-style loss from per-token log-probs (the anchors' eager formula), dapo aggregation."""
-    ratio = torch.exp(logp - old)
-    pg = -torch.minimum(ratio * adv[:, None], torch.clamp(ratio, 1 - EPS_LO, 1 + EPS_HI) * adv[:, None])
-    kl = torch.exp(ref - logp) - (ref - logp) - 1
-    return ((pg + BETA * kl) * mask).sum() / mask.sum()
+CCE_CUDA_ONLY = "cut-cross-entropy's Triton kernels fail in the Triton interpreter: CUDA only"
+CHUNK_ROWS = (384, 768, 896, 1024)  # sequential rows: the speed / memory trade-off around the default chunk
+# overlap rows: (logits buffers, rows per chunk; None: the default, 384 at SHAPE with 2 buffers, 768 with 1)
+OVERLAP_ROWS = ((2, None), (2, 512), (2, 768), (1, None), (1, 1024))
 
 
 @dataclass
@@ -133,6 +131,65 @@ def liger_loss(fused, hidden: torch.Tensor, weight: torch.Tensor, x: Inputs) -> 
     return out[0] if isinstance(out, tuple) else out
 
 
+def ours_impls(V: int, smoke: bool) -> dict[str, Impl]:
+    """The rows of ours at vocabulary V (``opts``: linear_grpo_loss's), in the script's order; those with an
+    ``about`` are test_kernels_benchmark.py's too, under their key.
+
+    overlap=True (bench/NOTES.md, "overlap"): each chunk's grad_W GEMM on a side stream, beside grad_h's GEMM
+    (1 buffer: no extra memory) or also the next chunk's logits GEMM (2 buffers; default 2 x 384 rows = the
+    memory of one 768-row buffer). Compare with the sequential rows (same chunk); smoke: 4-row chunks, so that
+    the overlap's schedule runs at all (one row per buffer count)."""
+    impls = {
+        "ours": Impl(f"ours (chunk {default_chunk_rows(V, 2)} rows)",
+                     "lgrpo linear_grpo_loss (chunked, never the full logits), forward + backward"),
+        "ours seq": Impl("ours, importance_level=sequence", opts=dict(importance_level="sequence"),
+                         note="a different loss (GSPO ratio): agreement not expected"),
+        "ours fp32": Impl("ours, fp32_weight_grad=True", opts=dict(fp32_weight_grad=True)),
+    }
+    for c in CHUNK_ROWS:
+        impls[f"ours {c}"] = Impl(f"ours (chunk {c} rows)", opts=dict(chunk_size=c))
+    at_default = {
+        2: ("ours_overlap", "ours, overlap=True: grad_W's GEMM on a side stream (2 logits buffers of half the "
+                            "default chunk)"),
+        1: ("ours_overlap1", "ours, overlap=True, overlap_buffers=1: grad_W's GEMM beside grad_h's (default chunk)"),
+    }
+    seen = set()
+    for n, chunk in OVERLAP_ROWS:
+        rows = 4 if smoke else chunk or default_chunk_rows(V, 2, buffers=n)
+        if (n, rows) not in seen:
+            seen.add((n, rows))
+            key, about = at_default[n] if chunk is None else (f"overlap {n}x{rows}", None)
+            impls[key] = Impl(f"ours overlap ({n} x {rows} rows)", about,
+                              opts=dict(overlap=True, overlap_buffers=n, chunk_size=rows))
+    return impls
+
+
+# The peers, after ours in the script's rows; those with an ``about`` are test_kernels_benchmark.py's too.
+PEERS = {
+    "eager": Impl("eager matmul + loss", "eager: full bf16 logits, then the TRL-style loss in fp32"),
+    "cce": Impl("cut-cross-entropy + torch GRPO (filter_eps=high)",
+                "cut-cross-entropy (filter_eps='high', its default) + torch GRPO", opts=dict(filter_eps="high"),
+                needs="cut_cross_entropy", cuda_only=CCE_CUDA_ONLY),
+    "cce_exact": Impl("cut-cross-entropy + torch GRPO (filter_eps=None)",
+                      "cut-cross-entropy (filter_eps=None: exact gradients) + torch GRPO", opts=dict(filter_eps=None),
+                      needs="cut_cross_entropy", cuda_only=CCE_CUDA_ONLY),
+    "liger": Impl("liger FusedLinearGRPO (chunk 4)", "liger-kernel LigerFusedLinearGRPOLoss (chunk 4)",
+                  needs="liger_kernel"),
+}
+
+
+def loss_fn(key: str, impl: Impl, hidden: torch.Tensor, weight: torch.Tensor, x: Inputs) -> Callable[[], torch.Tensor]:
+    """The forward of ``impl`` (a row of ours_impls, or PEERS[key]) on these leaves."""
+    if key in PEERS:
+        if key == "eager":
+            return lambda: eager_loss(hidden, weight, x)
+        if key == "liger":
+            fused = liger_module(compiled=torch.cuda.is_available())  # its torch.compile of a chunk is for CUDA
+            return lambda: liger_loss(fused, hidden, weight, x)
+        return lambda: cce_loss(hidden, weight, x, impl.opts["filter_eps"])
+    return lambda: ours_loss(hidden, weight, x, **impl.opts)
+
+
 def chunk_breakdown(chunk: int, live_rows: int, H: int, V: int, device: str) -> Row:
     """What one chunk of ``ours`` costs, piece by piece, times the number of chunks: the model of the
     gap to the floor. Pieces: the logits GEMM ``[c,H]x[H,V]``, the two Triton vocabulary passes
@@ -197,59 +254,26 @@ def main(argv: list[str] | None = None) -> None:
 
     x = make_inputs(B, T, H, V, device)
     hidden, weight, mask = x.hidden.requires_grad_(), x.weight.requires_grad_(), x.mask
-
-    def eager():
-        loss = eager_loss(hidden, weight, x)
-        loss.backward()
-        return loss.detach()
-
-    loss_ref = eager()
+    # eager's result: the yardstick every row reports its agreement with
+    loss_ref = float(backward_step(loss_fn("eager", PEERS["eager"], hidden, weight, x), hidden, weight)())
     gh_ref, gw_ref = hidden.grad.detach().clone(), weight.grad.detach().clone()
-    loss_ref = float(loss_ref)
 
-    def measure(name: str, step, note: str = "") -> Row:
-        hidden.grad = weight.grad = None
+    def measure(key: str, impl: Impl) -> Row:
+        step = backward_step(loss_fn(key, impl, hidden, weight, x), hidden, weight)
         loss = float(step())
         agreement = (f"loss diff {abs(loss - loss_ref):.1e}, "
                      f"grad_h relerr {rel_err(hidden.grad, gh_ref):.1e}, "
                      f"grad_W relerr {rel_err(weight.grad, gw_ref):.1e}")
-        hidden.grad = weight.grad = None
+        hidden.grad = weight.grad = None  # the peak below counts the step's own gradients
         extra = peak_extra_bytes(step) / GiB if cuda else None
+        ms = bench_ms(step, warmup_ms=10, rep_ms=100)
         hidden.grad = weight.grad = None
-        def fresh():  # fresh .grad each call (as do_bench's grad_to_none), no accumulation pass timed
-            hidden.grad = weight.grad = None
-            return step()
+        return Row(impl.row, ms, extra, None, ms / floor_ms if floor_ms else None,
+                   note=f"{agreement}; {impl.note}".rstrip("; "))
 
-        ms = bench_ms(fresh, warmup_ms=10, rep_ms=100)
-        hidden.grad = weight.grad = None
-        return Row(name, ms, extra, None, ms / floor_ms if floor_ms else None,
-                   note=f"{agreement}; {note}".rstrip("; "))
-
-    def ours(**opts):
-        def step():
-            loss = ours_loss(hidden, weight, x, **opts)
-            loss.backward()
-            return loss.detach()
-        return step
-
+    for key, impl in ours_impls(V, smoke).items():
+        record(run_guarded(impl.row, lambda k=key, i=impl: measure(k, i)))
     chunk = default_chunk_rows(V, 2)
-    record(run_guarded("ours", lambda: measure(f"ours (chunk {chunk} rows)", ours())))
-    record(run_guarded("ours seq", lambda: measure(
-        "ours, importance_level=sequence", ours(importance_level="sequence"),
-        note="a different loss (GSPO ratio): agreement not expected")))
-    record(run_guarded("ours fp32", lambda: measure("ours, fp32_weight_grad=True",
-                                                    ours(fp32_weight_grad=True))))
-    for chunk_rows in (384, 768, 896, 1024):  # the speed / memory trade-off around the default
-        record(run_guarded(f"ours {chunk_rows}", lambda c=chunk_rows: measure(f"ours (chunk {c} rows)",
-                                                                               ours(chunk_size=c))))
-    # overlap=True (bench/NOTES.md, "overlap"): each chunk's grad_W GEMM on a side stream, beside grad_h's GEMM
-    # (1 buffer: no extra memory) or also the next chunk's logits GEMM (2 buffers; default 2 x 384 rows = the
-    # memory of one 768-row buffer). Compare with the sequential rows above (same chunk); smoke: 4-row chunks,
-    # so that the overlap's schedule runs at all (one row per buffer count).
-    configs = dict.fromkeys((n, 4 if smoke else c or default_chunk_rows(V, 2, buffers=n)) for n, c in OVERLAP_ROWS)
-    for n_buf, c_rows in configs:
-        record(run_guarded(f"overlap {n_buf}x{c_rows}", lambda n=n_buf, c=c_rows: measure(
-            f"ours overlap ({n} x {c} rows)", ours(overlap=True, overlap_buffers=n, chunk_size=c))))
     live = int(mask.sum())
     for chunk_rows in sorted({min(chunk, live), min(1024, live)}):  # where a chunk's time goes (vs the floor)
         def model(c=chunk_rows) -> Row:
@@ -259,31 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         record(run_guarded(f"model {chunk_rows}", model))
     if cuda:
         torch.cuda.empty_cache()
-    record(run_guarded("eager", lambda: measure("eager matmul + loss", eager)))
-
-    def liger():
-        fused = liger_module(compiled=cuda)
-
-        def step():
-            loss = liger_loss(fused, hidden, weight, x)
-            loss.backward()
-            return loss.detach()
-
-        return measure("liger FusedLinearGRPO (chunk 4)", step)
-
-    def cce(filter_eps):
-        def run_cce():
-            def step():
-                loss = cce_loss(hidden, weight, x, filter_eps)
-                loss.backward()
-                return loss.detach()
-
-            return measure(f"cut-cross-entropy + torch GRPO (filter_eps={filter_eps})", step)
-        return run_cce
-
-    record(run_guarded("cce", cce("high")))
-    record(run_guarded("cce exact", cce(None)))
-    record(run_guarded("liger", liger))
+    for key, impl in PEERS.items():
+        record(run_guarded(impl.row, lambda k=key, i=impl: measure(k, i)))
     print_table(title, rows, env)
 
 

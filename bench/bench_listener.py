@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.common` f
 
 import lgrpo.ops as ops  # noqa: E402
 from bench.common import (  # noqa: E402
+    SLOW_COMPILE,
+    Impl,
     Row,
     arg_parser,
     bench_ms,
@@ -69,6 +71,25 @@ def ours(logits, positions, candidate_ids, temperature: float = 1.0):
 
 def ours_checked(logits, positions, candidate_ids, temperature: float = 1.0):
     return ops.listener_confidence(logits, positions, candidate_ids, temperature)
+
+
+# The implementations both harnesses time (main() below and test_kernels_benchmark.py), by pytest id; the
+# script also times the launcher's other row splits ("ours, <= N block(s)/row") where it has a plan.
+IMPLS = {
+    "ours": Impl("ours", "lgrpo._C listener_confidence, check_indices=False (one asynchronous launch)"),
+    "ours_checked": Impl("ours, checked",
+                         "lgrpo._C listener_confidence, the default call (+ a D2H copy and sync for the index check)",
+                         opts=dict(graph=False), note="check_indices=True: + D2H copy and sync"),  # a graph cannot sync
+    "eager": Impl("torch eager", "torch eager: index the rows, log_softmax, gather, softmax"),
+    "compile": Impl("torch.compile", "torch.compile(fullgraph=True) of the eager code", smoke_skip=SLOW_COMPILE),
+}
+
+
+def implementation(key: str) -> Callable:
+    """IMPLS[key] as a function of (logits, positions, candidate_ids)."""
+    if key == "compile":
+        return torch.compile(torch_eager, fullgraph=True, dynamic=False)
+    return {"ours": ours, "ours_checked": ours_checked, "eager": torch_eager}[key]
 
 
 def _event_us(run: Callable[[], None], n_calls: int, reps: int = 5) -> float:
@@ -136,29 +157,31 @@ def run_case(label: str, inputs: list[tuple], n_bytes: int, copy_gbs: float, smo
         full = f"{label} {name}"
         return run_guarded(full, lambda: measure(full, fn, inputs, n_bytes, copy_gbs, **kw))
 
+    def compiled_row() -> Row:  # compiled (and checked) inside its row: a failing compile is that row's note
+        compiled = implementation("compile")
+        for g, w in zip(compiled(*inputs[0]), want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        return measure(f"{label} {IMPLS['compile'].row}", compiled, inputs, n_bytes, copy_gbs)
+
     plan = ops.listener_launch_plan(*inputs[0])
     plan_note = (f"{plan['blocks_per_row']} block(s)/row{' (cluster)' if plan['blocks_per_row'] > 1 else ''}, "
                  f"{plan['resident_blocks_per_sm']} blocks/SM" if plan else "")
-    rows = [
-        row("ours", ours, note=plan_note),
-        row("ours, checked", ours_checked, graph=False, note="check_indices=True: + D2H copy and sync"),
-        row("torch eager", torch_eager),
-    ]
-    if plan:  # the row split the launcher did not choose, for comparison (LGRPO_LISTENER_MAX_CHUNKS)
-        for cap in sorted({1, 4} - {plan["blocks_per_row"]}):
-            os.environ["LGRPO_LISTENER_MAX_CHUNKS"] = str(cap)
-            try:
-                rows.append(row(f"ours, <= {cap} block(s)/row", ours))
-            finally:
-                del os.environ["LGRPO_LISTENER_MAX_CHUNKS"]
-    if not smoke:  # a CPU inductor compile alone would take longer than the whole smoke run
-        def compiled_row() -> Row:
-            compiled = torch.compile(torch_eager, fullgraph=True, dynamic=False)
-            for g, w in zip(compiled(*inputs[0]), want):
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-            return measure(f"{label} torch.compile", compiled, inputs, n_bytes, copy_gbs)
-
-        rows.append(run_guarded(f"{label} torch.compile", compiled_row))
+    rows = []
+    for key, impl in IMPLS.items():
+        if smoke and impl.smoke_skip:  # not even a row: a CPU inductor compile alone outlasts the smoke run
+            continue
+        if key == "compile":
+            rows.append(run_guarded(f"{label} {impl.row}", compiled_row))
+            continue
+        rows.append(row(impl.row, implementation(key), note=impl.note or (plan_note if key == "ours" else ""),
+                        **impl.opts))
+        if key == "eager" and plan:  # the row splits the launcher did not choose (LGRPO_LISTENER_MAX_CHUNKS)
+            for cap in sorted({1, 4} - {plan["blocks_per_row"]}):
+                os.environ["LGRPO_LISTENER_MAX_CHUNKS"] = str(cap)
+                try:
+                    rows.append(row(f"ours, <= {cap} block(s)/row", ours))
+                finally:
+                    del os.environ["LGRPO_LISTENER_MAX_CHUNKS"]
     return rows
 
 
@@ -186,6 +209,9 @@ def positions_case(smoke: bool, device: str, gen: torch.Generator) -> tuple[str,
     return f"[{B},{T},V]@pos", [(logits, p, cand) for p in pos_sets], B * V * logits.element_size()
 
 
+CASES = {"[B,V]": rows_case, "[B,T,V]@pos": positions_case}  # the shapes both harnesses time
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
@@ -196,13 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not ops.HAS_EXTENSION:
         print("WARNING: lgrpo._C is not loaded: 'ours' is the PyTorch reference", file=sys.stderr)
 
-    label, inputs, n_bytes = rows_case(smoke, device, gen)
-    V = inputs[0][0].shape[-1]
-    rows = run_case(label, inputs, n_bytes, copy_gbs, smoke)
-    del inputs
-    label, inputs, n_bytes = positions_case(smoke, device, gen)
-    rows += run_case(label, inputs, n_bytes, copy_gbs, smoke)
-    del inputs
+    rows = []
+    for make in CASES.values():
+        label, inputs, n_bytes = make(smoke, device, gen)
+        V = inputs[0][0].shape[-1]
+        rows += run_case(label, inputs, n_bytes, copy_gbs, smoke)
+        del inputs
 
     title = f"listener_confidence, K={len(CANDIDATES)}, V={V}, bf16"
     print_table(title, rows, env)

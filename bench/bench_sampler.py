@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.common` from any working directory
 
 from bench.common import (  # noqa: E402
+    Impl,
     Row,
     arg_parser,
     bench_ms,
@@ -43,6 +45,20 @@ from lgrpo.rollout.top_p import counter_uniform, sample_from_logits  # noqa: E40
 
 QWEN_V = 152064
 SMOKE_VOCAB = 5000
+ROWS = (16, 64)  # B: rollout batch sizes
+
+# The implementations both harnesses time (main() below and test_kernels_benchmark.py), by pytest id. The
+# engine's Triton kernel is timed by test_kernels_benchmark.py only, beside the check against its PyTorch twin.
+IMPLS = {
+    "ours": Impl(None, "the rollout engine's Triton kernel (lgrpo.kernels.sampler.sample_tokens): Gumbel-max, Philox"),
+    "fixed_point": Impl("ours", "lgrpo.rollout.top_p.sample_from_logits: fixed-point CDF, blocked scan (the generate "
+                                "path)"),
+    "top_p": Impl("ours, top_p=0.95"),
+    "per_step": Impl("ours, per step (CounterSampler)"),
+    "cumsum_fp64": Impl("flat fp64 cumsum (before)", "the sampler before it: one flat fp64 cumsum per row + "
+                                                     "searchsorted"),
+    "multinomial": Impl("torch.multinomial (HF do_sample)", "torch.multinomial(softmax(logits)) (HF do_sample)"),
+}
 
 
 def flat_fp64_cumsum(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -89,24 +105,31 @@ def check_old_new_agree(logits: torch.Tensor, u: torch.Tensor, label: str) -> fl
     return agree
 
 
-def run_case(rows_b: int, vocab: int, device: str, copy_gbs: float, smoke: bool) -> list[Row]:
-    logits, u = make_logits(rows_b, vocab, device)
+def samplers(rows_b: int, u: torch.Tensor, device: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """IMPLS key -> logits ``[rows_b, V]`` -> what that sampler draws from them (temperature 1; the engine's
+    kernel is built by test_kernels_benchmark.py). The token ids, ``[rows_b]``, but for ``per_step``: the
+    scores HF takes (the sampled id at 0, the rest -inf)."""
     sampler = CounterSampler(1, 2, torch.arange(rows_b), 1.0, 1.0, prompt_len=0, max_new_tokens=8)
     input_ids = torch.zeros(rows_b, 3, dtype=torch.long, device=device)
+    return {
+        "fixed_point": lambda z: sample_from_logits(z, u, 1.0)[0],
+        "top_p": lambda z: sample_from_logits(z, u, 1.0, 0.95)[0],
+        "per_step": lambda z: sampler(input_ids, z),
+        "cumsum_fp64": lambda z: flat_fp64_cumsum(z, u),
+        "multinomial": lambda z: torch.multinomial(torch.softmax(z, -1), 1).squeeze(-1),
+    }
+
+
+def run_case(rows_b: int, vocab: int, device: str, copy_gbs: float, smoke: bool) -> list[Row]:
+    logits, u = make_logits(rows_b, vocab, device)
     n_bytes = logits.numel() * logits.element_size()
     label = f"[{rows_b},V]"
     check_old_new_agree(logits, u, label)
-
-    peers = [
-        ("ours", lambda: sample_from_logits(logits, u, 1.0)),
-        ("ours, top_p=0.95", lambda: sample_from_logits(logits, u, 1.0, 0.95)),
-        ("ours, per step (CounterSampler)", lambda: sampler(input_ids, logits)),
-        ("flat fp64 cumsum (before)", lambda: flat_fp64_cumsum(logits, u)),
-        ("torch.multinomial (HF do_sample)", lambda: torch.multinomial(torch.softmax(logits, -1), 1)),
-    ]
+    fns = samplers(rows_b, u, device)
     return [
-        run_guarded(f"{label} {name}", lambda n=name, f=fn: measure(f"{label} {n}", f, n_bytes, copy_gbs, smoke))
-        for name, fn in peers
+        run_guarded(f"{label} {impl.row}",
+                    lambda n=impl.row, f=fns[key]: measure(f"{label} {n}", lambda: f(logits), n_bytes, copy_gbs, smoke))
+        for key, impl in IMPLS.items() if impl.row
     ]
 
 
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     copy_gbs = copy_bandwidth_gbs()
     vocab = SMOKE_VOCAB if smoke else QWEN_V
     rows = []
-    for rows_b in (16, 64):
+    for rows_b in ROWS:
         rows += run_case(rows_b, vocab, device, copy_gbs, smoke)
     title = f"rollout sampler, one decoding step, V={vocab}, fp32 logits"
     print_table(title, rows, env)

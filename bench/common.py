@@ -2,6 +2,10 @@
 
 Every benchmark in bench/ measures the ceilings it compares against (copy bandwidth, matmul rate)
 in the same process, so a ratio compares like with like on whatever card runs it.
+
+Two harnesses time the kernels: each bench_*.py script (precise timings, peak memory, JSON rows) and
+test_kernels_benchmark.py (pytest-benchmark). Both iterate the same table of ``Impl`` per kernel, kept
+in that kernel's script with its shapes, so an implementation is added, renamed or skipped in one place.
 """
 
 from __future__ import annotations
@@ -19,6 +23,25 @@ from pathlib import Path
 import torch
 
 GiB = 1024**3
+# Why torch.compile rows are not timed at smoke sizes (--smoke, or pytest bench without CUDA).
+SLOW_COMPILE = "inductor compile takes minutes on CPU"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of a kernel in its script's table, which both harnesses iterate.
+
+    ``row``: the script's row name (None: only test_kernels_benchmark.py times it). ``about``: the pytest
+    harness's description of it, in its extra_info (None: only the script times it). ``opts``: the
+    kernel's own settings for the call (the script's builder reads them)."""
+
+    row: str | None
+    about: str | None = None
+    opts: dict = field(default_factory=dict)
+    note: str = ""  # added to the script's row note
+    needs: str | None = None  # optional package: pytest skips without it; a script's row says it failed
+    smoke_skip: str | None = None  # why it is not timed at smoke sizes (in both harnesses)
+    cuda_only: str | None = None  # why pytest skips it without CUDA (a script tries; its row says how it failed)
 
 
 def environment() -> dict:
@@ -119,6 +142,20 @@ def cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
         running += delta
         peak = max(peak, running)
     return peak
+
+
+def backward_step(loss_fn: Callable[[], torch.Tensor], *leaves: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One timed call: the leaves' gradients cleared (accumulating into the last ones, an extra pass, is
+    nobody's kernel: do_bench's grad_to_none), then ``loss_fn()`` and its backward; returns the loss."""
+
+    def step() -> torch.Tensor:
+        for leaf in leaves:
+            leaf.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+
+    return step
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,21 +1,16 @@
 """The kernel microbenchmarks as pytest-benchmark tests: ``pytest bench --benchmark-only``.
 
 Each test times one implementation of one kernel; the implementations of one kernel and case share a
-``benchmark.group``, so pytest-benchmark's table and ``--benchmark-json`` put them side by side:
+``benchmark.group``, so pytest-benchmark's table and ``--benchmark-json`` put them side by side. Groups:
+grpo_loss, linear_grpo_loss, group_advantages, listener_confidence [B,V] and [B,T,V]@pos, sampler [16,V]
+and [64,V].
 
-  grpo_loss                          ours, ours in place, ours forward only, torch eager, torch.compile, liger
-  linear_grpo_loss                   ours, ours with overlap (2 buffers; 1 buffer), eager matmul + loss, liger,
-                                     cut-cross-entropy (filtered, exact)
-  group_advantages                   ours (one Triton launch), torch eager (the reference), torch.compile
-  listener_confidence [B,V]          ours, ours with the index check, torch eager, torch.compile
-  listener_confidence [B,T,V]@pos    the same, one row per sequence read at given positions
-  sampler [16,V], sampler [64,V]     ours (the rollout engine's Triton kernel), the fixed-point CDF
-                                     sampler, the flat fp64 cumsum before it, torch.multinomial
-
-Inputs and peers are the bench_*.py scripts' own functions. Shapes: with CUDA those of bench/NOTES.md
-(N = 8 x 1024, V = 152064, H = 3584, bf16); without it the scripts' smoke shapes through the Triton
-interpreter, so that the harness runs anywhere (a CPU time measures the interpreter, not a kernel).
-A peer that cannot run here is skipped with the reason.
+The implementations, their shapes, inputs and peers are the bench_*.py scripts' own: each script's table
+(``IMPLS``, bench.common.Impl) lists what both harnesses time, and this file times the entries it describes
+(``about``), skipping with the reason what cannot run here. Only group_advantages, which has no script,
+keeps its table here. Shapes: with CUDA those of bench/NOTES.md (N = 8 x 1024, V = 152064, H = 3584, bf16);
+without it the scripts' smoke shapes through the Triton interpreter, so that the harness runs anywhere (a
+CPU time measures the interpreter, not a kernel).
 
 Before anything is timed, the implementation's output on the timed inputs is compared with the fp64
 reference (lgrpo.kernels.reference): a wrong kernel fails its test instead of reporting a time.
@@ -50,8 +45,7 @@ from bench import bench_grpo_loss as grpo_bench  # noqa: E402
 from bench import bench_linear_grpo as linear_bench  # noqa: E402
 from bench import bench_listener as listener_bench  # noqa: E402
 from bench import bench_sampler as sampler_bench  # noqa: E402
-from bench.common import copy_bandwidth_gbs, environment, rel_err  # noqa: E402
-from lgrpo.rollout.top_p import sample_from_logits  # noqa: E402
+from bench.common import SLOW_COMPILE, Impl, backward_step, copy_bandwidth_gbs, environment, rel_err  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -61,9 +55,6 @@ ROUNDS = dict(rounds=7, warmup_rounds=2) if CUDA else dict(rounds=3, warmup_roun
 CALLS = 20 if CUDA else 1  # calls per round for the µs-scale ops (on CPU the interpreter is slow enough)
 LOSS_TOL = 1e-4  # |loss - fp64| / max(|fp64|, 1): the losses accumulate in fp32
 GRAD_TOL = 1e-2  # relative (Frobenius) error of a bf16 gradient; bf16's rounding alone is ~1e-3
-COMPILE_ON_CPU = "torch.compile: inductor's CPU compile takes minutes; timed with CUDA only"
-LIGER = "liger-kernel is not installed (pip install -e .[bench])"
-CCE = "cut-cross-entropy is not installed (pip install -e .[bench])"
 GRPO_OPTS = dict(temperature=grpo_bench.TEMP, eps_low=grpo_bench.EPS_LO, eps_high=grpo_bench.EPS_HI,
                  beta=grpo_bench.BETA, loss_type="dapo")
 
@@ -100,6 +91,23 @@ def agreement(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> s
     return f"{what} relerr {err:.1e}"
 
 
+def pytest_ids(impls: dict[str, Impl]) -> list[str]:
+    """The ids of a script's table that this harness times (those it describes)."""
+    return [key for key, impl in impls.items() if impl.about]
+
+
+def skip_unless_runnable(impl: Impl) -> None:
+    """Skip, with the reason, an implementation that cannot run here: its optional package is missing, or it
+    is not timed at the smoke sizes / without CUDA (CPU runs here use the smoke sizes)."""
+    __tracebackhide__ = True  # pytest's skip summary then names the test's line, not this one
+    if impl.needs:
+        pytest.importorskip(impl.needs, reason=f"{impl.needs} is not installed (pip install -e .[bench])")
+    if not CUDA and impl.smoke_skip:
+        pytest.skip(f"not timed at the CPU's smoke sizes: {impl.smoke_skip}")
+    if not CUDA and impl.cuda_only:
+        pytest.skip(impl.cuda_only)
+
+
 def time_it(benchmark, group: str, run: Callable[[], object], *, setup: Callable[[], None] | None = None,
             calls: int = 1, floor_ms: float | None = None, **info) -> None:
     """Time ``run`` (one call) in pedantic rounds, ``setup`` untimed before each; record ``info``, the floor
@@ -116,14 +124,6 @@ def time_it(benchmark, group: str, run: Callable[[], object], *, setup: Callable
 # --- grpo_loss from logits -------------------------------------------------------------------------------
 
 GRPO_SHAPE = grpo_bench.SHAPE if CUDA else grpo_bench.SMOKE_SHAPE
-GRPO_IMPLS = {
-    "ours": "lgrpo grpo_loss, forward + backward",
-    "ours_inplace": "lgrpo grpo_loss(inplace_grad=True): the gradient overwrites the logits (restored untimed)",
-    "ours_fwd": "lgrpo grpo_loss, forward only (floor: one pass)",
-    "eager": "torch eager, TRL-style: fp32 log_softmax over the full logits",
-    "compile": "torch.compile of the eager loss",
-    "liger": "liger-kernel triton_grpo_loss, in place (restored untimed)",
-}
 
 
 def fp64_by_sequence(x, piece) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,53 +158,22 @@ def grpo_case():
     return (x, *grpo_truth(x))
 
 
-def grpo_impl(impl: str, x: grpo_bench.Inputs):
-    """(leaf, loss_fn, grad_fn): the tensor the gradient lands on, one forward, and its d loss / d logits."""
-    if impl == "liger":
-        pytest.importorskip("liger_kernel", reason=LIGER)
-        leaf = grpo_bench.liger_logits(x.logits).requires_grad_()
-        return leaf, lambda: grpo_bench.liger_loss(leaf, x), lambda: leaf.grad[:, :-1]
-    leaf = x.logits.clone().requires_grad_()
-    if impl in ("eager", "compile"):
-        fn = grpo_bench.eager_from_logits
-        if impl == "compile":
-            if not CUDA:
-                pytest.skip(COMPILE_ON_CPU)
-            fn = torch.compile(fn)
-        return leaf, lambda: fn(leaf, x.ids, x.old, x.ref, x.adv, x.mask), lambda: leaf.grad
-    return leaf, lambda: grpo_bench.ours_loss(leaf, x, inplace=impl == "ours_inplace"), lambda: leaf.grad
-
-
-@pytest.mark.parametrize("impl", list(GRPO_IMPLS))
+@pytest.mark.parametrize("impl", pytest_ids(grpo_bench.IMPLS))
 def test_grpo_loss(benchmark, grpo_case, copy_gbs, impl):
     x, want_loss, want_grad = grpo_case
-    leaf, loss_fn, grad_fn = grpo_impl(impl, x)
-    forward_only, inplace = impl == "ours_fwd", impl in ("ours_inplace", "liger")
-    pristine = leaf.detach().clone() if inplace else None
-
-    def restore() -> None:  # an in-place call destroys its logits: each timed call starts from the same ones
-        leaf.grad = None
-        with torch.no_grad():
-            leaf.copy_(pristine)
-
-    def step() -> torch.Tensor:
-        if forward_only:
-            with torch.no_grad():
-                return loss_fn()
-        leaf.grad = None  # a fresh .grad each call: accumulating into the last one is nobody's kernel
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    if inplace:
-        restore()
-    checks = [agreement("loss", step().detach(), want_loss, LOSS_TOL)]
+    spec = grpo_bench.IMPLS[impl]
+    skip_unless_runnable(spec)
+    peer = grpo_bench.peer(impl, x)
+    forward_only = spec.opts.get("forward_only", False)
+    if peer.restore:  # an in-place call destroys its logits: each timed call starts from the same ones
+        peer.restore()
+    checks = [agreement("loss", peer.step(), want_loss, LOSS_TOL)]
     if not forward_only:
-        checks.append(agreement("grad", grad_fn(), want_grad, GRAD_TOL))
+        checks.append(agreement("grad", peer.grad(), want_grad, GRAD_TOL))
     B, T, V = GRPO_SHAPE
     passes = 1 if forward_only else 3  # forward reads the logits; backward reads them and writes the gradient
-    time_it(benchmark, "grpo_loss", step, setup=restore if inplace else None,
-            floor_ms=copy_floor_ms(passes * x.nbytes, copy_gbs), impl=GRPO_IMPLS[impl], shape=dict(B=B, T=T, V=V),
+    time_it(benchmark, "grpo_loss", peer.step, setup=peer.restore,
+            floor_ms=copy_floor_ms(passes * x.nbytes, copy_gbs), impl=spec.about, shape=dict(B=B, T=T, V=V),
             dtype="bfloat16", bytes=passes * x.nbytes, floor=f"{passes} x the logits at the copy bandwidth",
             agreement=", ".join(checks))
 
@@ -212,16 +181,8 @@ def test_grpo_loss(benchmark, grpo_case, copy_gbs, impl):
 # --- linear_grpo_loss from hidden states -----------------------------------------------------------------
 
 LINEAR_SHAPE = linear_bench.SHAPE if CUDA else linear_bench.SMOKE_SHAPE
-LINEAR_IMPLS = {
-    "ours": "lgrpo linear_grpo_loss (chunked, never the full logits), forward + backward",
-    "ours_overlap": "ours, overlap=True: grad_W's GEMM on a side stream (2 logits buffers of half the default chunk)",
-    "ours_overlap1": "ours, overlap=True, overlap_buffers=1: grad_W's GEMM beside grad_h's (default chunk)",
-    "eager": "eager: full bf16 logits, then the TRL-style loss in fp32",
-    "liger": "liger-kernel LigerFusedLinearGRPOLoss (chunk 4)",
-    "cce": "cut-cross-entropy (filter_eps='high', its default) + torch GRPO",
-    "cce_exact": "cut-cross-entropy (filter_eps=None: exact gradients) + torch GRPO",
-}
-LINEAR_OURS = {"ours": {}, "ours_overlap": dict(overlap=True), "ours_overlap1": dict(overlap=True, overlap_buffers=1)}
+# The table at this harness's shape: the overlap rows' chunks follow the script's (4 rows at the smoke shape).
+LINEAR_IMPLS = {**linear_bench.ours_impls(LINEAR_SHAPE[-1], smoke=not CUDA), **linear_bench.PEERS}
 # The logits pass through bf16 in these implementations (a rounding of 2^-9 of each), the fp64 truth does not:
 # 1.4e-4 at the CPU shape; a wrong loss (a clip, a sign, a temperature) is off by far more.
 LINEAR_LOSS_TOL = 2e-3
@@ -246,36 +207,19 @@ def linear_case():
     return x, loss, grad_h, w.grad.float(), floor
 
 
-@pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
+@pytest.mark.parametrize("impl", pytest_ids(LINEAR_IMPLS))
 def test_linear_grpo_loss(benchmark, linear_case, impl):
     x, want_loss, want_gh, want_gw, (floor_ms, floor_note) = linear_case
+    spec = LINEAR_IMPLS[impl]
+    skip_unless_runnable(spec)
     hidden, weight = x.hidden.clone().requires_grad_(), x.weight.clone().requires_grad_()
-    if impl in LINEAR_OURS:
-        loss_fn = lambda: linear_bench.ours_loss(hidden, weight, x, **LINEAR_OURS[impl])  # noqa: E731
-    elif impl == "eager":
-        loss_fn = lambda: linear_bench.eager_loss(hidden, weight, x)  # noqa: E731
-    elif impl == "liger":
-        pytest.importorskip("liger_kernel", reason=LIGER)
-        fused = linear_bench.liger_module(compiled=CUDA)  # its torch.compile of a chunk is for CUDA
-        loss_fn = lambda: linear_bench.liger_loss(fused, hidden, weight, x)  # noqa: E731
-    else:
-        pytest.importorskip("cut_cross_entropy", reason=CCE)
-        if not CUDA:
-            pytest.skip("cut-cross-entropy's Triton kernels fail in the Triton interpreter: CUDA only")
-        filter_eps = "high" if impl == "cce" else None
-        loss_fn = lambda: linear_bench.cce_loss(hidden, weight, x, filter_eps)  # noqa: E731
-
-    def step() -> torch.Tensor:
-        hidden.grad = weight.grad = None  # fresh gradients each call, no accumulation pass timed
-        loss = loss_fn()
-        loss.backward()
-        return loss
+    step = backward_step(linear_bench.loss_fn(impl, spec, hidden, weight, x), hidden, weight)
 
     tol = LINEAR_GRAD_TOL.get(impl, GRAD_TOL)
-    checks = [agreement("loss", step().detach(), want_loss, LINEAR_LOSS_TOL),
+    checks = [agreement("loss", step(), want_loss, LINEAR_LOSS_TOL),
               agreement("grad_h", hidden.grad, want_gh, tol), agreement("grad_W", weight.grad, want_gw, tol)]
     B, T, H, V = LINEAR_SHAPE
-    time_it(benchmark, "linear_grpo_loss", step, floor_ms=floor_ms, impl=LINEAR_IMPLS[impl],
+    time_it(benchmark, "linear_grpo_loss", step, floor_ms=floor_ms, impl=spec.about,
             shape=dict(B=B, T=T, H=H, V=V), dtype="bfloat16", flops=3 * 2 * B * T * H * V,
             floor=f"the three lm_head matmuls, timed in this session ({floor_note})" if floor_ms else None,
             agreement=", ".join(checks))
@@ -284,10 +228,10 @@ def test_linear_grpo_loss(benchmark, linear_case, impl):
 # --- group advantages ------------------------------------------------------------------------------------
 
 ADV_SHAPE = (512, 8) if CUDA else (64, 8)  # rewards [B], groups of G
-ADV_IMPLS = {
-    "ours": "lgrpo group_advantages: one Triton launch",
-    "eager": "the PyTorch reference in fp32 (~10 small torch ops)",
-    "compile": "torch.compile of the PyTorch reference",
+ADV_IMPLS = {  # no bench_*.py script times these: this harness's own table
+    "ours": Impl(None, "lgrpo group_advantages: one Triton launch"),
+    "eager": Impl(None, "the PyTorch reference in fp32 (~10 small torch ops)"),
+    "compile": Impl(None, "torch.compile of the PyTorch reference", smoke_skip=SLOW_COMPILE),
 }
 
 
@@ -302,33 +246,23 @@ def advantages_case():
     return rewards.to(DEVICE), reference.group_advantages(rewards.double(), G).to(DEVICE)
 
 
-@pytest.mark.parametrize("impl", list(ADV_IMPLS))
+@pytest.mark.parametrize("impl", pytest_ids(ADV_IMPLS))
 def test_group_advantages(benchmark, advantages_case, impl):
     rewards, want = advantages_case
     B, G = ADV_SHAPE
+    skip_unless_runnable(ADV_IMPLS[impl])
     fn = group_advantages if impl == "ours" else reference.group_advantages
     if impl == "compile":
-        if not CUDA:
-            pytest.skip(COMPILE_ON_CPU)
         fn = torch.compile(fn)
     got = fn(rewards, G)
     check = agreement("advantages", got, want, 1e-5)
     assert (got[:G] == 0).all(), "a group of equal rewards must get advantage exactly 0"
-    time_it(benchmark, "group_advantages", lambda: fn(rewards, G), calls=CALLS, impl=ADV_IMPLS[impl],
+    time_it(benchmark, "group_advantages", lambda: fn(rewards, G), calls=CALLS, impl=ADV_IMPLS[impl].about,
             shape=dict(B=B, G=G), dtype="float32", bytes=2 * B * rewards.element_size(),
             floor="none: a few KB, launch-bound", agreement=check)
 
 
 # --- listener_confidence ---------------------------------------------------------------------------------
-
-LISTENER_CASES = {"[B,V]": listener_bench.rows_case, "[B,T,V]@pos": listener_bench.positions_case}
-LISTENER_IMPLS = {
-    "ours": "lgrpo._C listener_confidence, check_indices=False (one asynchronous launch)",
-    "ours_checked": "lgrpo._C listener_confidence, the default call (+ a D2H copy and sync for the index check)",
-    "eager": "torch eager: index the rows, log_softmax, gather, softmax",
-    "compile": "torch.compile(fullgraph=True) of the eager code",
-}
-
 
 @pytest.fixture(scope="module")
 def listener_cases() -> dict:
@@ -336,7 +270,7 @@ def listener_cases() -> dict:
     (probs, logp) of the first tuple)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     cases = {}
-    for case, make in LISTENER_CASES.items():
+    for case, make in listener_bench.CASES.items():
         label, inputs, n_bytes = make(not CUDA, DEVICE, gen)
         logits, positions, cand = inputs[0]
         rows = logits if positions is None else logits[torch.arange(logits.shape[0], device=DEVICE), positions]
@@ -344,37 +278,26 @@ def listener_cases() -> dict:
     return cases
 
 
-@pytest.mark.parametrize("impl", list(LISTENER_IMPLS))
-@pytest.mark.parametrize("case", list(LISTENER_CASES))
+@pytest.mark.parametrize("impl", pytest_ids(listener_bench.IMPLS))
+@pytest.mark.parametrize("case", list(listener_bench.CASES))
 def test_listener_confidence(benchmark, listener_cases, copy_gbs, case, impl):
     label, inputs, n_bytes, (want_probs, want_logp) = listener_cases[case]
     if impl.startswith("ours") and not ops.HAS_EXTENSION:
         pytest.skip("lgrpo._C is not loaded: 'ours' would time the PyTorch reference")
-    fn = {"ours": listener_bench.ours, "ours_checked": listener_bench.ours_checked}.get(impl,
-                                                                                        listener_bench.torch_eager)
-    if impl == "compile":
-        if not CUDA:
-            pytest.skip(COMPILE_ON_CPU)
-        fn = torch.compile(listener_bench.torch_eager, fullgraph=True, dynamic=False)
+    skip_unless_runnable(listener_bench.IMPLS[impl])
+    fn = listener_bench.implementation(impl)
     probs, logp = fn(*inputs[0])
     checks = [agreement("probs", probs, want_probs, 1e-5), agreement("logp", logp, want_logp, 1e-5)]
     rotating = itertools.cycle(inputs)  # back-to-back calls read different buffers / rows, not L2's copy
     time_it(benchmark, f"listener_confidence {case}", lambda: fn(*next(rotating)), calls=CALLS,
-            floor_ms=copy_floor_ms(n_bytes, copy_gbs), impl=LISTENER_IMPLS[impl],
+            floor_ms=copy_floor_ms(n_bytes, copy_gbs), impl=listener_bench.IMPLS[impl].about,
             shape=dict(logits=list(inputs[0][0].shape), K=len(listener_bench.CANDIDATES), case=label), dtype="bfloat16",
             bytes=n_bytes, floor="one read of the rows at the copy bandwidth", agreement=", ".join(checks))
 
 
 # --- the rollout sampler ---------------------------------------------------------------------------------
 
-SAMPLER_ROWS = (16, 64)
 SAMPLER_VOCAB = sampler_bench.QWEN_V if CUDA else sampler_bench.SMOKE_VOCAB
-SAMPLER_IMPLS = {
-    "ours": "the rollout engine's Triton kernel (lgrpo.kernels.sampler.sample_tokens): Gumbel-max, Philox",
-    "fixed_point": "lgrpo.rollout.top_p.sample_from_logits: fixed-point CDF, blocked scan (the generate path)",
-    "cumsum_fp64": "the sampler before it: one flat fp64 cumsum per row + searchsorted",
-    "multinomial": "torch.multinomial(softmax(logits)) (HF do_sample)",
-}
 
 
 def kernel_args(rows_b: int) -> tuple[torch.Tensor, ...]:
@@ -384,18 +307,14 @@ def kernel_args(rows_b: int) -> tuple[torch.Tensor, ...]:
 
 
 def samplers(rows_b: int, u: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """impl -> logits [rows_b, V] -> one token id per row (temperature 1, no top-p)."""
+    """impl -> logits [rows_b, V] -> one token id per row (temperature 1, no top-p): the script's samplers and
+    the engine's kernel."""
     args = kernel_args(rows_b)
-    return {
-        "ours": lambda z: sample_tokens(z, *args)[0],
-        "fixed_point": lambda z: sample_from_logits(z, u, 1.0)[0],
-        "cumsum_fp64": lambda z: sampler_bench.flat_fp64_cumsum(z, u),
-        "multinomial": lambda z: torch.multinomial(torch.softmax(z, -1), 1).squeeze(-1),
-    }
+    return {"ours": lambda z: sample_tokens(z, *args)[0], **sampler_bench.samplers(rows_b, u, DEVICE)}
 
 
-@pytest.mark.parametrize("impl", list(SAMPLER_IMPLS))
-@pytest.mark.parametrize("rows_b", SAMPLER_ROWS)
+@pytest.mark.parametrize("impl", pytest_ids(sampler_bench.IMPLS))
+@pytest.mark.parametrize("rows_b", sampler_bench.ROWS)
 def test_sampler(benchmark, copy_gbs, rows_b, impl):
     logits, u = sampler_bench.make_logits(rows_b, SAMPLER_VOCAB, DEVICE)
     fn = samplers(rows_b, u)[impl]
@@ -418,5 +337,6 @@ def test_sampler(benchmark, copy_gbs, rows_b, impl):
     del peaked
     n_bytes = logits.numel() * logits.element_size()
     time_it(benchmark, f"sampler [{rows_b},V]", lambda: fn(logits), calls=CALLS,
-            floor_ms=copy_floor_ms(n_bytes, copy_gbs), impl=SAMPLER_IMPLS[impl], shape=dict(B=rows_b, V=SAMPLER_VOCAB),
-            dtype="float32", bytes=n_bytes, floor="one read of the logits at the copy bandwidth", agreement=check)
+            floor_ms=copy_floor_ms(n_bytes, copy_gbs), impl=sampler_bench.IMPLS[impl].about,
+            shape=dict(B=rows_b, V=SAMPLER_VOCAB), dtype="float32", bytes=n_bytes,
+            floor="one read of the logits at the copy bandwidth", agreement=check)
