@@ -115,7 +115,7 @@ def collect(run_dir: Path) -> dict:
     reports = {p.stem: json.loads(p.read_text()) for p in run_dir.glob("eval_*.json")}
     config = json.loads((run_dir / "config.json").read_text())
     return {"steps": steps, "reports": reports, "attn": config["model"]["attn_implementation"],
-            "max_pixels": config["data"]["max_pixels"]}
+            "max_pixels": config["data"]["max_pixels"], "frozen": config["parallel"]["frozen"]}
 
 
 @pytest.mark.slow
@@ -134,6 +134,7 @@ def test_train_main_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
     for name in SCENARIOS:
         a, b = one["runs"][name], two["runs"][name]
         assert a["attn"] == b["attn"] == "sdpa" and a["max_pixels"] == b["max_pixels"] == 12544
+        assert a["frozen"] == b["frozen"] == "shared"  # one module for the reference and listener (lgrpo.frozen)
         assert sorted(a["steps"]) == sorted(b["steps"]) == (["1", "2"] if name == "a" else ["1", "2", "3"])
         for step in a["steps"]:
             for key, value in a["steps"][step].items():
