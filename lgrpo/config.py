@@ -432,6 +432,12 @@ class ParallelConfig:
     listener: str = "replicate"
     """The frozen listener on each rank: replicate or shard."""
 
+    frozen: str = "auto"
+    """One module for the frozen reference and listener: auto (when they are the same weights in the same
+    dtype: the same folder, or both copies of the policy's start or warm-up), shared (refused where they
+    are not) or separate (two copies). A shared one is sharded when both say shard, else replicated. The
+    run's banner and config.json say which was done (auto resolved)."""
+
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
 
@@ -444,6 +450,7 @@ class ParallelConfig:
         _one_of(self.fsdp, ("auto", "on", "off"), "parallel.fsdp")
         _one_of(self.reference, ("replicate", "shard"), "parallel.reference")
         _one_of(self.listener, ("replicate", "shard"), "parallel.listener")
+        _one_of(self.frozen, ("auto", "shared", "separate"), "parallel.frozen")
         _one_of(self.backend, ("auto", "nccl", "gloo"), "parallel.backend")
 
 

@@ -2,9 +2,10 @@
 
 ``plan(cfg, world_size)`` counts the policy's parameters on the meta device (no weights read, no memory
 taken) and adds up, per rank: the policy's weights, gradients and AdamW state (sharded by FSDP2 over the
-ranks, or whole), the frozen reference and listener, what a rollout adds (the policy gathered whole under
-FSDP2, the engine's KV cache and one step's logits) and what the update adds (the saved activations of one
-micro-batch). The peak is the larger of the two phases on top of what stays resident.
+ranks, or whole), the frozen reference and listener (one module when they are the same weights: the
+build's rule, lgrpo.frozen), what a rollout adds (the policy gathered whole under FSDP2, the engine's KV
+cache and one step's logits) and what the update adds (the saved activations of one micro-batch). The peak
+is the larger of the two phases on top of what stays resident.
 
 Activations are bytes saved for the backward per token and per layer, for transformers' Qwen2.5-VL layers
 with sdpa attention, as counted with ``torch.autograd.graph.saved_tensors_hooks`` (``tests/test_plan.py``
@@ -29,6 +30,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .frozen import frozen_dtype, frozen_layout
 
 GiB = 2**30
 _SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -211,10 +214,10 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     # Compute-dtype copies of fp32 weights: FSDP2 gathers them a block at a time; on one rank autocast
     # caches a cast of every weight for the forward and backward.
     p.rows["compute copy"] = 0.0 if e_w == e_c else (2 * n * e_c / max(s.layers, 1) if fsdp else n * e_c)
-    frozen = [("reference", cfg.parallel.reference)] if cfg.loss.beta > 0 else []
-    frozen += [("listener", cfg.parallel.listener)] if cfg.reward.w_listener > 0 else []
-    for role, how in frozen:
-        p.rows[f"frozen {role}"] = n * e_c / (shard if fsdp and how == "shard" else 1)
+    # One row per frozen module held: "frozen reference + listener" when one serves both (lgrpo.frozen)
+    copies = frozen_layout(cfg).copies(cfg, fsdp)
+    for name, how in copies:
+        p.rows[f"frozen {name}"] = n * _SIZE[frozen_dtype(cfg)] / (shard if how == "shard" else 1)
 
     model = cfg.model.policy or "tiny"
     max_pixels = cfg.data.max_pixels or (QWEN_MAX_PIXELS if str(model) in PUBLISHED
@@ -244,7 +247,7 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
         backend=backend, checkpointing=cfg.model.gradient_checkpointing,
         loss_rows=None if device == "cpu" else default_chunk_rows(s.vocab, e_c))
     p.rows["update activations"] = sum(parts.values())
-    p.resident = ("policy weights", "AdamW state", "compute copy", *(f"frozen {r}" for r, _ in frozen))
+    p.resident = ("policy weights", "AdamW state", "compute copy", *(f"frozen {name}" for name, _ in copies))
     p.rollout = ("rollout gather", "KV cache", "decode logits", "prefill")
     p.update = ("update activations", "gradients")
     p.notes = [f"{world_size} rank(s), {'FSDP2 sharded' if fsdp else 'unsharded'}; {prompt} prompt tokens "

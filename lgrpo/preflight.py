@@ -27,6 +27,7 @@ FREE_TO_CHANGE = (
     "run.dir", "run.name", "run.allow_config_change", "run.progress", "run.log_every", "run.tensorboard",
     "checkpoint.resume", "checkpoint.keep", "checkpoint.export", "train.eval_every", "data.eval_size",
     "parallel.fsdp", "parallel.reference", "parallel.listener", "parallel.backend", "parallel.timeout_s",
+    "parallel.frozen",  # one module or two for the same frozen weights: the same numbers (lgrpo.frozen)
     "model.attn_implementation",  # resolved per machine (auto): the same attention, another kernel
     "loss.prefix_attention",  # likewise
 )

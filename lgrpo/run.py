@@ -23,6 +23,7 @@ from . import preflight
 from .checkpoint import CheckpointError, load_weights, save_weights, weights_info
 from .config import ConfigError, JobConfig, save_config
 from .export import export_pretrained
+from .frozen import frozen_layout
 from .heldout import evaluate
 from .plan import write_plan
 from .report import format_report, write_report
@@ -56,6 +57,7 @@ def resolve_auto(cfg: JobConfig, dist: D.Dist) -> JobConfig:
                                                         ("max_pixels", cfg.data.max_pixels)) if v is not None)
         raise ConfigError(f"{given}: {err} (a bound not given is the model folder's)") from None
     cfg.data.min_pixels, cfg.data.max_pixels = int(size["shortest_edge"]), int(size["longest_edge"])
+    cfg.parallel.frozen = frozen_layout(cfg).mode  # one module for the reference and listener, or two
     return cfg
 
 
@@ -99,6 +101,7 @@ def start_run(cfg: JobConfig, dist: D.Dist) -> tuple[Path, list[str]]:
             f"images {cfg.data.min_pixels}..{cfg.data.max_pixels} pixels)",
             flush=True,
         )
+        print(frozen_layout(cfg).describe(cfg, D.use_fsdp(cfg.parallel.fsdp)), flush=True)
     return run_dir, changes
 
 
@@ -120,13 +123,13 @@ def write_run_config(cfg: JobConfig, run_dir: Path, changes: list[str], dist: D.
 def frozen_copies(cfg: JobConfig, models: Models, listener) -> list:
     """The frozen models that start as copies of the warmed-up policy: the KL reference and the listener,
     unless given as folders. For the tiny model, "the same base model, frozen" (SPEC §1) is the model that
-    knows the format."""
-    return [
-        m
-        for m, given in ((models.reference, cfg.model.reference), (listener.model if listener else None,
-                                                                    cfg.model.listener))
-        if m is not None and given is None
-    ]
+    knows the format. A module that is both (lgrpo.frozen) is listed once: one copy to make."""
+    copies = []
+    for m, given in ((models.reference, cfg.model.reference), (listener.model if listener else None,
+                                                               cfg.model.listener)):
+        if m is not None and given is None and all(m is not c for c in copies):
+            copies.append(m)
+    return copies
 
 
 def warm_up_or_restore(cfg: JobConfig, dist: D.Dist, trainer: Trainer, frozen: list, run_dir: Path,

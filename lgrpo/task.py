@@ -18,6 +18,7 @@ from torch import nn
 
 from . import distributed as D
 from .config import JobConfig
+from .frozen import frozen_dtype, frozen_layout
 from .group import PromptBatch, Rollout
 from .rewards import Rewards
 from .rollout.hf import clean_generation_config
@@ -45,10 +46,14 @@ class Task(Protocol):
 
 @dataclass
 class Models:
-    """The pieces ``build`` hands the trainer: the trainable policy and the frozen reference (if any)."""
+    """The pieces ``build`` hands the trainer: the trainable policy and the frozen reference (if any).
+
+    ``reference_scorer``: set when the reference is the listener's module (lgrpo.frozen): the listener's
+    scorer, already placed (under FSDP2 the module's one root), which the KL pass then uses too."""
 
     policy: nn.Module
     reference: nn.Module | None
+    reference_scorer: nn.Module | None = None
 
 
 # --- the preference task ----------------------------------------------------------------------------------
@@ -148,20 +153,25 @@ def build(cfg: JobConfig, dist: D.Dist):
     fmt = PromptFormat(listener_strip_verdict=cfg.reward.listener_strip_verdict)
     batcher = VLBatcher.from_pretrained(name, fmt, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     clean_generation_config(policy, batcher.tokenizer)
+    frozen = frozen_layout(cfg)
+    fsdp = D.use_fsdp(cfg.parallel.fsdp)
     reference = (
-        load_reference(cfg.model.reference or name, dtype=cfg.model.dtype, **common)
-        if cfg.loss.beta > 0
+        load_reference(cfg.model.reference or name, dtype=frozen_dtype(cfg), **common)
+        if "reference" in frozen.roles and not frozen.shared
         else None
     )
     listener = None
-    if cfg.reward.w_listener > 0:
-        lm = load_listener(cfg.model.listener or name, dtype=cfg.model.dtype, **common)
+    if "listener" in frozen.roles:
+        lm = load_listener(cfg.model.listener or name, dtype=frozen_dtype(cfg), **common)
         listener = Listener(lm, batcher, micro_batch_size=cfg.reward.listener_batch_size,
                             shared_prefix=cfg.loss.shared_prefix, prefix_attention=cfg.loss.prefix_attention)
-        if D.use_fsdp(cfg.parallel.fsdp) and cfg.parallel.listener == "shard":
+        # Shared, this is the reference's placement too; a separate reference is the trainer's to place.
+        if frozen.placement("listener", cfg, fsdp) == "shard":
             D.shard(lm, root=listener.scorer)  # the scorer reads the lm_head outside the HF forward
     weights = RewardWeights(cfg.reward.w_format, cfg.reward.w_accuracy, cfg.reward.w_listener)
     task = PreferenceTask(batcher, datasets(cfg), listener, weights)
+    if frozen.shared:  # one module, one scorer (one FSDP2 root) for the KL pass and the listener's
+        return task, Models(policy, listener.model, reference_scorer=listener.scorer), listener
     return task, Models(policy, reference), listener
 
 

@@ -77,16 +77,21 @@ class Trainer:
             raise ValueError("--loss.beta > 0 needs a reference model (or set --loss.beta 0)")
         if models.reference is not None and cfg.loss.beta > 0:
             models.reference.requires_grad_(False).eval()
-            ref_fp32 = next(models.reference.parameters()).dtype == torch.float32
-            self.ref_scorer = CompletionScorer(
-                models.reference,
-                fused=cfg.loss.fused,
-                autocast_dtype=compute if (compute and ref_fp32) else None,
-                shared_prefix=cfg.loss.shared_prefix,
-                prefix_attention=cfg.loss.prefix_attention,
-            )
-            if self.fsdp and cfg.parallel.reference == "shard":
-                D.shard(models.reference, root=self.ref_scorer, mixed_precision=None)
+            if models.reference_scorer is not None:
+                # The listener's module and scorer (lgrpo.frozen), placed by the build. Both are in the
+                # compute dtype, so its settings (no autocast) are the ones a scorer of its own would get.
+                self.ref_scorer = models.reference_scorer
+            else:
+                ref_fp32 = next(models.reference.parameters()).dtype == torch.float32
+                self.ref_scorer = CompletionScorer(
+                    models.reference,
+                    fused=cfg.loss.fused,
+                    autocast_dtype=compute if (compute and ref_fp32) else None,
+                    shared_prefix=cfg.loss.shared_prefix,
+                    prefix_attention=cfg.loss.prefix_attention,
+                )
+                if self.fsdp and cfg.parallel.reference == "shard":
+                    D.shard(models.reference, root=self.ref_scorer, mixed_precision=None)
 
         self.updates_per_step = cfg.loss.epochs * cfg.loss.minibatches
         self.optimizer = build_optimizer(self.policy, cfg.optim)

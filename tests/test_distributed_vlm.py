@@ -4,10 +4,10 @@ Each scenario runs the same argv once in this process (the oracle, world size 1)
 ranks (gloo, FSDP2), in one torchrun launch (this file is the rank script). The two must agree on
 every step's losses and rewards and on the held-out report:
 
-- ``a``: the Qwen presets' parallel settings (reference and listener sharded), a short warm-up, eval
-  on 5 pairs (3 + 2 over the ranks: uneven), ``listener_batch_size 1``.
-- ``b``: reference and listener replicated; on 2 ranks 2 steps, then the same command again with 3
-  steps (a resume); the oracle runs 3 steps straight.
+- ``a``: the Qwen presets' parallel settings (reference and listener sharded: one shared module,
+  lgrpo.frozen), a short warm-up, eval on 5 pairs (3 + 2 over the ranks: uneven), ``listener_batch_size 1``.
+- ``b``: reference and listener replicated (one shared replica); on 2 ranks 2 steps, then the same command
+  again with 3 steps (a resume); the oracle runs 3 steps straight.
 - ``score``: a sharded listener asked to score 0 rows on rank 0 and 3 on rank 1 (one forward per
   row): without equal forwards this hangs (issue #10), so the launch has a timeout.
 
@@ -115,7 +115,7 @@ def collect(run_dir: Path) -> dict:
     reports = {p.stem: json.loads(p.read_text()) for p in run_dir.glob("eval_*.json")}
     config = json.loads((run_dir / "config.json").read_text())
     return {"steps": steps, "reports": reports, "attn": config["model"]["attn_implementation"],
-            "max_pixels": config["data"]["max_pixels"]}
+            "max_pixels": config["data"]["max_pixels"], "frozen": config["parallel"]["frozen"]}
 
 
 @pytest.mark.slow
@@ -134,6 +134,7 @@ def test_train_main_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
     for name in SCENARIOS:
         a, b = one["runs"][name], two["runs"][name]
         assert a["attn"] == b["attn"] == "sdpa" and a["max_pixels"] == b["max_pixels"] == 12544
+        assert a["frozen"] == b["frozen"] == "shared"  # one module for the reference and listener (lgrpo.frozen)
         assert sorted(a["steps"]) == sorted(b["steps"]) == (["1", "2"] if name == "a" else ["1", "2", "3"])
         for step in a["steps"]:
             for key, value in a["steps"][step].items():
