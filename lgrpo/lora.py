@@ -215,13 +215,8 @@ class AdaptersOff:
         self.scorer = None
 
     def serves(self, folder: str | None) -> bool:
-        """Whether a frozen role given as ``folder`` (None: the policy's start) is this base model: no other
-        folder (the dtype is the same by construction: the base is held in ``--model.dtype``)."""
-        if folder is None:
-            return True
-        from .model import model_dir
-
-        return Path(model_dir(folder)).resolve() == Path(model_dir(self.policy_folder)).resolve()
+        """Whether a frozen role given as ``folder`` is this base (:func:`base_serves`)."""
+        return base_serves(self.policy_folder, folder)
 
     def bind(self, scorer) -> None:
         self.scorer = scorer
@@ -238,6 +233,18 @@ class AdaptersOff:
     def __call__(self, *args, **kwargs):
         with adapters_disabled(self.policy):
             return self._bound()(*args, **kwargs)
+
+
+def base_serves(policy: str | None, folder: str | None) -> bool:
+    """Whether a LoRA policy's adapters-off base is the frozen model given as ``folder`` (None: the policy's
+    start): no other folder than the policy's. The dtype is the same by construction (the base is held
+    in ``--model.dtype``, as the frozen models are)."""
+    return folder is None or _folder(folder) == _folder(policy or "tiny")
+
+
+def _folder(name: str):
+    """A folder to compare by its resolved path ("tiny", the built-in model, by its name)."""
+    return name if name == "tiny" else Path(name).expanduser().resolve()
 
 
 def effective_weight(linear: nn.Module) -> torch.Tensor:
