@@ -246,6 +246,24 @@ def test_a_lora_step_equals_a_hand_built_peft_models(tmp_path):
         assert torch.equal(p, fresh[n.replace(".base_layer.", ".")]), n
 
 
+def test_gradient_checkpointing_gives_the_adapters_the_same_update(tmp_path):
+    """Recomputed layers with a frozen base (inputs that need no gradient) still reach the adapters."""
+    from lgrpo.model import enable_activation_checkpointing
+
+    plain, ckpt = lora_trainer(tmp_path / "a"), lora_trainer(tmp_path / "b")
+    enable_activation_checkpointing(ckpt.policy)
+    for t in (plain, ckpt):
+        perturb_adapters(t.policy)
+    rollout, adv = one_rollout(plain)
+    start = {n: p.detach().clone() for n, p in plain.policy.named_parameters() if p.requires_grad}
+    a, b = plain.policy_update(rollout, adv, Timer()), ckpt.policy_update(rollout, adv, Timer())
+    assert a["grad_norm"] > 0 and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for (n, p), q in zip(plain.policy.named_parameters(), ckpt.policy.parameters()):
+        if n in start:
+            assert not torch.equal(p, start[n])
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=n)
+
+
 def test_the_warm_up_trains_adapters_then_merges_them_into_the_base(tmp_path):
     trainer = lora_trainer(tmp_path, sft={"steps": 4, "batch_size": 4, "lr": 1e-2})
     start = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
@@ -386,8 +404,7 @@ def test_two_ranks_match_one_process(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=5e-5, msg=k)
 
 
-@pytest.mark.slow
-def test_cli_lora_run_of_the_default_task_trains_resumes_and_exports(tmp_path):
+def test_cli_lora_run_of_the_default_task_trains_resumes_and_exports(tmp_path, capsys):
     from peft import PeftModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -399,10 +416,13 @@ def test_cli_lora_run_of_the_default_task_trains_resumes_and_exports(tmp_path):
             "--data.synthetic_eval_size", "2", "--run.tensorboard", "off"]
     assert main(args + ["--train.steps", "1"]) == 0
     run = tmp_path / "lora"
-    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "warm-up: 6 steps" in capsys.readouterr().out
     assert main(args + ["--train.steps", "2", "--run.allow_config_change", "true"]) == 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) > len(first)  # resumed at step 1, trained step 2
+    out = capsys.readouterr().out
+    assert "[resume] from" in out and "at step 1" in out and "warm-up:" not in out
+    assert "reference/listener rebuilt from the warm-up weights" in out  # the merged base, adapters off
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s is not None][-2:] == [1, 2]
     assert (run / "warmup" / "DONE").is_file() and (run / "checkpoints" / "step_0000002" / "DONE").is_file()
     merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(run / "final")
     assert not any("lora" in n for n, _ in merged.named_parameters())
