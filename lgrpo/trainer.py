@@ -435,7 +435,7 @@ class Trainer:
             logger.close()
         del optimizer
         if has_adapters(self.policy):  # the warmed-up policy becomes the base: reference and listener (lgrpo.lora)
-            merge_adapters(self.policy, seed=self.cfg.train.seed + 1)
+            merge_adapters(self.policy, seed=self.cfg.train.seed + 1)  # fresh adapters: another draw than the start's
         return losses
 
     def copy_policy_into(self, *frozen: nn.Module) -> None:
