@@ -48,6 +48,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -294,16 +295,25 @@ def _write_folder(final: Path, dist: D.Dist, write_all: Callable[[Path], None],
 
 
 class ModelState:
-    """The model as a stateful entry of the checkpointer's registry: plain or FSDP-sharded, any dtype."""
+    """The model as a stateful entry of the checkpointer's registry: plain or FSDP-sharded, any dtype.
 
-    def __init__(self, model: nn.Module):
+    ``trainable_only``: the parameters that train and nothing else (a LoRA policy's adapters; its frozen
+    base is rebuilt from where it came from, lgrpo.lora)."""
+
+    def __init__(self, model: nn.Module, trainable_only: bool = False):
         self.model = model
+        # Named once: requires_grad flips while a LoRA policy's adapters are off (lgrpo.lora).
+        self.keys = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
 
     def state_dict(self) -> dict:
-        return get_model_state_dict(self.model)
+        return _only(get_model_state_dict(self.model), self.keys)
 
     def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.model, state)
+        set_model_state_dict(self.model, state, options=StateDictOptions(strict=self.keys is None))
+
+
+def _only(state: dict, keys: set[str] | None) -> dict:
+    return state if keys is None else {k: v for k, v in state.items() if k in keys}
 
 
 class OptimizerState:
@@ -445,12 +455,17 @@ class Checkpointer:
         return state
 
 
-def _load_model(path: Path, model: nn.Module) -> None:
-    """The "model" entry of a DCP folder into ``model``: plain or FSDP-sharded, any dtype (cast on load)."""
-    sd = {"model": get_model_state_dict(model)}
+def _load_model(path: Path, model: nn.Module, frozen_only: bool = False) -> None:
+    """The "model" entry of a DCP folder into ``model``: plain or FSDP-sharded, any dtype (cast on load);
+    ``frozen_only``: the entries that do not train, the rest left as they are."""
+    state = get_model_state_dict(model)
+    if frozen_only:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k not in trainable}
+    sd = {"model": state}
     with _single_process_quiet():
         dcp.load(sd, checkpoint_id=str(path))
-    set_model_state_dict(model, sd["model"])
+    set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=not frozen_only))
 
 
 # --- model weights alone: the warm-up's result ----------------------------------------------------------
@@ -482,12 +497,14 @@ def weights_info(folder: str | os.PathLike, dist: D.Dist | None = None) -> tuple
 
 
 def load_weights(folder: str | os.PathLike, models: list[nn.Module], *, verified: bool = False,
-                 dist: D.Dist | None = None) -> None:
+                 dist: D.Dist | None = None, frozen_only: bool = False) -> None:
     """Load weights saved by :func:`save_weights` into each of ``models`` (plain or FSDP-sharded; their
-    own dtypes). Raises :class:`CheckpointError` naming the problems if the folder does not verify."""
+    own dtypes). ``frozen_only``: only the weights that do not train (a resumed LoRA policy's warmed-up
+    base; its adapters come from the GRPO checkpoint). Raises :class:`CheckpointError` naming the
+    problems if the folder does not verify."""
     folder = Path(folder)
     problems = [] if verified else weights_info(folder, dist)[1]
     if problems:
         raise CheckpointError(f"{folder}: {'; '.join(problems)}")
     for m in models:
-        _load_model(folder, m)
+        _load_model(folder, m, frozen_only)

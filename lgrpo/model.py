@@ -299,8 +299,11 @@ def apply_liger(model) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 def lm_head_weight(model) -> torch.Tensor:
-    """The output projection ``[V, H]`` (``linear_grpo_loss(hidden, weight, ...)``)."""
-    return model.get_output_embeddings().weight
+    """The output projection ``[V, H]`` (``linear_grpo_loss(hidden, weight, ...)``): with a LoRA adapter
+    on the lm_head, the weight it applies (lgrpo.lora.effective_weight)."""
+    from .lora import effective_weight
+
+    return effective_weight(model.get_output_embeddings())
 
 
 def final_hidden_states(model, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -82,20 +82,8 @@ PUBLISHED = {
 def read_shapes(model: str | Path | dict) -> Shapes:
     """Shapes of a model folder (its config.json), of a name in ``PUBLISHED``, or of a config dictionary;
     the parameters are counted on the meta device (nothing allocated, no weights read)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from .model import model_dir
-
-    if isinstance(model, dict):
-        raw = model
-    elif str(model) in PUBLISHED:
-        raw = PUBLISHED[str(model)]
-    else:
-        raw = json.loads((model_dir(model) / "config.json").read_text(encoding="utf-8"))
-    config = Qwen2_5_VLConfig(**raw)  # a dictionary only: nothing in the folder runs
-    with torch.device("meta"):
-        built = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    raw = _raw_config(model)
+    config, built = _meta_model(raw)
     text, vision = config.text_config, config.vision_config
     heads = text.num_attention_heads
     return Shapes(
@@ -108,6 +96,33 @@ def read_shapes(model: str | Path | dict) -> Shapes:
         vision_intermediate=vision.intermediate_size, vision_heads=vision.num_heads,
         patch=vision.patch_size, merge=vision.spatial_merge_size,
     )
+
+
+def _raw_config(model: str | Path | dict) -> dict:
+    from .model import model_dir
+
+    if isinstance(model, dict):
+        return model
+    if str(model) in PUBLISHED:
+        return PUBLISHED[str(model)]
+    return json.loads((model_dir(model) / "config.json").read_text(encoding="utf-8"))
+
+
+def _meta_model(raw: dict):
+    """The config and the model built on the meta device (nothing allocated)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(**raw)  # a dictionary only: nothing in the folder runs
+    with torch.device("meta"):
+        return config, Qwen2_5_VLForConditionalGeneration._from_config(config)
+
+
+def adapter_params(model: str | Path | dict, targets: str, rank: int) -> int:
+    """Parameters of ``--model.lora_targets`` adapters at ``rank`` (lgrpo.lora), counted on the meta device."""
+    from .lora import adapter_numel
+
+    return adapter_numel(_meta_model(_raw_config(model))[1], targets, rank)
 
 
 def layer_activation_bytes(s: Shapes, e: int) -> int:
@@ -207,14 +222,19 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     e_c = _SIZE[cfg.model.dtype]
     e_w = 4 if cfg.model.master_weights == "float32" else e_c
     n = s.params
+    m = cfg.model
+    # A LoRA policy (lgrpo.lora) trains its adapters alone; its base is frozen in the compute dtype and is
+    # also the reference and the listener unless they are other folders.
+    trained = adapter_params(m.policy or "tiny", m.lora_targets, m.lora_rank) if m.lora_rank else n
     p = Plan()
-    p.rows["policy weights"] = n * e_w / shard
-    p.rows["gradients"] = n * e_w / shard
-    p.rows["AdamW state"] = 2 * n * e_w / shard
+    p.rows["policy weights"] = (n * e_c + trained * e_w if m.lora_rank else n * e_w) / shard
+    p.rows["gradients"] = trained * e_w / shard
+    p.rows["AdamW state"] = 2 * trained * e_w / shard
     # Compute-dtype copies of fp32 weights: FSDP2 gathers them a block at a time; on one rank autocast
     # caches a cast of every weight for the forward and backward.
-    p.rows["compute copy"] = 0.0 if e_w == e_c else (2 * n * e_c / max(s.layers, 1) if fsdp else n * e_c)
-    # One row per frozen module held: "frozen reference + listener" when one serves both (lgrpo.frozen)
+    p.rows["compute copy"] = 0.0 if e_w == e_c else (2 * trained * e_c / max(s.layers, 1) if fsdp else trained * e_c)
+    # One row per frozen module held: "frozen reference + listener" when one serves both, none for the roles
+    # a LoRA policy's base serves (lgrpo.frozen)
     copies = frozen_layout(cfg).copies(cfg, fsdp)
     for name, how in copies:
         p.rows[f"frozen {name}"] = n * _SIZE[frozen_dtype(cfg)] / (shard if how == "shard" else 1)
@@ -252,7 +272,9 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     p.update = ("update activations", "gradients")
     p.notes = [f"{world_size} rank(s), {'FSDP2 sharded' if fsdp else 'unsharded'}; {prompt} prompt tokens "
                f"({images} images at {max_pixels} pixels + {text_tokens} text), {new} new tokens, "
-               f"{rows} rollout rows, update micro-batch {mb} completions"]
+               f"{rows} rollout rows, update micro-batch {mb} completions"
+               + (f"; LoRA rank {m.lora_rank}: {trained / 1e6:.1f} M adapter parameters train, the base is "
+                  "frozen" if m.lora_rank else "")]
     return p
 
 

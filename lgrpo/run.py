@@ -25,6 +25,7 @@ from .config import ConfigError, JobConfig, save_config
 from .export import export_pretrained
 from .frozen import frozen_layout
 from .heldout import evaluate
+from .lora import has_adapters
 from .plan import write_plan
 from .report import format_report, write_report
 from .run_lock import lock_run_folder
@@ -123,11 +124,12 @@ def write_run_config(cfg: JobConfig, run_dir: Path, changes: list[str], dist: D.
 def frozen_copies(cfg: JobConfig, models: Models, listener) -> list:
     """The frozen models that start as copies of the warmed-up policy: the KL reference and the listener,
     unless given as folders. For the tiny model, "the same base model, frozen" (SPEC §1) is the model that
-    knows the format. A module that is both (lgrpo.frozen) is listed once: one copy to make."""
+    knows the format. A module that is both (lgrpo.frozen) is listed once: one copy to make; a LoRA policy's
+    base serves instead (no copy: its warm-up merges, lgrpo.lora)."""
     copies = []
     for m, given in ((models.reference, cfg.model.reference), (listener.model if listener else None,
                                                                cfg.model.listener)):
-        if m is not None and given is None and all(m is not c for c in copies):
+        if m is not None and given is None and m is not models.policy and all(m is not c for c in copies):
             copies.append(m)
     return copies
 
@@ -138,7 +140,9 @@ def warm_up_or_restore(cfg: JobConfig, dist: D.Dist, trainer: Trainer, frozen: l
 
     Three cases: a fresh run warms up (or reloads a finished warm-up, if it stopped before its first
     checkpoint) and copies the result into the frozen models; a resumed run has the policy from its
-    checkpoint but must rebuild the frozen copies from the saved warm-up weights."""
+    checkpoint but must rebuild the frozen copies from the saved warm-up weights. A LoRA policy's warm-up
+    ends merged into its base (Trainer.warmup), which the warm-up folder holds: a resumed LoRA run reads
+    its frozen base from there and its adapters from the checkpoint."""
     reports = {}
     warm_dir = run_dir / WARMUP_DIR
     if not trainer.resume():
@@ -158,9 +162,12 @@ def warm_up_or_restore(cfg: JobConfig, dist: D.Dist, trainer: Trainer, frozen: l
                 save_weights(warm_dir, trainer.policy, dist, {"steps": len(losses), "loss": losses[-1]})
             trainer.copy_policy_into(*frozen)
         reports["before"] = held_out("held-out, before GRPO")
-    elif cfg.sft.steps and frozen:
+    elif cfg.sft.steps and (frozen or has_adapters(trainer.policy)):
         try:
-            load_weights(warm_dir, frozen, dist=dist)
+            if has_adapters(trainer.policy):  # the warmed-up base; the adapters came with the checkpoint
+                load_weights(warm_dir, [trainer.policy], dist=dist, frozen_only=True)
+            if frozen:
+                load_weights(warm_dir, frozen, dist=dist)
         except CheckpointError as err:
             raise CheckpointError(
                 f"cannot rebuild the KL reference / listener, which are copies of the warmed-up policy: {err}. "
@@ -241,6 +248,7 @@ def finish(cfg: JobConfig, dist: D.Dist, trainer: Trainer, run_dir: Path, report
             run_dir / "final",
             dist,
             extra_savers=(task.tokenizer, getattr(task.batcher, "image_processor", None)),
+            base_folder=cfg.model.policy,
         )
         if dist.is_main:
             print(f"exported policy: {out}", flush=True)

@@ -27,6 +27,7 @@ from torch import nn
 from .attention import CHOICES, build_layout, install
 from .group import GroupBatch, PromptBatch
 from .kernels import grpo_loss, linear_grpo_loss, token_logprobs
+from .lora import effective_weight
 from .positions import continuation_positions, prompt_positions, text_positions, uses_mrope
 
 
@@ -73,7 +74,7 @@ def head_logprobs(hidden: torch.Tensor, head: nn.Module | torch.Tensor, targets:
     if isinstance(head, torch.Tensor):
         weight, bias = head.to(flat.dtype), None
     else:
-        weight = head.weight.to(flat.dtype)
+        weight = effective_weight(head).to(flat.dtype)
         bias = None if getattr(head, "bias", None) is None else head.bias.to(flat.dtype)
     parts = [token_logprobs(F.linear(flat[i: i + chunk_rows], weight, bias), tgt[i: i + chunk_rows], temperature)
              for i in range(0, flat.shape[0], chunk_rows)]
@@ -205,11 +206,12 @@ class CompletionScorer(nn.Module):
         if loss is None:
             return head_logprobs(hidden, head, completion_ids, temperature, self.chunk_rows)
         kwargs = dict(loss, temperature=temperature)
+        weight = effective_weight(head)  # an adapted lm_head's W + s·B·A (lgrpo.lora)
         if self.fused:
-            out = linear_grpo_loss(hidden, head.weight, completion_ids, mask=completion_mask,
+            out = linear_grpo_loss(hidden, weight, completion_ids, mask=completion_mask,
                                    chunk_size=self.chunk_size, **kwargs)
         else:
-            logits = F.linear(hidden, head.weight.to(hidden.dtype))
+            logits = F.linear(hidden, weight.to(hidden.dtype))
             out = grpo_loss(logits, completion_ids, mask=completion_mask, **kwargs)
         # A tuple of tensors (not the dataclass): FSDP2 registers its backward hooks on outputs it can see.
         return out.loss, out.logp, out.entropy, out.kl, out.clipped

@@ -20,6 +20,7 @@ from . import distributed as D
 from .config import JobConfig
 from .frozen import frozen_dtype, frozen_layout
 from .group import PromptBatch, Rollout
+from .lora import AdaptersOff
 from .rewards import Rewards
 from .rollout.hf import clean_generation_config
 
@@ -53,7 +54,11 @@ class Models:
 
     policy: nn.Module
     reference: nn.Module | None
+    base: AdaptersOff | None = None
+    """A LoRA policy's base (lgrpo.lora): the policy with its adapters disabled, the KL reference when
+    ``reference`` is None; the trainer binds it to its scorer."""
     reference_scorer: nn.Module | None = None
+    """The reference's scorer when it is another role's module (lgrpo.frozen: shared with the listener)."""
 
 
 # --- the preference task ----------------------------------------------------------------------------------
@@ -126,8 +131,8 @@ def datasets(cfg: JobConfig) -> dict:
 
 def policy_weights_dtype(cfg: JobConfig) -> str:
     """The dtype the policy's weights are held (and its rollouts decoded) in: fp32 master weights, or the
-    compute dtype."""
-    return "float32" if cfg.model.master_weights == "float32" else cfg.model.dtype
+    compute dtype; a LoRA policy's base is frozen in the compute dtype (its adapters: lgrpo.lora)."""
+    return "float32" if cfg.model.master_weights == "float32" and not cfg.model.lora_rank else cfg.model.dtype
 
 
 def build(cfg: JobConfig, dist: D.Dist):
@@ -136,6 +141,7 @@ def build(cfg: JobConfig, dist: D.Dist):
     try:
         from .batching import VLBatcher
         from .listener import Listener
+        from .lora import lora_base
         from .model import enable_activation_checkpointing, load_listener, load_policy, load_reference
         from .prompts import PromptFormat
         from .rewards import RewardWeights
@@ -150,6 +156,7 @@ def build(cfg: JobConfig, dist: D.Dist):
     policy = load_policy(name, dtype=master, **common)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(policy)
+    base = lora_base(cfg, policy) if cfg.model.lora_rank else None  # the reference and listener, adapters off
     fmt = PromptFormat(listener_strip_verdict=cfg.reward.listener_strip_verdict)
     batcher = VLBatcher.from_pretrained(name, fmt, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     clean_generation_config(policy, batcher.tokenizer)
@@ -161,7 +168,9 @@ def build(cfg: JobConfig, dist: D.Dist):
         else None
     )
     listener = None
-    if "listener" in frozen.roles:
+    if "listener" in frozen.base_roles:
+        listener = Listener(policy, batcher, micro_batch_size=cfg.reward.listener_batch_size, scorer=base)
+    elif "listener" in frozen.roles:
         lm = load_listener(cfg.model.listener or name, dtype=frozen_dtype(cfg), **common)
         listener = Listener(lm, batcher, micro_batch_size=cfg.reward.listener_batch_size,
                             shared_prefix=cfg.loss.shared_prefix, prefix_attention=cfg.loss.prefix_attention)
@@ -171,8 +180,8 @@ def build(cfg: JobConfig, dist: D.Dist):
     weights = RewardWeights(cfg.reward.w_format, cfg.reward.w_accuracy, cfg.reward.w_listener)
     task = PreferenceTask(batcher, datasets(cfg), listener, weights)
     if frozen.shared:  # one module, one scorer (one FSDP2 root) for the KL pass and the listener's
-        return task, Models(policy, listener.model, reference_scorer=listener.scorer), listener
-    return task, Models(policy, reference), listener
+        return task, Models(policy, listener.model, reference_scorer=listener.scorer, base=base), listener
+    return task, Models(policy, reference, base=base), listener
 
 
 def build_eval_task(model: str, data: str, listener: str | None, *, dtype: str | None, device: torch.device):

@@ -31,6 +31,7 @@ from .data import PromptOrder
 from .group import GroupBatch, PromptBatch, Rollout, encode_completions
 from .interrupt import GracefulStop, agree_max
 from .kernels import PER_SEQUENCE, group_advantages, loss_options
+from .lora import has_adapters, merge_adapters
 from .metrics import MetricsLogger, MetricsWriteError, Timer, peak_memory_gib, reset_peak_memory, show_progress_bar
 from .optim import build_optimizer, build_scheduler
 from .rewards import Rewards
@@ -60,8 +61,9 @@ class Trainer:
         self.fsdp = D.use_fsdp(cfg.parallel.fsdp)
         self.policy = models.policy
         # Mixed precision: under FSDP2 the params are gathered in the compute dtype; without it,
-        # autocast. Either way the trainable (master) weights keep their own dtype.
-        params_fp32 = next(self.policy.parameters()).dtype == torch.float32
+        # autocast. Either way the trainable (master) weights keep their own dtype (a LoRA policy's: its
+        # adapters; its frozen base is held in the compute dtype).
+        params_fp32 = next(p for p in self.policy.parameters() if p.requires_grad).dtype == torch.float32
         self.scorer = CompletionScorer(
             self.policy,
             fused=cfg.loss.fused,
@@ -73,7 +75,11 @@ class Trainer:
         if self.fsdp:
             D.shard(self.policy, root=self.scorer, mixed_precision=compute if params_fp32 else None)
         self.ref_scorer = None
-        if cfg.loss.beta > 0 and models.reference is None:
+        if models.base is not None:  # LoRA: the policy with its adapters off, through this scorer (lgrpo.lora)
+            models.base.bind(self.scorer)
+            if cfg.loss.beta > 0 and models.reference is None:
+                self.ref_scorer = models.base
+        if cfg.loss.beta > 0 and models.reference is None and self.ref_scorer is None:
             raise ValueError("--loss.beta > 0 needs a reference model (or set --loss.beta 0)")
         if models.reference is not None and cfg.loss.beta > 0:
             models.reference.requires_grad_(False).eval()
@@ -105,7 +111,9 @@ class Trainer:
         self.stopped_by: int | None = None  # the signal that stopped fit() early (lgrpo.interrupt), if any
         self.skipped_in_a_row = 0
         # What a checkpoint holds: each entry's state_dict() is saved, its load_state_dict() called on resume.
-        states = {"model": ModelState(self.policy), "optimizer": OptimizerState(self.policy, self.optimizer),
+        # A LoRA policy's checkpoint holds its adapters only: the base is the policy folder's or the warm-up's.
+        states = {"model": ModelState(self.policy, trainable_only=has_adapters(self.policy)),
+                  "optimizer": OptimizerState(self.policy, self.optimizer),
                   "scheduler": self.scheduler, "trainer": self}
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, dist, states)
         self.logger: MetricsLogger | None = None
@@ -376,6 +384,8 @@ class Trainer:
         A random or tiny policy never writes ``<think>…</think><answer>k</answer>`` by chance, so every
         group would get the same (zero) format reward and GRPO would have nothing to learn from.
         Uses its own constant-lr AdamW (not checkpointed: a resumed run starts from GRPO weights).
+        A LoRA policy trains its adapters, then merges them into its base and draws fresh ones
+        (lgrpo.lora.merge_adapters): its reference and listener, the base, become the warmed-up policy.
         On N ranks: the same batches and normaliser as one process, the gradients equal to float32
         rounding, the weights close but not bit-identical (lgrpo.distributed: what equals what).
         """
@@ -429,6 +439,8 @@ class Trainer:
         if logger is not None:
             logger.close()
         del optimizer
+        if has_adapters(self.policy):  # the warmed-up policy becomes the base: reference and listener (lgrpo.lora)
+            merge_adapters(self.policy, seed=self.cfg.train.seed + 1)  # fresh adapters: another draw than the start's
         return losses
 
     def copy_policy_into(self, *frozen: nn.Module) -> None:

@@ -49,6 +49,22 @@ def test_which_runs_share(over, mode):
     assert frozen_layout(build_config("tiny", over)).mode == mode
 
 
+@pytest.mark.parametrize("over, base, loaded", [
+    ({}, ("reference", "listener"), ()),  # both the warmed-up (merged) base
+    ({"sft": {"steps": 0}, "model": {"listener": "tiny"}}, ("reference", "listener"), ()),  # the start, named
+    ({"model": {"listener": "tiny"}}, ("reference",), ("listener",)),  # the start beside a warmed-up base
+    ({"sft": {"steps": 0}, "model": {"reference": "tiny"}, "loss": {"beta": 0.0}}, ("listener",), ()),
+], ids=["warm-up", "named", "start-beside-warm", "listener-only"])
+def test_a_lora_base_serves_every_role_with_its_weights(over, base, loaded):
+    """The same rule decides what a LoRA policy's adapters-off base stands for: only a role given other
+    weights (here the folder's start beside a warmed-up base) loads a module."""
+    cfg = build_config("tiny", {**over, "model": {**over.get("model", {}), "lora_rank": 4}})
+    layout = frozen_layout(cfg)
+    assert (layout.base_roles, layout.roles) == (base, loaded)
+    assert ("adapters off" in layout.describe(cfg, fsdp=False)) == bool(base)
+    assert layout.mode == ("shared" if len(base) == 2 else "separate")
+
+
 def test_the_same_folder_by_another_name_shares_and_another_folder_does_not(tmp_path):
     from lgrpo.model import TINY_DIR
 

@@ -100,6 +100,37 @@ def test_weights_gradients_adamw_and_frozen_copies_are_what_a_real_policy_holds(
     assert p.rows["compute copy"] == nbytes(reference.parameters())  # autocast's bf16 casts, one rank
 
 
+def test_a_lora_policy_trains_its_adapters_alone_and_needs_no_frozen_copies():
+    """LoRA (lgrpo.lora): the base frozen in bf16, fp32 adapters with their gradients and AdamW state, the
+    reference and the listener the base itself; a listener from another folder is a copy again."""
+    pytest.importorskip("peft", reason="LoRA needs the lora extra (peft)")
+    from lgrpo.lora import lora_base
+    from lgrpo.model import load_policy
+    from lgrpo.optim import build_optimizer
+
+    lora = {"dtype": "bfloat16", "master_weights": "float32", "lora_rank": 4,
+            "lora_targets": "q_proj,v_proj,down_proj,visual.qkv"}
+    cfg = build_config("tiny", {"model": lora})
+    p = plan(cfg, 1, device="cpu")
+    policy = load_policy("tiny", dtype="bfloat16", device="cpu")
+    lora_base(cfg, policy)
+    adapters = [q for q in policy.parameters() if q.requires_grad]
+    opt = build_optimizer(policy, cfg.optim)
+    sum(q.float().sum() for q in adapters).backward()
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    assert p.rows["policy weights"] == nbytes(policy.parameters())
+    assert p.rows["gradients"] == nbytes(q.grad for q in adapters) == nbytes(adapters)
+    assert all(q.dtype == torch.bfloat16 for q in policy.parameters() if not q.requires_grad)
+    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    assert p.rows["AdamW state"] == nbytes(states) == 2 * nbytes(adapters)
+    assert p.rows["compute copy"] == nbytes(adapters) // 2  # autocast's bf16 casts of the fp32 adapters
+    assert not any(name.startswith("frozen") for name in p.rows)
+    other = plan(build_config("tiny", {"model": {**lora, "listener": str(TINY_DIR)}}), 1, device="cpu")
+    assert other.rows["frozen listener"] > 0 and "frozen reference" not in other.rows
+    assert p.peak < plan(build_config("tiny", {"model": lora | {"lora_rank": 0}}), 1, device="cpu").peak
+
+
 def test_kv_cache_per_token_is_what_transformers_allocates(tmp_path):
     """The plan's KV bytes for one row of a given length equal transformers' cache after a prefill."""
     folder, model = _random_model(tmp_path, torch.float32, SMALL)
