@@ -194,16 +194,23 @@ class Trainer:
 
     @torch.no_grad()
     def logprobs(self, scorer: CompletionScorer, rollout: Rollout) -> torch.Tensor:
-        """Per-token log-probs [N, C] of the completions under ``scorer``'s model (no grad)."""
+        """Per-token log-probs [N, C] of the completions under ``scorer``'s model (no grad). In eval mode:
+        the behaviour policy is what sampled the rollouts, without dropout (a LoRA adapter's
+        ``--model.lora_dropout``; the Qwen-VL models' own dropout is 0)."""
         out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=self.device)
         mb = self.cfg.loss.micro_batch_size
-        for lo in range(0, len(rollout), mb):
-            rows = torch.arange(lo, min(lo + mb, len(rollout)))
-            part = rollout.select(rows).trim()
-            self.prompt_tokens["reference"] += part.prompt_tokens(scorer.shared_prefix)
-            out[rows, : part.completion_ids.shape[1]] = scorer(
-                part, temperature=self.cfg.rollout.temperature
-            ).float()
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            for lo in range(0, len(rollout), mb):
+                rows = torch.arange(lo, min(lo + mb, len(rollout)))
+                part = rollout.select(rows).trim()
+                self.prompt_tokens["reference"] += part.prompt_tokens(scorer.shared_prefix)
+                out[rows, : part.completion_ids.shape[1]] = scorer(
+                    part, temperature=self.cfg.rollout.temperature
+                ).float()
+        finally:
+            self.policy.train(was_training)
         return out
 
     def optimizer_step(

@@ -159,6 +159,21 @@ def test_dropout_on_an_adapted_lm_head_is_refused():
 # --- the base: reference and listener ------------------------------------------------------------------------
 
 
+def test_behaviour_logprobs_have_no_adapter_dropout(tmp_path):
+    """The old-log-prob pass (off-policy minibatches) is the policy that sampled, in eval mode: with
+    dropout it would differ from pass to pass, so the first minibatch's ratio would not be 1."""
+    trainer = lora_trainer(tmp_path, model={"lora_dropout": 0.5})
+    perturb_adapters(trainer.policy)
+    rollout, _ = one_rollout(trainer)
+    trainer.policy.train()  # as in the update
+    first, again = (trainer.logprobs(trainer.scorer, rollout) for _ in range(2))
+    assert torch.equal(first, again) and trainer.policy.training  # and back in train mode for the update
+    with torch.no_grad():  # the same pass in train mode does draw the adapters' dropout
+        noisy = trainer.scorer(rollout.trim(), temperature=trainer.cfg.rollout.temperature).float()
+    mask = rollout.trim().completion_mask
+    assert not torch.allclose(noisy[mask], first[:, : mask.shape[1]][mask])
+
+
 def test_adapters_off_logprobs_equal_the_base_models(tmp_path):
     """Bit for bit: the same modules, the same ops, the adapters skipped; with them on, other numbers."""
     trainer = lora_trainer(tmp_path, model={"lora_targets": "q_proj,v_proj,down_proj,lm_head"})
