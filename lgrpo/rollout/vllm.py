@@ -428,9 +428,8 @@ def write_tiny_variant(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """The built-in tiny Qwen2.5-VL with head_dim 32 (2 attention heads, 1 key/value head, M-RoPE sections
     4/6/6) instead of 16, weights initialised by transformers' own classes from ``seed`` and saved as
     safetensors with the tiny model's tokenizer and processor files (about 1 MB): ``--model.policy DIR``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     from ..model import TINY_DIR
+    from ..models import DEFAULT
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -440,10 +439,10 @@ def write_tiny_variant(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     cfg.update(num_attention_heads=2, num_key_value_heads=1,
                rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    config = Qwen2_5_VLConfig.from_pretrained(out, local_files_only=True)
+    config = DEFAULT.config_class().from_pretrained(out, local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = DEFAULT.model_class()(config)
     model.save_pretrained(out)
     for extra in ("generation_config.json",):  # sampling defaults come from lgrpo, never the folder
         (out / extra).unlink(missing_ok=True)
