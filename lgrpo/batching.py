@@ -69,9 +69,10 @@ class VLBatcher:
         """Tokenizer and image processor of ``"tiny"`` or a local model folder."""
         from .model import load_image_processor, load_tokenizer, model_dir
 
+        family = family_for(model_dir(name_or_path))  # an unsupported model type is refused before loading
         return cls(load_tokenizer(name_or_path),
                    load_image_processor(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels), fmt,
-                   family=family_for(model_dir(name_or_path)))
+                   family=family)
 
     # -- images ---------------------------------------------------------------------------------------
 

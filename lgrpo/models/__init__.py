@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from . import qwen2_5_vl
+from . import qwen2_5_vl, qwen2_vl
 from .qwen_vl import placeholder_token_ids
 
 if TYPE_CHECKING:  # annotations only: the config imports this package, and no torch
@@ -70,7 +70,7 @@ class Family(Protocol):
         """The vision tower's shapes the memory plan reads."""
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (qwen2_5_vl.FAMILY,)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (qwen2_vl.FAMILY, qwen2_5_vl.FAMILY)}
 DEFAULT = qwen2_5_vl.FAMILY  # the family of the built-in "tiny" model
 
 
