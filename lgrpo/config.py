@@ -482,8 +482,8 @@ class RunConfig:
 @dataclass
 class JobConfig:
     preset: str = "tiny"
-    """Preset of the defaults: tiny (built-in model, synthetic task) or a published model's name
-    (qwen2.5-vl-3b, qwen2.5-vl-7b, ...: lgrpo.models)."""
+    """Preset of the defaults: tiny (built-in model, synthetic task) or a published model's name:
+    qwen2.5-vl-3b, qwen2.5-vl-7b, qwen3-vl-4b, qwen3-vl-8b (lgrpo.models)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -103,6 +103,8 @@ def test_vlm_logprobs_and_gradients_equal_repeated_prompts(family_vlm, pairs, ge
     assert (got[~mask] == 0).all()
     grads, truth = _grads(vlm, got, weights), _grads(vlm, want, weights)
     assert any(n.startswith("model.visual") for n in grads) and any("lm_head" in n for n in grads)
+    if hasattr(vlm.model.visual, "deepstack_merger_list"):  # Qwen3-VL: DeepStack's features reach the loss
+        assert any("deepstack_merger_list" in n for n in grads)
     _assert_grads(grads, truth)
 
 

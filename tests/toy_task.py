@@ -104,7 +104,7 @@ def sharpened(model, scale: float):
 
 
 # The built-in tiny model of each family (lgrpo.models): the per-family tests run on each.
-TINY_FAMILIES = ("tiny", "tiny-qwen2-vl")
+TINY_FAMILIES = ("tiny", "tiny-qwen2-vl", "tiny-qwen3-vl")
 
 
 def ragged_vl_batch(model_name: str):

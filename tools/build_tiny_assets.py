@@ -279,26 +279,9 @@ def qwen3_vl_config(tok) -> dict:
 
 
 def preprocessor_config(model_type: str = "qwen2_5_vl") -> dict:
-    if model_type == "qwen3_vl":
-        # Qwen3-VL's settings (16-px patches, mean/std 0.5); 64x64 -> 4 merged tokens, at most 128x128 -> 16.
-        return {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "do_resize": True,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "do_convert_rgb": True,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5],
-            "resample": 3,
-            "size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128},
-            "patch_size": 16,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
-        }
     # Qwen2VLImageProcessor's settings; min/max pixels keep synthetic images tiny (56x56 -> 4 merged tokens,
     # at most 112x112 -> 16).
-    return {
+    cfg = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_resize": True,
         "do_rescale": True,
@@ -314,6 +297,13 @@ def preprocessor_config(model_type: str = "qwen2_5_vl") -> dict:
         "temporal_patch_size": 2,
         "merge_size": 2,
     }
+    if model_type == "qwen3_vl":
+        # Qwen3-VL's layout and settings (16-px patches, mean/std 0.5, bounds under "size"): 64x64 -> 4
+        # merged tokens, at most 128x128 -> 16.
+        del cfg["min_pixels"], cfg["max_pixels"]
+        cfg.update(image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=16,
+                   size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128})
+    return cfg
 
 
 def write_json(path: Path, obj: dict) -> None:

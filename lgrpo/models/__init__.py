@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from . import qwen2_5_vl, qwen2_vl
+from . import qwen2_5_vl, qwen2_vl, qwen3_vl
 from .qwen_vl import placeholder_token_ids
 
 if TYPE_CHECKING:  # annotations only: the config imports this package, and no torch
@@ -33,6 +33,7 @@ class Family(Protocol):
     image_placeholder: str  # the one token the chat template writes per image, expanded by the batcher
     published: dict  # preset name -> the fields of that model's config.json the memory plan reads
     published_max_pixels: int  # those models' image-area bound (their preprocessor_config.json)
+    vllm_unsupported: str | None  # why the vLLM rollout cannot serve this family, or None
 
     @property
     def tiny(self) -> Path:
@@ -70,7 +71,7 @@ class Family(Protocol):
         """The vision tower's shapes the memory plan reads."""
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (qwen2_vl.FAMILY, qwen2_5_vl.FAMILY)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (qwen2_vl.FAMILY, qwen2_5_vl.FAMILY, qwen3_vl.FAMILY)}
 DEFAULT = qwen2_5_vl.FAMILY  # the family of the built-in "tiny" model
 
 

@@ -91,6 +91,9 @@ class QwenVL:
     published: dict = field(default_factory=dict)
     published_max_pixels: int = 0
     image_placeholder: str = IMAGE_PLACEHOLDER  # what the chat template writes per image
+    # Why the vLLM rollout (which hands vLLM each image's merged vision output as its embedding) cannot
+    # serve this family, or None.
+    vllm_unsupported: str | None = None
 
     # -- classes and loading ----------------------------------------------------------------------------
 

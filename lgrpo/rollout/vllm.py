@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from ..group import PromptBatch, Rollout
+from ..models import family_of
 from ..prompts import stop_token_ids
 from .result import finish_rollout, sample_row_ids
 from .sampler import placeholder_token_ids
@@ -129,14 +130,18 @@ def _text_config(config):
 class VLLMRollout:
     """G completions per prompt from an in-process vLLM engine that holds a copy of ``model``'s weights.
 
-    ``model``: the policy (a transformers Qwen2.5-VL or causal LM); its folder (``config._name_or_path``)
-    provides the processor files; the weights always come from ``model`` itself (vLLM starts with dummy
-    weights). ``dtype``: vLLM's compute dtype (default: bf16 on CUDA, else the model's parameter dtype).
+    ``model``: the policy (a transformers Qwen2-VL / Qwen2.5-VL or causal LM; Qwen3-VL is refused: its
+    family's ``vllm_unsupported``); its folder (``config._name_or_path``) provides the processor files;
+    the weights always come from ``model`` itself (vLLM starts with dummy weights). ``dtype``: vLLM's
+    compute dtype (default: bf16 on CUDA, else the model's parameter dtype).
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int, stop: str | None, dtype: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  kv_cache_bytes: int | None = None, sleep: bool = False, seed: int = 0, eos_ids=None):
+        family = family_of(model)
+        if family is not None and family.vllm_unsupported:
+            raise ValueError(f"{family.name}: {family.vllm_unsupported}")
         require_vllm()
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.stop = max_new_tokens, stop
