@@ -1,8 +1,9 @@
-"""Model inputs for Qwen2.5-VL built from the tokenizer and the PIL image processor, without a Processor.
+"""Model inputs built from the tokenizer and the family's PIL image processor, without a Processor.
 
-``Qwen2_5_VLProcessor`` insists on a video processor that needs torchvision; this module does its job for
-images: each image is patchified by Qwen2-VL's image processor, and its single ``<|image_pad|>``
-placeholder in the tokenized text is expanded to ``grid_thw.prod() // merge_size**2`` tokens. Rows are
+The transformers Processors of the Qwen-VL families insist on a video processor that needs torchvision;
+this module does their job for images: each image is patchified by the family's image processor
+(:mod:`lgrpo.models`), and its single placeholder (``<|image_pad|>``) in the tokenized text is expanded to
+``grid_thw.prod() // merge_size**2`` tokens. Rows are
 left-padded (generation appends on the right). ``mm_token_type_ids`` marks image tokens so the model
 computes its 3-D (M-RoPE) positions. The result is a :class:`lgrpo.group.PromptBatch`, the prompt half of
 the step's batch (:mod:`lgrpo.group`).
@@ -19,9 +20,9 @@ from PIL import Image
 
 from .group import PromptBatch
 from .images import to_rgb
+from .models import DEFAULT, Family, family_for
 from .prompts import (
     DEFAULT_FORMAT,
-    IMAGE_PLACEHOLDER,
     ChatText,
     PromptFormat,
     render_listener_prompt,
@@ -49,11 +50,13 @@ ImageLike = Image.Image | ProcessedImage
 class VLBatcher:
     """Builds :class:`lgrpo.group.PromptBatch` from texts and images for one model family."""
 
-    def __init__(self, tokenizer, image_processor, fmt: PromptFormat = DEFAULT_FORMAT):
-        self.tokenizer, self.image_processor, self.fmt = tokenizer, image_processor, fmt
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    def __init__(self, tokenizer, image_processor, fmt: PromptFormat = DEFAULT_FORMAT, *,
+                 family: Family = DEFAULT):
+        self.tokenizer, self.image_processor, self.fmt, self.family = tokenizer, image_processor, fmt, family
+        self.placeholder = family.image_placeholder
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token; is it a Qwen2-VL tokenizer?")
+            raise ValueError(f"the tokenizer has no {self.placeholder} token; is it a {family.name} tokenizer?")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token")
         self.pad_id = tokenizer.pad_token_id
@@ -64,10 +67,12 @@ class VLBatcher:
     def from_pretrained(cls, name_or_path: str | os.PathLike = "tiny", fmt: PromptFormat = DEFAULT_FORMAT, *,
                         min_pixels: int | None = None, max_pixels: int | None = None) -> VLBatcher:
         """Tokenizer and image processor of ``"tiny"`` or a local model folder."""
-        from .model import load_image_processor, load_tokenizer
+        from .model import load_image_processor, load_tokenizer, model_dir
 
+        family = family_for(model_dir(name_or_path))  # an unsupported model type is refused before loading
         return cls(load_tokenizer(name_or_path),
-                   load_image_processor(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels), fmt)
+                   load_image_processor(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels), fmt,
+                   family=family)
 
     # -- images ---------------------------------------------------------------------------------------
 
@@ -128,7 +133,7 @@ class VLBatcher:
     def _expand(self, ids: list[int], imgs: list[ProcessedImage], row: int) -> list[int]:
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != len(imgs):
-            raise ValueError(f"row {row}: the text has {len(slots)} {IMAGE_PLACEHOLDER} placeholders but "
+            raise ValueError(f"row {row}: the text has {len(slots)} {self.placeholder} placeholders but "
                              f"{len(imgs)} images were given")
         out, prev = [], 0
         for slot, img in zip(slots, imgs):

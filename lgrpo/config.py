@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -518,7 +519,8 @@ class RunConfig:
 @dataclass
 class JobConfig:
     preset: str = "tiny"
-    """Preset of the defaults: tiny (built-in model, synthetic task), qwen2.5-vl-3b or qwen2.5-vl-7b."""
+    """Preset of the defaults: tiny (built-in model, synthetic task) or a published model's name:
+    qwen2.5-vl-3b, qwen2.5-vl-7b, qwen3-vl-4b, qwen3-vl-8b (lgrpo.models)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -540,7 +542,7 @@ class JobConfig:
                 self.model.policy is not None,
                 "model.policy",
                 f"preset {self.preset} needs the local folder of the pretrained weights "
-                f"(e.g. --model.policy /models/Qwen2.5-VL-{self.preset[-2:].upper()}-Instruct)",
+                f"(e.g. --model.policy /models/{_folder_hint(self.preset)})",
             )
         _check(
             self.data.train != "synthetic" or self.data.synthetic_train_size >= self.train.prompts_per_step,
@@ -634,13 +636,15 @@ def _tiny() -> dict:
 
 
 def _qwen(size: str) -> dict:
-    """SPEC §1 defaults for the real models: G = 8, lr 1e-6, beta 0.04, eps 0.2, T = 1.0, 512 tokens."""
+    """SPEC §1 defaults for the real models: G = 8, lr 1e-6, beta 0.04, eps 0.2, T = 1.0, 512 tokens; from
+    7B on, gradient checkpointing and smaller update micro-batches."""
+    large = float(size.rstrip("b")) >= 7
     return {
-        "model": {"dtype": "bfloat16", "gradient_checkpointing": size == "7b"},
+        "model": {"dtype": "bfloat16", "gradient_checkpointing": large},
         "data": {"train": "synthetic", "eval": "synthetic"},
         "rollout": {"group_size": 8, "temperature": 1.0, "max_new_tokens": 512, "batch_size": 64},
         "reward": {"listener_batch_size": 16},
-        "loss": {"eps_low": 0.2, "eps_high": 0.2, "beta": 0.04, "micro_batch_size": 8 if size == "3b" else 4},
+        "loss": {"eps_low": 0.2, "eps_high": 0.2, "beta": 0.04, "micro_batch_size": 4 if large else 8},
         "optim": {"lr": 1e-6, "warmup_steps": 10, "schedule": "cosine", "weight_decay": 0.0},
         "sft": {"steps": 0},
         "train": {"steps": 500, "prompts_per_step": 16},
@@ -649,7 +653,26 @@ def _qwen(size: str) -> dict:
     }
 
 
-PRESETS = {"tiny": _tiny, "qwen2.5-vl-3b": lambda: _qwen("3b"), "qwen2.5-vl-7b": lambda: _qwen("7b")}
+def _size(preset: str) -> str:
+    """A published name's size: ``qwen2.5-vl-7b`` -> ``7b``."""
+    return preset.rsplit("-", 1)[1]
+
+
+def _folder_hint(preset: str) -> str:
+    """The Hub folder name of a published preset: ``qwen2.5-vl-7b`` -> ``Qwen2.5-VL-7B-Instruct``."""
+    from .models import published
+
+    family = published()[preset][0]
+    return f"{family.name}-{_size(preset).upper()}-Instruct"
+
+
+def _presets() -> dict:
+    from .models import published
+
+    return {"tiny": _tiny, **{name: functools.partial(_qwen, _size(name)) for name in published()}}
+
+
+PRESETS = _presets()
 
 
 # --- building from dictionaries and the command line ---------------------------------------------------

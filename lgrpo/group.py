@@ -23,10 +23,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from .models.qwen_vl import MODEL_INPUTS as MODEL_KEYS  # the tensors of a prompt batch a (V)LM's forward takes
 from .prompts import encode_text
-
-# The tensors of a prompt batch that a HF (V)LM's forward / generate takes.
-MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 def _take(value, rows: torch.Tensor):

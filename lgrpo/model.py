@@ -1,12 +1,14 @@
-"""Loading the policy, the frozen reference and the frozen listener (Qwen2.5-VL), offline.
+"""Loading the policy, the frozen reference and the frozen listener, offline, for any supported family.
 
 ``name_or_path`` is either ``"tiny"`` (the built-in model: configs and tokenizer shipped in
-``lgrpo/assets/tiny-qwen2.5-vl``, weights initialised from a seed) or a local Hugging Face folder with the
-Qwen2.5-VL-3B/7B-Instruct layout. Nothing is ever downloaded (``local_files_only``).
+``lgrpo/assets/tiny-qwen2.5-vl``, weights initialised from a seed), another built-in tiny model's name or
+folder (``tiny-qwen2-vl``, ...: one per family), or a local Hugging Face folder. The folder's
+``config.json`` names its family (:mod:`lgrpo.models`: the model class, the image processor, the liger
+kernels); this module is the same for all of them. Nothing is ever downloaded (``local_files_only``).
 
 Attention: ``flash_attention_2`` when ``flash_attn`` imports and the model goes to CUDA in fp16/bf16, else
 ``sdpa`` (PyTorch's own FlashAttention kernels on Ampere/Hopper in bf16, its other kernels in fp32). On
-CUDA with liger-kernel installed, its Qwen2.5-VL RMSNorm/SwiGLU/RoPE kernels are applied (never its fused
+CUDA with liger-kernel installed, its RMSNorm/SwiGLU/RoPE kernels for the family are applied (never its fused
 cross-entropy: the trainer has its own fused GRPO loss). Both choices are logged.
 
 For the policy update the trainer needs the final hidden states and the lm_head weight, never the
@@ -24,24 +26,35 @@ from pathlib import Path
 
 import torch
 
+from .models import DEFAULT, family_for, family_names, family_of, tiny_folders
+from .models.qwen_vl import pil_image_processor_class as _pil_image_processor_class  # noqa: F401 (tests' name)
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
-TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl"
+TINY_DIR = DEFAULT.tiny
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def model_dir(name_or_path: str | os.PathLike) -> Path:
-    """The local folder for ``"tiny"`` or a path; ``FileNotFoundError`` for anything else (no hub look-up)."""
-    if str(name_or_path) == TINY:
-        return TINY_DIR
+    """The local folder for ``"tiny"`` (or another built-in tiny model's name) or a path;
+    ``FileNotFoundError`` for anything else (no hub look-up)."""
+    tiny = tiny_folders()
+    if str(name_or_path) in tiny:
+        return tiny[str(name_or_path)]
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{name_or_path!r} is neither 'tiny' nor a local model folder with a "
-                                "config.json; models are never downloaded: pass the folder of a Qwen2.5-VL "
+                                f"config.json; models are never downloaded: pass the folder of a {family_names()} "
                                 "checkpoint")
     return path
+
+
+def is_tiny(name_or_path: str | os.PathLike) -> bool:
+    """Whether this names a built-in tiny model (configs shipped, weights initialised from a seed)."""
+    path = model_dir(name_or_path).resolve()
+    return any(path == folder.resolve() for folder in tiny_folders().values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,7 +75,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = TINY):
     if getattr(tok, "chat_template", None) is None:
         tok.chat_template = _folder_chat_template(path)
     if tok.pad_token_id is None:
-        raise ValueError(f"the tokenizer in {path} has no pad token; Qwen2.5-VL uses <|endoftext|>")
+        raise ValueError(f"the tokenizer in {path} has no pad token; the Qwen-VL tokenizers use <|endoftext|>")
     return tok
 
 
@@ -75,47 +88,17 @@ def _folder_chat_template(path: Path) -> str:
                      "chat_template.json)")
 
 
-def _pil_image_processor_class():
-    """Qwen2-VL's PIL/numpy image processor (torchvision may not import beside a CPU torch).
-
-    transformers >= 5.x (the releases with backend-specific processors) names it
-    ``Qwen2VLImageProcessorPil``; earlier releases' ``Qwen2VLImageProcessor`` is the PIL/numpy one.
-    """
-    import transformers
-
-    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None)
-    if cls is None:
-        try:
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-                Qwen2VLImageProcessorPil as cls,
-            )
-        except ImportError:
-            from transformers import Qwen2VLImageProcessor as cls
-    return cls
-
-
 def load_image_processor(name_or_path: str | os.PathLike = TINY, *, min_pixels: int | None = None,
                          max_pixels: int | None = None):
-    """Qwen2-VL's PIL image processor configured from the folder's ``preprocessor_config.json``.
+    """The family's PIL image processor configured from the folder's ``preprocessor_config.json``.
 
     ``min_pixels`` / ``max_pixels`` override the folder's bounds on the resized image area (each image
-    becomes ``area / 28²`` visual tokens after the 2×2 merge).
+    becomes ``area / (patch · merge)²`` visual tokens: 28² for Qwen2/2.5-VL, 32² for Qwen3-VL).
     """
     path = model_dir(name_or_path)
     cfg_file = path / "preprocessor_config.json"
     cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
-    size = dict(cfg.pop("size", None) or {})
-    folder_lo = cfg.pop("min_pixels", size.get("shortest_edge", 56 * 56))
-    folder_hi = cfg.pop("max_pixels", size.get("longest_edge", 28 * 28 * 1280))
-    lo = folder_lo if min_pixels is None else min_pixels
-    hi = folder_hi if max_pixels is None else max_pixels
-    if not 0 < lo <= hi:
-        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {lo}, {hi}")
-    keep = {"do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
-            "resample", "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size"}
-    kwargs = {k: v for k, v in cfg.items() if k in keep}
-    # A fresh size dict: some 5.x releases mutate the class-level default when given min/max_pixels.
-    return _pil_image_processor_class()(size={"shortest_edge": int(lo), "longest_edge": int(hi)}, **kwargs)
+    return family_for(path).image_processor(cfg, min_pixels, max_pixels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,38 +164,34 @@ def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype
 def load_model(name_or_path: str | os.PathLike = TINY, *, trainable: bool = True,
                dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                attn_implementation: str = "auto", liger: bool | None = None, seed: int = 0):
-    """A ``Qwen2_5_VLForConditionalGeneration`` from ``"tiny"`` or a local folder.
+    """The family's model (e.g. ``Qwen2_5_VLForConditionalGeneration``) from a tiny model or a local folder.
 
     - ``dtype``: torch dtype or name; default bf16 on CUDA, fp32 on CPU.
     - ``device``: default CUDA when available.
     - ``attn_implementation``: see :func:`resolve_attn_implementation`.
-    - ``liger``: apply liger-kernel's Qwen2.5-VL kernels; ``None`` = when on CUDA and installed,
+    - ``liger``: apply liger-kernel's kernels for the family; ``None`` = when on CUDA and installed,
       ``True`` = required (raises if it cannot), ``False`` = never.
     - ``seed``: the tiny model's weight initialisation (ignored for folders, whose weights are loaded).
     - ``trainable=False`` freezes the model (:func:`freeze`): the reference and the listener.
     """
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     path = model_dir(name_or_path)
     dev = _device(device)
     torch_dtype = _dtype(dtype, dev)
     attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
-    # Read the folder's own model_type: a config class reports its class's type whatever the file says.
-    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type != "qwen2_5_vl":
-        raise ValueError(f"{path} holds a {model_type!r} model; lgrpo loads Qwen2.5-VL (qwen2_5_vl)")
-    config = Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True)
-    if str(name_or_path) == TINY:
+    family = family_for(path)  # refuses a model type lgrpo does not support, naming those it does
+    cls = family.model_class()
+    if is_tiny(path):
+        config = family.config_class().from_pretrained(path, local_files_only=True)
         # Same seed, same weights, whatever the caller's RNG state; the caller's RNG is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Qwen2_5_VLForConditionalGeneration(config)
+            model = cls(config)
         model.set_attn_implementation(attn)
         model = model.to(dtype=torch_dtype)
     else:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn)
+        model = cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn)
     model = model.to(dev)
+    family.prepare(model)
     kernels = _maybe_apply_liger(model, liger, dev)
     log.info("loaded %s: %s, %s on %s, attention=%s, liger=%s, %s", name_or_path, type(model).__name__,
              torch_dtype, dev, attn, "+".join(kernels) or "off", "trainable" if trainable else "frozen")
@@ -258,40 +237,17 @@ def _resolve_liger(liger: bool | None, device: torch.device) -> bool:
 
 
 def _maybe_apply_liger(model, liger: bool | None, device: torch.device) -> list[str]:
-    """Apply liger when asked or (``liger=None``) when it can run; an explicit request that fails raises."""
+    """Apply the family's liger kernels when asked or (``liger=None``) when they can run; an explicit
+    request that fails raises."""
     if not _resolve_liger(liger, device):
         return []
     try:
-        return apply_liger(model)
+        return family_of(model).apply_liger(model)
     except RuntimeError as err:
         if liger:
             raise
         log.warning("%s; continuing without liger-kernel", err)
         return []
-
-
-def apply_liger(model) -> list[str]:
-    """Swap in liger-kernel's RMSNorm, SwiGLU and multimodal RoPE kernels for this Qwen2.5-VL model.
-
-    Its cross-entropy and fused-linear-cross-entropy patches stay off: the model's forward keeps returning
-    logits/hidden states, and the GRPO loss is the trainer's own. Returns the kernels that take effect:
-    liger replaces ``apply_multimodal_rotary_pos_emb``, which transformers 5.x no longer calls (it merges
-    the M-RoPE sections before attention), so there only RMSNorm and SwiGLU change. Raises
-    ``RuntimeError`` when this liger-kernel cannot patch the installed transformers.
-    """
-    import transformers
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
-
-    rope_used = hasattr(modeling_qwen2_5_vl, "apply_multimodal_rotary_pos_emb")
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
-
-        apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                         fused_linear_cross_entropy=False, model=model)
-    except ImportError as err:
-        raise RuntimeError("liger-kernel cannot patch Qwen2.5-VL under transformers "
-                           f"{transformers.__version__}: {err}") from err
-    return ["rms_norm", "swiglu"] + (["rope"] if rope_used else [])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ cache and one step's logits) and what the update adds (the saved activations of 
 is the larger of the two phases on top of what stays resident.
 
 Activations are bytes saved for the backward per token and per layer, for transformers' Qwen2.5-VL layers
-with sdpa attention, as counted with ``torch.autograd.graph.saved_tensors_hooks`` (``tests/test_plan.py``
-counts them again on fresh shapes). For a decoder layer with element size e (2 for bf16, 4 for fp32):
+with sdpa attention (the other families' decoder layers compute the same shapes; Qwen3-VL's adds a q/k
+norm), as counted with ``torch.autograd.graph.saved_tensors_hooks`` (``tests/test_plan.py`` counts them
+again on fresh shapes). For a decoder layer with element size e (2 for bf16, 4 for fp32):
 
     h·(8e + 4·[e < 4]) + 4e·i + 2e·kv_heads·head_dim + 4·heads + 8
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .frozen import frozen_dtype, frozen_layout
+from .models import DEFAULT, family_named, published
 
 GiB = 2**30
 _SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -39,7 +41,7 @@ _SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True)
 class Shapes:
-    """What the plan needs of a Qwen2.5-VL model, read from its config.json."""
+    """What the plan needs of a vision-language model, read from its config.json."""
 
     params: int
     vision_params: int
@@ -59,31 +61,19 @@ class Shapes:
 
     @property
     def pixels_per_token(self) -> int:
-        """Image area (pixels) per visual token after the spatial merge (28 × 28 for Qwen2.5-VL)."""
+        """Image area (pixels) per visual token after the spatial merge (28 × 28 for Qwen2.5-VL, 32 × 32 for
+        Qwen3-VL)."""
         return (self.patch * self.merge) ** 2
 
 
-# The published shapes (each model's config.json on the Hub, the fields the plan reads), so that a plan
-# needs no download. Qwen2.5-VL's vision tower is the same for both sizes.
-_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-           "fullatt_block_indexes": [7, 15, 23, 31]}
-QWEN_MAX_PIXELS = 12845056  # Qwen2.5-VL's preprocessor_config.json: a published name's image bound
-PUBLISHED = {
-    "qwen2.5-vl-3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-                      "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
-                      "tie_word_embeddings": True, "vision_config": {**_VISION, "out_hidden_size": 2048}},
-    "qwen2.5-vl-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                      "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                      "tie_word_embeddings": False, "vision_config": {**_VISION, "out_hidden_size": 3584}},
-}
+# The published shapes of each family's models (lgrpo.models), so that a plan needs no download.
+PUBLISHED = {name: shapes for name, (_, shapes) in published().items()}
 
 
 def read_shapes(model: str | Path | dict) -> Shapes:
     """Shapes of a model folder (its config.json), of a name in ``PUBLISHED``, or of a config dictionary;
     the parameters are counted on the meta device (nothing allocated, no weights read)."""
-    raw = _raw_config(model)
-    config, built = _meta_model(raw)
+    family, config, built = _meta_model(model)
     text, vision = config.text_config, config.vision_config
     heads = text.num_attention_heads
     return Shapes(
@@ -92,37 +82,34 @@ def read_shapes(model: str | Path | dict) -> Shapes:
         layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
         heads=heads, kv_heads=text.num_key_value_heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
-        vision_layers=vision.depth, vision_hidden=vision.hidden_size,
-        vision_intermediate=vision.intermediate_size, vision_heads=vision.num_heads,
-        patch=vision.patch_size, merge=vision.spatial_merge_size,
+        **family.vision_shapes(vision),
     )
 
 
-def _raw_config(model: str | Path | dict) -> dict:
+def _meta_model(model: str | Path | dict):
+    """The family, the config and the model (a folder, a name in ``PUBLISHED`` or a config dictionary) built
+    by its family on the meta device (nothing allocated, nothing in the folder runs: a dictionary only)."""
+    import torch
+
     from .model import model_dir
 
     if isinstance(model, dict):
-        return model
-    if str(model) in PUBLISHED:
-        return PUBLISHED[str(model)]
-    return json.loads((model_dir(model) / "config.json").read_text(encoding="utf-8"))
-
-
-def _meta_model(raw: dict):
-    """The config and the model built on the meta device (nothing allocated)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = Qwen2_5_VLConfig(**raw)  # a dictionary only: nothing in the folder runs
+        raw, family = model, family_named(model.get("model_type", DEFAULT.model_type))
+    elif str(model) in PUBLISHED:
+        family, raw = published()[str(model)]
+    else:
+        raw = json.loads((model_dir(model) / "config.json").read_text(encoding="utf-8"))
+        family = family_named(raw.get("model_type"), str(model))
+    config = family.config_class()(**{k: v for k, v in raw.items() if k != "model_type"})
     with torch.device("meta"):
-        return config, Qwen2_5_VLForConditionalGeneration._from_config(config)
+        return family, config, family.model_class()._from_config(config)
 
 
 def adapter_params(model: str | Path | dict, targets: str, rank: int) -> int:
     """Parameters of ``--model.lora_targets`` adapters at ``rank`` (lgrpo.lora), counted on the meta device."""
     from .lora import adapter_numel
 
-    return adapter_numel(_meta_model(_raw_config(model))[1], targets, rank)
+    return adapter_numel(_meta_model(model)[2], targets, rank)
 
 
 def layer_activation_bytes(s: Shapes, e: int) -> int:
@@ -240,7 +227,7 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
         p.rows[f"frozen {name}"] = n * _SIZE[frozen_dtype(cfg)] / (shard if how == "shard" else 1)
 
     model = cfg.model.policy or "tiny"
-    max_pixels = cfg.data.max_pixels or (QWEN_MAX_PIXELS if str(model) in PUBLISHED
+    max_pixels = cfg.data.max_pixels or (published()[str(model)][0].published_max_pixels if str(model) in PUBLISHED
                                          else load_image_processor(model).size["longest_edge"])
     prompt = prompt_tokens(s, max_pixels, images, text_tokens)
     new = cfg.rollout.max_new_tokens

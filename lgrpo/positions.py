@@ -5,10 +5,8 @@ repeated forwards), so a completion is scored at the positions it was sampled at
 
 - **Text models**: the positions transformers' ``generate`` gives a left-padded batch, ``cumsum(mask) - 1``
   (pads get 1 and are never attended to). The token after a prompt is at its length.
-- **M-RoPE** (the Qwen2-VL family, a model whose base model has ``get_rope_index``): three axes (time,
-  height, width); an image's tokens are numbered over its patch grid, text on all three axes alike. The
-  token after a prompt is at the prompt's largest position + 1 on every axis (``generate``'s ``rope_deltas``):
-  completion tokens are text.
+- **A vision-language model** (:mod:`lgrpo.models`): its family's positions; for the Qwen-VL lineage
+  M-RoPE's three axes (:mod:`lgrpo.models.qwen_vl`), continuing after a prompt at its largest position + 1.
 """
 
 from __future__ import annotations
@@ -16,11 +14,12 @@ from __future__ import annotations
 import torch
 
 from .group import PromptBatch
+from .models import family_of
 
 
 def uses_mrope(model) -> bool:
-    """Whether the model numbers positions on three M-RoPE axes (a Qwen2-VL-family VLM)."""
-    return hasattr(model.base_model, "get_rope_index")
+    """Whether the model numbers positions on three M-RoPE axes (a vision-language model of a family)."""
+    return family_of(model) is not None
 
 
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -32,22 +31,11 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def prompt_positions(model, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompts' positions (``[3, P, L]`` M-RoPE for a VLM, ``[P, L]`` for text) and the position of
     the token after each prompt ``[P]``, where its completions start."""
-    mask = prompts.attention_mask.bool()
     text = text_positions(prompts.attention_mask)
-    if not uses_mrope(model):
-        return text, mask.sum(-1)
-    if prompts.image_grid_thw is None:  # what get_rope_index numbers a text-only row, without its loop
-        pos = text.unsqueeze(0).expand(3, -1, -1)
-    else:
-        types = prompts.mm_token_type_ids
-        if types is None:
-            types = (prompts.input_ids == model.config.image_token_id).int()
-        pos, _ = model.base_model.get_rope_index(prompts.input_ids, mm_token_type_ids=types,
-                                                 image_grid_thw=prompts.image_grid_thw,
-                                                 attention_mask=prompts.attention_mask)
-    # Text after the last image continues from the largest position so far (as get_rope_index numbers it).
-    nxt = pos.masked_fill(~mask[None], -1).amax(dim=(0, 2)) + 1
-    return pos, nxt
+    family = family_of(model)
+    if family is None:
+        return text, prompts.attention_mask.bool().sum(-1)
+    return family.prompt_positions(model, prompts, text)
 
 
 def forward_positions(model, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,4 +53,5 @@ def continuation_positions(model, start: torch.Tensor, offsets: torch.Tensor) ->
     offsets[j]`` (``start``: :func:`prompt_positions`' second result per row). ``[N, J]`` for a text
     model, ``[3, N, J]`` for M-RoPE (text tokens: the same position on all three axes)."""
     pos = start[:, None] + offsets[None]
-    return pos.unsqueeze(0).expand(3, -1, -1) if uses_mrope(model) else pos
+    family = family_of(model)
+    return pos if family is None else family.continuation_positions(pos)

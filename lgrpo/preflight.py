@@ -138,20 +138,8 @@ def max_positions(model) -> int | None:
     return None
 
 
-def image_tokens(image_processor, width: int, height: int) -> int:
-    """Visual tokens of one image of this size after Qwen2-VL's resize and 2x2 merge."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
-    size = image_processor.size
-    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
-                        max_pixels=size["longest_edge"])
-    return (h // patch) * (w // patch) // merge**2
-
-
 def _max_image_tokens(batcher) -> int:
-    ip = batcher.image_processor
-    return ip.size["longest_edge"] // (int(ip.patch_size) * int(ip.merge_size)) ** 2
+    return batcher.family.max_image_tokens(batcher.image_processor)
 
 
 def prompt_lengths(batcher, records) -> list[int]:
@@ -186,7 +174,7 @@ def check_task(cfg: JobConfig, task, policy, run_dir: Path, dist) -> None:
             record = ds.records[i]
             sizes = [image_problem(p)[0] or (1, 1) for p in (record.image_1, record.image_2)]
             exact = bound - 2 * _max_image_tokens(batcher) + sum(
-                image_tokens(batcher.image_processor, w, h) for w, h in sizes)
+                batcher.family.image_tokens(batcher.image_processor, w, h) for w, h in sizes)
             if exact > room:
                 ds.mark_bad(i, f"the prompt is {exact} tokens with its images; with --rollout.max_new_tokens "
                                f"{cfg.rollout.max_new_tokens} and the listener's {LISTENER_MARGIN} that is over "

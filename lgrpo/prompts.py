@@ -6,9 +6,10 @@ The listener sees the same system and user turns, then an assistant turn prefill
 chain of thought (answer removed) up to and including ``<answer>``: its next-token distribution over
 ``1`` / ``2`` is its confidence.
 
-Every text here goes through the tokenizer's chat template, so a real Qwen2.5-VL folder and the tiny
-built-in tokenizer render the same ChatML layout. Each image becomes one ``<|image_pad|>`` placeholder;
-:mod:`lgrpo.batching` expands it to the image's token count.
+Every text here goes through the tokenizer's chat template, so a real model folder and the tiny built-in
+tokenizers render the same ChatML layout. Each image becomes one placeholder (the family's:
+``<|image_pad|>`` for the Qwen-VL lineage, :mod:`lgrpo.models`); :mod:`lgrpo.batching` expands it to the
+image's token count.
 
 **Text is text** (SPEC §1). Only the chat template adds control tokens (``<|im_start|>``, ``<|im_end|>``,
 ``<|vision_start|>``, ``<|image_pad|>``, ...). A prompt, a caption or a model's reasoning that spells one
@@ -25,7 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-IMAGE_PLACEHOLDER = "<|image_pad|>"
+from .models.qwen_vl import END_MARKERS, IMAGE_PLACEHOLDER
 
 DEFAULT_SYSTEM = (
     "You compare two images made from the same text prompt and decide which one people prefer. "
@@ -296,9 +297,9 @@ def choice_token_ids(tokenizer, fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[int
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """The token ids that end a completion: the one stop set for rollouts, masks, eval and the warm-up.
 
-    The tokenizer's EOS plus Qwen's two end markers when the vocabulary has them: ``<|im_end|>`` ends an
-    assistant turn (the Instruct tokenizers' EOS) and ``<|endoftext|>`` ends a document (the base
-    tokenizers' EOS, and what Qwen2.5-VL's own generation_config also stops on). A model that writes
+    The tokenizer's EOS plus Qwen's two end markers when the vocabulary has them
+    (:data:`lgrpo.models.qwen_vl.END_MARKERS`: ``<|im_end|>`` ends an assistant turn, ``<|endoftext|>`` a
+    document). A model that writes
     either has finished; anything after it is never sampled, scored or shown to the listener. Empty
     for a tokenizer with none of them: completions then run to ``max_new_tokens`` (the benchmarks'
     fixed workload).
@@ -306,7 +307,7 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     eos = tokenizer.eos_token_id
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
     vocab = tokenizer.get_vocab()  # membership, not convert_tokens_to_ids: that maps a miss to unk
-    ids |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
+    ids |= {vocab[t] for t in END_MARKERS if t in vocab}
     return tuple(sorted(ids))
 
 

@@ -7,7 +7,7 @@ tokens. Two ways to get them, the same numbers (tested against each other, forwa
 - **shared prefix** (default): one forward over a flat, padding-free sequence holding each prompt once
   (its images through the vision tower once) and then every completion, with the attention of
   :mod:`lgrpo.attention`: a completion reads its prompt's keys/values and its own causal past. Its
-  positions continue from its prompt's (for Qwen2.5-VL the M-RoPE positions of ``get_rope_index``).
+  positions continue from its prompt's (:mod:`lgrpo.positions`: for the Qwen-VL families M-RoPE's).
   Tokens computed per group: ``prompt + G x completion`` instead of ``G x (prompt + completion)``.
 - **repeated**: plain transformers on each prompt repeated once per completion, left padded
   (``shared_prefix=False``; the A/B baseline and the reference of the tests).
@@ -28,6 +28,7 @@ from .attention import CHOICES, build_layout, install
 from .group import GroupBatch, PromptBatch
 from .kernels import grpo_loss, linear_grpo_loss, token_logprobs
 from .lora import effective_weight
+from .models import prepare
 from .positions import continuation_positions, prompt_positions, text_positions, uses_mrope
 
 
@@ -97,6 +98,7 @@ def _check_prefix_masks(batch: GroupBatch) -> torch.Tensor:
 
 def _shared_states(model, batch: GroupBatch, backend: str) -> torch.Tensor:
     install(model)
+    prepare(model)  # the family's forward takes the layout dict as it is
     prompts, group, mask = batch.prompts, batch.group, batch.completion_mask
     lengths_c = _check_prefix_masks(batch)
     valid_p = prompts.attention_mask.bool()

@@ -123,7 +123,7 @@ def test_every_field_has_a_docstring_and_help_shows_it():
     text = help_text()
     assert "--loss.beta" in text and "KL (k3) coefficient" in text
     assert "beta" in field_docs(LossConfig)
-    assert set(PRESETS) == {"tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b"}
+    assert set(PRESETS) == {"tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-4b", "qwen3-vl-8b"}
 
 
 def test_help_exits_cleanly(capsys):

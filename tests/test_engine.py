@@ -19,7 +19,7 @@ from lgrpo.rollout.graphs import bucket_sizes, prompt_columns
 from lgrpo.rollout.hf import StopOnString, clean_generation_config, generate
 from lgrpo.rollout.sampler import NonFiniteLogitsError
 from lgrpo.rollout.stop import StopCriteria, token_bytes
-from tests.toy_task import char_tokenizer, ragged_vl_batch, tiny_lm
+from tests.toy_task import TINY_FAMILIES, char_tokenizer, ragged_vl_batch, tiny_lm
 
 STOP = "</answer>"
 
@@ -56,10 +56,11 @@ def _hf(model, tok, prompts, group_size, **kw):
     return generate(model, tok, prompts, group_size, **kw)
 
 
-def test_greedy_equals_transformers_generate_on_the_vlm(vlm):
-    """Token for token against generate(do_sample=False) on the prompts repeated G times; the vision
-    tower runs once, on each prompt's images once (not G times)."""
-    model, tok, prompts = vlm
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_greedy_equals_transformers_generate_on_the_vlm(vlm, family):
+    """Token for token against generate(do_sample=False) on the prompts repeated G times, for each family;
+    the vision tower runs once, on each prompt's images once (not G times)."""
+    model, tok, prompts = vlm if family == "tiny" else ragged_vl_batch(family)
     seen = []
     visual = model.model.visual
     original = visual.forward

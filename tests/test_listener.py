@@ -9,7 +9,7 @@ from lgrpo.model import load_listener
 from lgrpo.prompts import choice_token_ids, parse_completion, render_listener_prompt
 from lgrpo.rewards import compute_rewards
 from lgrpo.synthetic import SyntheticTask, reference_reasoning
-from tests.toy_task import sharpened
+from tests.toy_task import TINY_FAMILIES, sharpened
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,12 @@ def _slow_probs(model, batcher, prompt, images, reasoning, temperature=1.0):
     return (logits[-1, ids] / temperature).softmax(-1)
 
 
-def test_listener_equals_slow_full_logits(listener_model, batcher, rollout):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_listener_equals_slow_full_logits(listener_model, batcher, rollout, family):
+    if family != "tiny":
+        from lgrpo.batching import VLBatcher
+
+        listener_model, batcher = sharpened(load_listener(family, seed=3), 8.0), VLBatcher.from_pretrained(family)
     listener = Listener(listener_model, batcher)
     reasonings = [p.reasoning for p in rollout["parsed"]]
     scores = listener.score(rollout["prompts"], rollout["images"], reasonings)

@@ -15,6 +15,7 @@ from lgrpo import model as lm
 from lgrpo.batching import VLBatcher
 from lgrpo.group import GroupBatch, encode_completions
 from lgrpo.model import final_hidden_states, lm_head_weight, load_image_processor, load_model, load_tokenizer
+from lgrpo.models import FAMILIES
 from lgrpo.scoring import CompletionScorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,16 +33,21 @@ def test_assets_ship_with_the_package():
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "preprocessor_config.json"):
         assert (folder / name).is_file(), name
     assert Path(str(folder)).resolve() == lm.TINY_DIR.resolve()
+    for family in FAMILIES.values():  # one tiny model per family, each of its own type
+        shipped = importlib.resources.files("lgrpo") / "assets" / family.tiny.name
+        assert json.loads((shipped / "config.json").read_text())["model_type"] == family.model_type
 
 
-def test_assets_regenerate_identically(tmp_path):
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_assets_regenerate_identically(tmp_path, model_type):
     spec = importlib.util.spec_from_file_location("build_tiny_assets", REPO / "tools/build_tiny_assets.py")
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
-    builder.build(tmp_path)
+    shipped_dir = FAMILIES[model_type].tiny
+    builder.build(tmp_path, model_type)
     for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
-        assert json.loads((tmp_path / name).read_text()) == json.loads((lm.TINY_DIR / name).read_text()), name
-    new, shipped = (json.loads((d / "tokenizer.json").read_text()) for d in (tmp_path, lm.TINY_DIR))
+        assert json.loads((tmp_path / name).read_text()) == json.loads((shipped_dir / name).read_text()), name
+    new, shipped = (json.loads((d / "tokenizer.json").read_text()) for d in (tmp_path, shipped_dir))
     assert new["model"]["vocab"] == shipped["model"]["vocab"]
     assert new["model"]["merges"] == shipped["model"]["merges"]
     assert new["added_tokens"] == shipped["added_tokens"]
@@ -87,11 +93,15 @@ def test_models_are_never_fetched_from_a_hub():
         load_model("Qwen/Qwen2.5-VL-3B-Instruct")
 
 
-def test_other_model_types_are_rejected(tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "qwen3_5", "llava"])
+def test_other_model_types_are_rejected(tmp_path, model_type):
+    """MoE variants, Qwen3.5's linear-attention layers, any other VLM: refused, naming what is supported."""
     cfg = json.loads((lm.TINY_DIR / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_vl"}))
-    with pytest.raises(ValueError, match="qwen2_vl"):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
+    with pytest.raises(ValueError, match=rf"'{model_type}' model; lgrpo supports .*Qwen2.5-VL \(qwen2_5_vl\)"):
         load_model(tmp_path)
+    with pytest.raises(ValueError, match=model_type):
+        VLBatcher.from_pretrained(tmp_path)
 
 
 # -- loading options -----------------------------------------------------------------------------------

@@ -204,3 +204,19 @@ def test_a_run_writes_its_plan_into_the_run_folder(tmp_path, monkeypatch):
               "--run.name", "p"])
     text = (tmp_path / "p" / "memory_plan.txt").read_text()
     assert text.startswith("memory plan per rank (1 rank(s), unsharded;") and "policy weights" in text
+
+
+@pytest.mark.parametrize("name,params,vision", [("qwen3-vl-4b", 4_437_815_808, 24), ("qwen3-vl-8b", 8_767_123_696, 27)])
+def test_qwen3_vl_presets_plan_from_their_published_shapes(name, params, vision):
+    """The published Qwen3-VL-4B/8B shapes (4.44B / 8.77B parameters, as their model cards count them):
+    16-px patches, 32 x 32 pixels per visual token, 36 decoder layers of 8 key/value heads of 128; the
+    preset of the same name plans with them and its family's image bound, nothing loaded."""
+    s = read_shapes(name)
+    assert s.params == params and s.vision_layers == vision
+    assert (s.patch, s.merge, s.pixels_per_token) == (16, 2, 32 * 32)
+    assert (s.layers, s.kv_heads, s.head_dim) == (36, 8, 128)
+    cfg = build_config(name, {"model": {"policy": name}, "data": {"max_pixels": 1024 * 1024}})
+    eight = plan(cfg, 8, fsdp=True)
+    assert eight.rows["policy weights"] * 8 == s.params * 4
+    # two 1024 x 1024 images are 2 x 1024 visual tokens at 32 x 32 pixels each
+    assert "2176 prompt tokens" in format_plan(eight)

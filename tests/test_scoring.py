@@ -15,7 +15,7 @@ from lgrpo.model import enable_activation_checkpointing, load_model
 from lgrpo.positions import text_positions
 from lgrpo.scoring import CompletionScorer, completion_logprobs, completion_states
 from lgrpo.synthetic import SyntheticTask
-from tests.toy_task import char_tokenizer, sharpened, tiny_lm
+from tests.toy_task import TINY_FAMILIES, char_tokenizer, sharpened, tiny_lm
 
 REL = 1e-5
 # Gradients sum many more products than log-probs (an embedding row over every position of its token, the
@@ -32,6 +32,16 @@ pytestmark = pytest.mark.usefixtures("reference_kernels")
 @pytest.fixture(scope="module")
 def vlm():
     return sharpened(load_model("tiny", seed=1), 4.0)
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def family_vlm(request, vlm, batcher):
+    """Each family's tiny model (sharpened like ``vlm``) and its batcher."""
+    if request.param == "tiny":
+        return vlm, batcher
+    from lgrpo.batching import VLBatcher
+
+    return sharpened(load_model(request.param, seed=1), 4.0), VLBatcher.from_pretrained(request.param)
 
 
 def _completions(gen, n, width, vocab, lengths=None, low=30):
@@ -76,9 +86,11 @@ def _assert_grads(got, want):
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_vlm_logprobs_and_gradients_equal_repeated_prompts(vlm, batcher, pairs, gen, group_size):
+def test_vlm_logprobs_and_gradients_equal_repeated_prompts(family_vlm, pairs, gen, group_size):
     """Images of different sizes, left-padded prompts of different lengths, ragged completions; every
-    parameter's gradient (vision tower included) equal to plain transformers on repeated prompts."""
+    parameter's gradient (vision tower included, Qwen3-VL's DeepStack mergers too) equal to plain
+    transformers on repeated prompts, for each family."""
+    vlm, batcher = family_vlm
     texts, images = pairs
     prompts = batcher.reasoner_batch(texts, images)
     assert len(set(prompts.lengths().tolist())) == 3  # left padding differs per row
@@ -91,10 +103,13 @@ def test_vlm_logprobs_and_gradients_equal_repeated_prompts(vlm, batcher, pairs, 
     assert (got[~mask] == 0).all()
     grads, truth = _grads(vlm, got, weights), _grads(vlm, want, weights)
     assert any(n.startswith("model.visual") for n in grads) and any("lm_head" in n for n in grads)
+    if hasattr(vlm.model.visual, "deepstack_merger_list"):  # Qwen3-VL: DeepStack's features reach the loss
+        assert any("deepstack_merger_list" in n for n in grads)
     _assert_grads(grads, truth)
 
 
-def test_vision_tower_sees_each_prompts_images_once(vlm, batcher, pairs, gen):
+def test_vision_tower_sees_each_prompts_images_once(family_vlm, pairs, gen):
+    vlm, batcher = family_vlm
     texts, images = pairs
     prompts = batcher.reasoner_batch(texts, images)
     seen = []

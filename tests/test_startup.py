@@ -156,13 +156,16 @@ def test_a_build_that_fails_leaves_no_config(tmp_path, monkeypatch):
 def test_a_missing_model_folder_is_one_line_without_a_traceback(tmp_path):
     import subprocess
 
+    from lgrpo.models import family_names
+
     out = subprocess.run([sys.executable, "-m", "lgrpo.train", *QUICK, "--run.dir", str(tmp_path),
                           "--model.listener", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         f"error: --model.listener {tmp_path / 'nope'}: {str(tmp_path / 'nope')!r} is neither 'tiny' nor a local "
-        "model folder with a config.json; models are never downloaded: pass the folder of a Qwen2.5-VL checkpoint"]
+        f"model folder with a config.json; models are never downloaded: pass the folder of a {family_names()} "
+        "checkpoint"]
     assert not list(tmp_path.iterdir())  # refused before the run folder was made
 
 

@@ -18,3 +18,13 @@ def test_vllm_engine_without_vllm_names_the_extra():
 def test_vllm_memory_fraction_is_checked():
     with pytest.raises(ConfigError, match="rollout.vllm_gpu_memory_utilization"):
         parse_args(["--rollout.vllm_gpu_memory_utilization", "1.5"])
+
+
+def test_the_vllm_rollout_refuses_qwen3_vl():
+    """vLLM is handed each image's merged vision output, which lacks Qwen3-VL's DeepStack features: refused,
+    naming the engine that serves it (before vLLM is even needed)."""
+    from lgrpo.model import load_model, load_tokenizer
+    from lgrpo.rollout.vllm import VLLMRollout
+
+    with pytest.raises(ValueError, match="Qwen3-VL: .*DeepStack.*--rollout.engine engine"):
+        VLLMRollout(load_model("tiny-qwen3-vl"), load_tokenizer("tiny-qwen3-vl"), max_new_tokens=4, stop=None)

@@ -103,6 +103,10 @@ def sharpened(model, scale: float):
     return model
 
 
+# The built-in tiny model of each family (lgrpo.models): the per-family tests run on each.
+TINY_FAMILIES = ("tiny", "tiny-qwen2-vl", "tiny-qwen3-vl")
+
+
 def ragged_vl_batch(model_name: str):
     """The model ``model_name`` (fp32) and three synthetic prompts, two images each of different sizes
     (4 to 16 visual tokens), left padded to different lengths: (model, tokenizer, PromptBatch)."""

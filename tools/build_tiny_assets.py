@@ -1,16 +1,20 @@
-"""Regenerate lgrpo/assets/tiny-qwen2.5-vl/: the tiny model's tokenizer, chat template and configs.
+"""Regenerate lgrpo/assets/tiny-*/: one tiny model per family (tokenizer, chat template and configs).
 
-    .venv/bin/python tools/build_tiny_assets.py            # rewrite the shipped folder
-    .venv/bin/python tools/build_tiny_assets.py OUT_DIR    # write elsewhere (the tests compare)
+    .venv/bin/python tools/build_tiny_assets.py                          # rewrite every shipped folder
+    .venv/bin/python tools/build_tiny_assets.py OUT_DIR                  # the default family (qwen2_5_vl)
+    .venv/bin/python tools/build_tiny_assets.py OUT_DIR --family qwen3_vl  # another family (the tests compare)
 
 The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on the synthetic task's text and
 the prompt templates, with Qwen2.5-VL's special tokens and its pre-tokenizer (digits split one by one, so
 ``1`` and ``2`` after ``<answer>`` are single tokens, as in the real vocabulary). Training is
 single-threaded on a fixed corpus, so the output is the same on every run.
 
-The model config is written in the layout of a real Qwen2.5-VL ``config.json`` from the hub (flat text
-fields plus ``vision_config``), which every transformers 5.x release reads. Weights are not shipped:
-``lgrpo.model.load_model("tiny")`` initialises them from a seed.
+Every family's tiny model has the same tokenizer (the Qwen-VL special tokens are the same) and the same
+small text model (2 layers, hidden 64); each has its family's chat template, vision tower, patch size and
+``config.json`` layout as its real models publish it: Qwen2-VL and Qwen2.5-VL flat text fields plus
+``vision_config``, Qwen3-VL ``text_config`` plus ``vision_config`` (16-px patches, DeepStack from both
+vision blocks into both decoder layers, interleaved M-RoPE). Weights are not shipped:
+``lgrpo.model.load_model("tiny")`` (or a tiny folder) initialises them from a seed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from lgrpo.prompts import DEFAULT_FORMAT, reasoner_messages  # noqa: E402
 from lgrpo.synthetic import COLOURS, SHAPES, SPLITS, SyntheticTask, reference_completion  # noqa: E402
 
 ASSET_DIR = REPO / "lgrpo" / "assets" / "tiny-qwen2.5-vl"
+FOLDERS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen3_vl": "tiny-qwen3-vl"}
 VOCAB_SIZE = 640
 
 # Qwen2.5-VL's special tokens, in its order.
@@ -62,6 +67,14 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+
+# Qwen3-VL's layout: the system turn only when the messages hold one (no default instruction).
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}", "")
+assert QWEN3_CHAT_TEMPLATE != CHAT_TEMPLATE
 
 
 def corpus() -> list[str]:
@@ -104,7 +117,7 @@ def build_tokenizer():
     return tok
 
 
-def tokenizer_config(tok) -> dict:
+def tokenizer_config(tok, model_type: str = "qwen2_5_vl") -> dict:
     return {
         "tokenizer_class": "Qwen2Tokenizer",
         "model_max_length": 8192,
@@ -121,7 +134,7 @@ def tokenizer_config(tok) -> dict:
                                       "single_word": False, "special": True}
             for t in SPECIAL_TOKENS
         },
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": QWEN3_CHAT_TEMPLATE if model_type == "qwen3_vl" else CHAT_TEMPLATE,
     }
 
 
@@ -179,10 +192,96 @@ def model_config(tok) -> dict:
     }
 
 
-def preprocessor_config() -> dict:
+def token_ids(tok) -> dict:
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    return {
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+    }
+
+
+def qwen2_vl_config(tok) -> dict:
+    """Qwen2-VL: Qwen2.5-VL's text model; a vision tower without windows (``embed_dim`` wide, MLP
+    ``mlp_ratio`` times that, ``hidden_size`` the LLM's width)."""
+    cfg = model_config(tok)
+    cfg.update(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl")
+    cfg["vision_config"] = {
+        "depth": 2,
+        "embed_dim": 32,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "hidden_act": "quick_gelu",
+        "in_chans": 3,
+        "in_channels": 3,
+        "hidden_size": cfg["hidden_size"],
+        "patch_size": 14,
+        "spatial_patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "initializer_range": 0.02,
+    }
+    return cfg
+
+
+def qwen3_vl_config(tok) -> dict:
+    """Qwen3-VL (dense): a Qwen3 text model (q/k norms, explicit head_dim, interleaved M-RoPE) under
+    ``text_config``; a 16-px vision tower whose blocks 0 and 1 feed DeepStack into decoder layers 0 and 1."""
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    hidden = 64
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        **token_ids(tok),
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": tok.get_vocab_size(),
+            "hidden_size": hidden,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            # head_dim / 2 = 8 rotary frequencies, interleaved T H W T H W T T (the real [24, 20, 20] of 64).
+            "rope_scaling": {"rope_type": "default", "mrope_interleaved": True, "mrope_section": [4, 2, 2]},
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl",
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "hidden_act": "gelu_pytorch_tanh",
+            "in_channels": 3,
+            "out_hidden_size": hidden,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,  # an 8 x 8 grid, interpolated to each image's
+            "deepstack_visual_indexes": [0, 1],
+            "initializer_range": 0.02,
+        },
+    }
+
+
+def preprocessor_config(model_type: str = "qwen2_5_vl") -> dict:
     # Qwen2VLImageProcessor's settings; min/max pixels keep synthetic images tiny (56x56 -> 4 merged tokens,
     # at most 112x112 -> 16).
-    return {
+    cfg = {
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_resize": True,
         "do_rescale": True,
@@ -198,22 +297,44 @@ def preprocessor_config() -> dict:
         "temporal_patch_size": 2,
         "merge_size": 2,
     }
+    if model_type == "qwen3_vl":
+        # Qwen3-VL's layout and settings (16-px patches, mean/std 0.5, bounds under "size"): 64x64 -> 4
+        # merged tokens, at most 128x128 -> 16.
+        del cfg["min_pixels"], cfg["max_pixels"]
+        cfg.update(image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=16,
+                   size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128})
+    return cfg
 
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build(out_dir: Path) -> None:
+CONFIGS = {"qwen2_vl": qwen2_vl_config, "qwen2_5_vl": model_config, "qwen3_vl": qwen3_vl_config}
+
+
+def build(out_dir: Path, model_type: str = "qwen2_5_vl", tok=None) -> None:
+    """Write one family's tiny folder (``tok``: the trained tokenizer, to train it once for several)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = tok or build_tokenizer()
     tok.save(str(out_dir / "tokenizer.json"), pretty=True)
-    write_json(out_dir / "tokenizer_config.json", tokenizer_config(tok))
-    write_json(out_dir / "config.json", model_config(tok))
-    write_json(out_dir / "preprocessor_config.json", preprocessor_config())
+    write_json(out_dir / "tokenizer_config.json", tokenizer_config(tok, model_type))
+    write_json(out_dir / "config.json", CONFIGS[model_type](tok))
+    write_json(out_dir / "preprocessor_config.json", preprocessor_config(model_type))
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ASSET_DIR
-    build(target)
-    print(f"wrote {target}")
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tools/build_tiny_assets.py")
+    p.add_argument("out", nargs="?", type=Path, help="write one family's folder here (default: every shipped one)")
+    p.add_argument("--family", default="qwen2_5_vl", choices=sorted(CONFIGS), help="model_type (with OUT)")
+    args = p.parse_args()
+    if args.out is not None:
+        build(args.out, args.family)
+        print(f"wrote {args.out}")
+    else:
+        tokenizer = build_tokenizer()
+        for model_type, folder in FOLDERS.items():
+            build(ASSET_DIR.parent / folder, model_type, tokenizer)
+            print(f"wrote {ASSET_DIR.parent / folder}")

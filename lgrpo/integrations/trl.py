@@ -54,6 +54,8 @@ from trl.trainer.utils import nanmax, nanmin
 from lgrpo.attention import install as install_shared_prefix
 from lgrpo.group import GroupBatch, PromptBatch, group_identical
 from lgrpo.kernels import linear_grpo_loss, loss_options
+from lgrpo.models import prepare as prepare_model
+from lgrpo.models.qwen_vl import IMAGE_INPUTS
 from lgrpo.scoring import completion_states, head_logprobs
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -61,9 +63,9 @@ SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # (num_images / num_tiles only split batches there; the whole batch goes in one call here).
 MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                      "token_type_ids", "mm_token_type_ids", "image_position_ids")
-# The multimodal inputs lgrpo.scoring's shared-prefix forward knows (Qwen2-VL style); any other (Gemma's
-# token_type_ids, LLaVA's image_sizes...) keeps a micro-batch on the repeated path.
-SHARED_PREFIX_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+# The multimodal inputs lgrpo.scoring's shared-prefix forward knows (the Qwen-VL families', lgrpo.models);
+# any other (Gemma's token_type_ids, LLaVA's image_sizes...) keeps a micro-batch on the repeated path.
+SHARED_PREFIX_INPUTS = IMAGE_INPUTS
 # Config fields that scale the logits before the softmax (TRL's fused head reads them): not in the kernel.
 LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -166,7 +168,7 @@ class LGRPOTrainer(GRPOTrainer):
             return None
         if inputs.get("pixel_values") is not None and inputs.get("image_grid_thw") is None:
             # InternVL-style tiles: no grid to split the pixels by prompt, nor to place them in the sequence
-            self._fallback("pixel_values without image_grid_thw (only Qwen2-VL-style images are shared)")
+            self._fallback("pixel_values without image_grid_thw (only the Qwen-VL families' images are shared)")
             return None
         if self._images_in_completions(inputs):
             self._fallback("images inside completions (tool responses): the shared forward reads completions as text")
@@ -378,6 +380,7 @@ def add_hidden_state_loss(model, *, cast_lm_head_to_fp32: bool = False) -> None:
 def _shared_prefix_unsupported(model) -> str | None:
     """Why the shared-prefix forward cannot stand in for ``model``'s, or None."""
     try:
+        prepare_model(model)  # raises for a vision-language model of a family lgrpo does not know
         install_shared_prefix(model)  # raises for eager attention: no registry entry to hook
     except ValueError as e:
         return str(e)

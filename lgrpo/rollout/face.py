@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..group import PromptBatch
+from ..models import prepare
 from ..positions import continuation_positions, forward_positions
 from .sampler import placeholder_token_ids
 
@@ -77,6 +78,7 @@ class ModelFace:
                              f"{sorted(set(types))}); use --rollout.engine hf")
         self.layer_types = sorted(set(types))
         self.banned = placeholder_token_ids(config)
+        prepare(model)  # the family's forward takes the decode step's mask dict as it is
         # every config object an attention module may read its implementation from
         configs = {id(c): c for c in (config, self.text_config)}
         for m in model.modules():

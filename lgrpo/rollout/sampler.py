@@ -23,6 +23,7 @@ import torch
 
 from ..kernels import reference as _reference
 from ..kernels import sampler as _kernel
+from ..models import banned_ids
 from .top_p import sample_from_logits
 
 GPU_SAMPLER = _kernel.sample_tokens
@@ -35,17 +36,10 @@ class NonFiniteLogitsError(RuntimeError):
 
 
 def placeholder_token_ids(config) -> list[int]:
-    """The vision placeholder / delimiter ids of a (V)LM config (empty for a text model): never sampled
-    (one in a completion breaks the next forward, which counts placeholders against image features)."""
-    names = (
-        "image_token_id",
-        "video_token_id",
-        "vision_start_token_id",
-        "vision_end_token_id",
-        "vision_token_id",
-    )
-    ids = [getattr(config, n, None) for n in names]
-    return [int(i) for i in ids if isinstance(i, int)]
+    """The ids of a (V)LM config that are never sampled (its family's vision placeholders and delimiters;
+    empty for a text model): one in a completion breaks the next forward, which counts placeholders
+    against image features."""
+    return banned_ids(config)
 
 
 @dataclass(frozen=True)

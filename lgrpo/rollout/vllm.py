@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from ..group import PromptBatch, Rollout
+from ..models import family_of
 from ..prompts import stop_token_ids
 from .result import finish_rollout, sample_row_ids
 from .sampler import placeholder_token_ids
@@ -129,14 +130,18 @@ def _text_config(config):
 class VLLMRollout:
     """G completions per prompt from an in-process vLLM engine that holds a copy of ``model``'s weights.
 
-    ``model``: the policy (a transformers Qwen2.5-VL or causal LM); its folder (``config._name_or_path``)
-    provides the processor files; the weights always come from ``model`` itself (vLLM starts with dummy
-    weights). ``dtype``: vLLM's compute dtype (default: bf16 on CUDA, else the model's parameter dtype).
+    ``model``: the policy (a transformers Qwen2-VL / Qwen2.5-VL or causal LM; Qwen3-VL is refused: its
+    family's ``vllm_unsupported``); its folder (``config._name_or_path``) provides the processor files;
+    the weights always come from ``model`` itself (vLLM starts with dummy weights). ``dtype``: vLLM's
+    compute dtype (default: bf16 on CUDA, else the model's parameter dtype).
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int, stop: str | None, dtype: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  kv_cache_bytes: int | None = None, sleep: bool = False, seed: int = 0, eos_ids=None):
+        family = family_of(model)
+        if family is not None and family.vllm_unsupported:
+            raise ValueError(f"{family.name}: {family.vllm_unsupported}")
         require_vllm()
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.stop = max_new_tokens, stop
@@ -428,9 +433,8 @@ def write_tiny_variant(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """The built-in tiny Qwen2.5-VL with head_dim 32 (2 attention heads, 1 key/value head, M-RoPE sections
     4/6/6) instead of 16, weights initialised by transformers' own classes from ``seed`` and saved as
     safetensors with the tiny model's tokenizer and processor files (about 1 MB): ``--model.policy DIR``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     from ..model import TINY_DIR
+    from ..models import DEFAULT
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -440,10 +444,10 @@ def write_tiny_variant(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     cfg.update(num_attention_heads=2, num_key_value_heads=1,
                rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    config = Qwen2_5_VLConfig.from_pretrained(out, local_files_only=True)
+    config = DEFAULT.config_class().from_pretrained(out, local_files_only=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = DEFAULT.model_class()(config)
     model.save_pretrained(out)
     for extra in ("generation_config.json",):  # sampling defaults come from lgrpo, never the folder
         (out / extra).unlink(missing_ok=True)
