@@ -75,7 +75,9 @@ def parse_targets(targets: str) -> list[str]:
 
 def _vision_prefix(model: nn.Module) -> str | None:
     """The module name of the vision tower, or None for a text model."""
-    tower = getattr(model.base_model, "visual", None)
+    from .models import vision_tower
+
+    tower = vision_tower(model)
     if tower is None:
         return None
     return next(name for name, m in model.named_modules() if m is tower)

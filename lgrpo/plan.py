@@ -78,7 +78,7 @@ def read_shapes(model: str | Path | dict) -> Shapes:
     heads = text.num_attention_heads
     return Shapes(
         params=sum(p.numel() for p in built.parameters()),
-        vision_params=sum(p.numel() for p in built.model.visual.parameters()),
+        vision_params=sum(p.numel() for p in family.vision_tower(built).parameters()),
         layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
         heads=heads, kv_heads=text.num_key_value_heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,

@@ -70,6 +70,9 @@ class Family(Protocol):
     def vision_shapes(self, vision) -> dict[str, int]:
         """The vision tower's shapes the memory plan reads."""
 
+    def vision_tower(self, model) -> torch.nn.Module:
+        """The loaded model's vision tower (its parameters: the plan's count; LoRA's ``visual.NAME``)."""
+
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (qwen2_vl.FAMILY, qwen2_5_vl.FAMILY, qwen3_vl.FAMILY)}
 DEFAULT = qwen2_5_vl.FAMILY  # the family of the built-in "tiny" model
@@ -130,6 +133,12 @@ def banned_ids(config) -> list[int]:
     the vision placeholder ids it names (none for a text model)."""
     family = FAMILIES.get(getattr(config, "model_type", None))
     return placeholder_token_ids(config) if family is None else family.banned_ids(config)
+
+
+def vision_tower(model):
+    """A loaded model's vision tower, or None for a text model (:meth:`Family.vision_tower`)."""
+    family = family_of(model)
+    return None if family is None else family.vision_tower(model)
 
 
 def prepare(model) -> None:

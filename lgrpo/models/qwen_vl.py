@@ -205,3 +205,9 @@ class QwenVL:
         return dict(vision_layers=vision.depth, vision_hidden=vision.hidden_size,
                     vision_intermediate=vision.intermediate_size, vision_heads=vision.num_heads,
                     patch=vision.patch_size, merge=vision.spatial_merge_size)
+
+    def vision_tower(self, model):
+        # The conditional-generation class keeps the tower on its inner model (model.model.visual); a bare
+        # inner model (FSDP2's or peft's base_model) has it itself.
+        inner = getattr(model, "model", model)
+        return getattr(inner, "visual", None) or model.visual
