@@ -126,7 +126,8 @@ def vision_activation_bytes(s: Shapes, e: int) -> int:
 
 def update_activation_bytes(s: Shapes, e: int, *, prompts: int, prompt_len: int, completions: int,
                             completion_len: int, patches: int, backend: str = "sdpa",
-                            checkpointing: bool = False, loss_rows: int | None = None) -> dict[str, int]:
+                            checkpointing: bool = False, loss_rows: int | None = None,
+                            vision_trains: bool = True, lora: tuple[int, int] | None = None) -> dict[str, int]:
     """What one update micro-batch saves for the backward, by part: ``prompts`` prompts of ``prompt_len``
     tokens computed once (shared prefix) and ``completions`` completions of ``completion_len`` tokens.
 
@@ -135,9 +136,17 @@ def update_activation_bytes(s: Shapes, e: int, *, prompts: int, prompt_len: int,
     expansion's view, saved per layer) and saves the completions' masks; the flash and flex backends read
     the prompt's keys in place. ``loss_rows``: the rows of logits the fused loss holds at a time (all
     completion tokens, in fp32, for the CPU's reference path, which also casts the lm_head to fp32).
+    ``vision_trains`` False (a LoRA policy without ``visual.`` targets): no weight of the tower and not its
+    input, the pixels, needs a gradient, so autograd saves nothing there. ``lora``: (rank, adapted Linears
+    per decoder layer): the frozen RMSNorm weights need no normalised output kept (2·h·e per token a
+    layer fewer), and each adapter keeps its rank-r intermediate (measured: tests/test_plan.py).
     """
     tokens = prompts * prompt_len + completions * completion_len
-    per_layer = tokens * layer_activation_bytes(s, e)
+    per_token = layer_activation_bytes(s, e)
+    if lora is not None:
+        rank, adapted = lora
+        per_token += adapted * rank * e - 2 * s.hidden * e
+    per_layer = tokens * per_token
     context = completions * (prompt_len + completion_len)
     parts = {}
     if backend == "sdpa":
@@ -155,6 +164,10 @@ def update_activation_bytes(s: Shapes, e: int, *, prompts: int, prompt_len: int,
         parts["decoder layers"] = s.layers * per_layer
         parts["vision blocks"] = s.vision_layers * per_block
     parts["image patches"] = patches * 3 * 2 * s.patch**2 * e  # the patch embedding's input
+    if not vision_trains:
+        parts["vision blocks"] = parts["image patches"] = 0
+        if checkpointing:
+            parts["recomputed layer"] = per_layer
     rows = completions * completion_len if loss_rows is None else min(loss_rows, completions * completion_len)
     parts["loss logits"] = rows * s.vocab * (4 if loss_rows is None else e)
     if loss_rows is None:  # the reference path also holds the lm_head weight in fp32
@@ -245,6 +258,7 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     p.rows["decode logits"] = rows * s.vocab * 4
 
     mb = cfg.loss.micro_batch_size
+    targets = [t.strip() for t in m.lora_targets.split(",")]  # each plain name: one Linear a decoder layer
     prompts_mb = math.ceil(mb / group) if cfg.loss.shared_prefix else mb
     patches = prompts_mb * images * max(1, max_pixels // s.pixels_per_token) * s.merge**2
     from .kernels.linear_grpo import default_chunk_rows
@@ -252,7 +266,10 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     parts = update_activation_bytes(
         s, e_c, prompts=prompts_mb, prompt_len=prompt, completions=mb, completion_len=new, patches=patches,
         backend=backend, checkpointing=cfg.model.gradient_checkpointing,
-        loss_rows=None if device == "cpu" else default_chunk_rows(s.vocab, e_c))
+        loss_rows=None if device == "cpu" else default_chunk_rows(s.vocab, e_c),
+        vision_trains=not m.lora_rank or any(t.startswith("visual.") for t in targets),
+        lora=(m.lora_rank, sum(t != "lm_head" and not t.startswith("visual.") for t in targets))
+        if m.lora_rank else None)
     p.rows["update activations"] = sum(parts.values())
     p.resident = ("policy weights", "AdamW state", "compute copy", *(f"frozen {name}" for name, _ in copies))
     p.rollout = ("rollout gather", "KV cache", "decode logits", "prefill")

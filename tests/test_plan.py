@@ -79,6 +79,34 @@ def test_update_activations_match_what_autograd_saves(tmp_path, batcher, dtype, 
     assert abs(sum(parts.values()) / real - 1) < 0.10, (sum(parts.values()), real, parts)
 
 
+@pytest.mark.parametrize("text", [None, SMALL], ids=["tiny", "small"])
+def test_lora_update_activations_match_what_autograd_saves(tmp_path, batcher, text):
+    """The same with LoRA adapters on the language model (the default targets) only: the frozen vision
+    tower saves nothing, frozen norms less, each adapter its rank-8 intermediate."""
+    pytest.importorskip("peft")
+    from lgrpo.config import ModelConfig
+    from lgrpo.lora import add_adapters
+    from lgrpo.synthetic import SyntheticTask
+
+    folder, model = _random_model(tmp_path, torch.float32, text)
+    add_adapters(model, 8, None, 0.0, ModelConfig().lora_targets, seed=0, dtype=torch.float32)
+    task = SyntheticTask(seed=1)
+    exs = [task.example("train", i) for i in range(2)]
+    prompts = batcher.reasoner_batch([e.prompt for e in exs], [list(e.images) for e in exs])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 500, (8, 48), generator=gen)
+    batch = GroupBatch.grouped(prompts, ids, torch.ones_like(ids, dtype=torch.bool), 4)
+    # The plain loss (logits, then the GRPO loss): the plan's CPU path, whatever Triton the test runs on
+    scorer = CompletionScorer(model, shared_prefix=True, fused=False)
+    loss = {"advantages": torch.randn(8, generator=gen), "loss_type": "grpo"}
+    real = _saved_bytes(model, lambda: scorer(batch, temperature=1.0, loss=loss))
+    parts = update_activation_bytes(
+        read_shapes(folder), 4, prompts=2, prompt_len=prompts.input_ids.shape[1], completions=8,
+        completion_len=48, patches=prompts.pixel_values.shape[0], vision_trains=False, lora=(8, 7))
+    assert parts["vision blocks"] == parts["image patches"] == 0
+    assert abs(sum(parts.values()) / real - 1) < 0.10, (sum(parts.values()), real, parts)
+
+
 def test_weights_gradients_adamw_and_frozen_copies_are_what_a_real_policy_holds():
     """The tiny policy in fp32 after one AdamW step, the frozen copies in the compute dtype: exact."""
     from lgrpo.model import load_policy, load_reference
