@@ -28,7 +28,7 @@ if trl.__version__ != "1.16.0":
     pytest.skip(f"the adapter targets trl 1.16.0, found {trl.__version__}", allow_module_level=True)
 
 from datasets import Dataset  # noqa: E402  (after the importorskip)
-from toy_task import char_tokenizer, tiny_lm  # noqa: E402
+from toy_task import TINY_FAMILIES, char_tokenizer, tiny_lm  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from lgrpo.integrations.trl import (  # noqa: E402
@@ -339,14 +339,15 @@ def vlm_group_inputs(gen, batcher):
     return inputs, group
 
 
-def test_shared_prefix_matches_trl_vlm(tmp_path, gen):
-    """The tiny Qwen2.5-VL, two images per prompt, the same text over other pixels as another prompt:
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_shared_prefix_matches_trl_vlm(tmp_path, gen, family):
+    """Each family's tiny model, two images per prompt, the same text over other pixels as another prompt:
     equal to TRL (vision tower gradients included), each prompt's patches through the tower once."""
     from lgrpo.batching import VLBatcher
     from lgrpo.model import load_policy
 
-    batcher = VLBatcher.from_pretrained("tiny")
-    pair = trainer_pair(tmp_path, load_policy("tiny", dtype=torch.float32, seed=2), batcher.tokenizer,
+    batcher = VLBatcher.from_pretrained(family)
+    pair = trainer_pair(tmp_path, load_policy(family, dtype=torch.float32, seed=2), batcher.tokenizer,
                         loss_type="bnpo", beta=0.05)
     inputs, group = vlm_group_inputs(gen, batcher)
     assert torch.equal(group_rows(inputs).group, group)
