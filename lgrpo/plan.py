@@ -247,7 +247,9 @@ def plan(cfg, world_size: int, *, shapes: Shapes | None = None, fsdp: bool | Non
     group = cfg.rollout.group_size
     prompts = math.ceil(cfg.train.prompts_per_step / world_size)
     rows = min(cfg.rollout.batch_size or prompts * group, prompts * group)
-    e_r = e_c if fsdp else e_w  # FSDP2's mixed precision gathers in the compute dtype; one rank decodes as held
+    # FSDP2's mixed precision gathers in the compute dtype; one rank decodes as held (a LoRA policy's base in
+    # the compute dtype: peft casts its adapters' outputs back to it)
+    e_r = e_c if fsdp or m.lora_rank else e_w
     p.rows["rollout gather"] = n * e_r * (1 - 1 / shard) if fsdp else 0.0
     # The prefill of a call's prompts: their own KV before it is forked into the rows, and one layer's
     # intermediates at a time (no gradient); logits only at the last position.

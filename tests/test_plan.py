@@ -157,6 +157,11 @@ def test_a_lora_policy_trains_its_adapters_alone_and_needs_no_frozen_copies():
     other = plan(build_config("tiny", {"model": {**lora, "listener": str(TINY_DIR)}}), 1, device="cpu")
     assert other.rows["frozen listener"] > 0 and "frozen reference" not in other.rows
     assert p.peak < plan(build_config("tiny", {"model": lora | {"lora_rank": 0}}), 1, device="cpu").peak
+    # The rollouts' KV cache is the base's dtype: peft casts an adapted projection's output back to it.
+    v_proj = policy.model.language_model.layers[0].self_attn.v_proj
+    assert v_proj(torch.zeros(1, v_proj.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    bf16 = plan(build_config("tiny", {"model": {"dtype": "bfloat16", "master_weights": "compute"}}), 1, device="cpu")
+    assert p.rows["KV cache"] == bf16.rows["KV cache"]
 
 
 def test_kv_cache_per_token_is_what_transformers_allocates(tmp_path):
