@@ -108,18 +108,45 @@ def qwen25vl_3b_config(smoke: bool):
     return cfg
 
 
-def build_model(cfg, device: torch.device, dtype: torch.dtype):
-    """Random weights, allocated on ``device`` in ``dtype`` from the start."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+# The other families (lgrpo.models) at a 3B/4B size: Qwen3-VL-4B's published shapes; Qwen2-VL with
+# Qwen2.5-VL-3B's text model and Qwen2-VL's own vision tower (its 2B/7B are not among the presets).
+_QWEN2_VL_3B = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+                "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+                "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+                "vision_config": {"depth": 32, "embed_dim": 1280, "hidden_size": 2048, "mlp_ratio": 4,
+                                  "num_heads": 16, "hidden_act": "quick_gelu"}}
 
+
+def family_config(model_type: str, smoke: bool):
+    """The benchmark's config of a family: Qwen2.5-VL's above (the anchors' model); another family's from
+    its tiny folder's config.json (its structure and token ids), at full size with the shapes above."""
+    import json
+
+    from lgrpo.models import family_named
+
+    if model_type == "qwen2_5_vl":
+        return qwen25vl_3b_config(smoke)
+    family = family_named(model_type)
+    raw = json.loads((family.tiny / "config.json").read_text(encoding="utf-8"))
+    if not smoke:
+        full = family.published["qwen3-vl-4b"] if model_type == "qwen3_vl" else _QWEN2_VL_3B
+        for key, value in full.items():
+            raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    cfg = family.config_class()(**{k: v for k, v in raw.items() if k != "model_type"})
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(cfg, device: torch.device, dtype: torch.dtype):
+    """Random weights of the config's family, allocated on ``device`` in ``dtype`` from the start."""
+    from lgrpo.models import family_named
+
+    model_class = family_named(cfg.model_type).model_class()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            try:
-                model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
-            except TypeError:  # older spelling
-                model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, torch_dtype=dtype)
+            model = model_class._from_config(cfg, dtype=dtype)
     finally:
         torch.set_default_dtype(default)
     return model.to(device=device, dtype=dtype)
@@ -199,11 +226,62 @@ def lm_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
 
 
+def run_grpo_step(cfg, policy, reference, *, device, cuda: bool, new_tokens: int, micro_batch: int,
+                  image_side: int, label: str = "") -> tuple[dict, list[Row]]:
+    """Two GRPO steps through the real Trainer (2 prompts x G = 8, two images each); the second is measured.
+    Returns its metrics and its rows (``label`` names the family in them)."""
+    from lgrpo import distributed as D
+    from lgrpo.config import build_config
+    from lgrpo.trainer import Models, Trainer
+
+    jc = build_config(
+        "tiny",
+        {
+            "model": {"dtype": "bfloat16" if cuda else "float32", "master_weights": "compute"},
+            "rollout": {"group_size": 8, "max_new_tokens": new_tokens, "temperature": 1.0, "stop": ""},
+            "loss": {"beta": 0.04, "micro_batch_size": micro_batch, "fused": True},
+            "optim": {"lr": 1e-6, "warmup_steps": 0, "schedule": "constant"},
+            "train": {"steps": 2, "prompts_per_step": 2},
+            "data": {"synthetic_train_size": 2},
+            "checkpoint": {"interval": 0},
+            "run": {"progress": False, "tensorboard": "off"},
+        },
+    )
+    task = BenchTask(cfg, reference, n_prompts=2, image_side=image_side, text_tokens=64)
+    trainer = Trainer(jc, D.Dist(device=device), task, Models(policy, reference), tempfile.mkdtemp())
+    # First step: allocations, the optimizer state, cuBLAS/SDPA autotuning. Second step: measured.
+    trainer.cfg.rollout.max_new_tokens = min(16, new_tokens)  # short: the warm-up only has to allocate
+    trainer.train_step()
+    trainer.cfg.rollout.max_new_tokens = new_tokens
+    trainer.step += 1
+    m = trainer.train_step()
+    secs = {k: m[f"time/{k}"] for k in ("rollout", "reward", "reference", "update")}
+    vision = cfg.vision_config
+    prompt_len = task.text_tokens + 2 * ((image_side // vision.patch_size // vision.spatial_merge_size) ** 2 + 2)
+    upd_tokens = 16 * (prompt_len + m["completion_len"])
+    tflops = 6 * lm_params(policy) * upd_tokens / max(secs["update"], 1e-9) / 1e12
+    name = f"GRPO step{f' {label}' if label else ''} (2 prompts x G=8, 2 images each)"
+    rows = [
+        Row(name, m["time/step"] * 1e3, extra_gib=m["peak_mem_gib"],
+            note=f"rollout {secs['rollout']:.1f}s reward {secs['reward']:.2f}s "
+            f"ref {secs['reference']:.2f}s update {secs['update']:.2f}s"),
+        Row("  rollout (lgrpo.rollout.engine)", secs["rollout"] * 1e3,
+            note=f"{m['tokens_per_s/rollout']:.0f} tok/s, {new_tokens} new tokens x 16"),
+        Row("  policy update (linear_grpo_loss + AdamW)", secs["update"] * 1e3,
+            note=f"{m['tokens_per_s/update']:.0f} tok/s, {tflops:.0f} TFLOP/s (6ND, LM only)"),
+    ]
+    return m, rows
+
+
 def main(argv=None) -> int:
     p = arg_parser(__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen2_vl", "qwen3_vl"),
+                   help="the model family (lgrpo.models); another than qwen2_5_vl times the GRPO step only, "
+                        "into train_step_FAMILY.json")
     args = p.parse_args(argv)
+    name = "train_step" if args.family == "qwen2_5_vl" else f"train_step_{args.family}"
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
     device = torch.device("cuda" if cuda else "cpu")
@@ -228,10 +306,9 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             return None
         finally:  # what is measured so far survives a timeout of a later phase
-            write_json(args.out, "train_step", {"title": "GRPO train step", "env": env, "rows": rows,
-                                                "phases": phases})
+            write_json(args.out, name, {"title": "GRPO train step", "env": env, "rows": rows, "phases": phases})
 
-    cfg = qwen25vl_3b_config(smoke)
+    cfg = family_config(args.family, smoke)
 
     def build():
         t0 = time.perf_counter()
@@ -244,76 +321,29 @@ def main(argv=None) -> int:
 
     built = guarded("build", build)
     if built is None:
-        write_json(
-            args.out, "train_step", {"title": "GRPO train step", "env": env, "rows": rows, "phases": phases}
-        )
+        write_json(args.out, name, {"title": "GRPO train step", "env": env, "rows": rows, "phases": phases})
         return 1
     policy = built[0]
     frozen = {"reference": built[1]}  # dropped after the GRPO step
     del built
     n_lm = phases["lm_params"]
-    image_side = 56 if smoke else 448
+    # 2 x 2 (smoke) or 16 x 16 visual tokens per image: 56 / 448 px for 14-px patches, 64 / 512 for 16-px
+    unit = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
+    image_side = unit * (2 if smoke else 16)
 
     def grpo_step():
-        from lgrpo import distributed as D
-        from lgrpo.config import build_config
-        from lgrpo.trainer import Models, Trainer
-
-        jc = build_config(
-            "tiny",
-            {
-                "model": {"dtype": "bfloat16" if cuda else "float32", "master_weights": "compute"},
-                "rollout": {"group_size": 8, "max_new_tokens": new_tokens, "temperature": 1.0, "stop": ""},
-                "loss": {"beta": 0.04, "micro_batch_size": args.micro_batch, "fused": True},
-                "optim": {"lr": 1e-6, "warmup_steps": 0, "schedule": "constant"},
-                "train": {"steps": 2, "prompts_per_step": 2},
-                "data": {"synthetic_train_size": 2},
-                "checkpoint": {"interval": 0},
-                "run": {"progress": False, "tensorboard": "off"},
-            },
-        )
-        task = BenchTask(cfg, frozen["reference"], n_prompts=2, image_side=image_side, text_tokens=64)
-        trainer = Trainer(
-            jc, D.Dist(device=device), task, Models(policy, frozen["reference"]), tempfile.mkdtemp()
-        )
-        # First step: allocations, the optimizer state, cuBLAS/SDPA autotuning. Second step: measured.
-        trainer.cfg.rollout.max_new_tokens = min(16, new_tokens)  # short: the warm-up only has to allocate
-        trainer.train_step()
-        trainer.cfg.rollout.max_new_tokens = new_tokens
-        trainer.step += 1
-        m = trainer.train_step()
+        m, step_rows = run_grpo_step(cfg, policy, frozen["reference"], device=device, cuda=cuda,
+                                     new_tokens=new_tokens, micro_batch=args.micro_batch, image_side=image_side,
+                                     label="" if args.family == "qwen2_5_vl" else args.family)
         phases["grpo_step"] = m
-        secs = {k: m[f"time/{k}"] for k in ("rollout", "reward", "reference", "update")}
-        total = m["time/step"]
-        prompt_len = task.text_tokens + 2 * ((image_side // 14 // 2) ** 2 + 2)
-        upd_tokens = 16 * (prompt_len + m["completion_len"])
-        tflops = 6 * n_lm * upd_tokens / max(secs["update"], 1e-9) / 1e12
-        rows.append(
-            Row(
-                "GRPO step (2 prompts x G=8, 2 images each)",
-                total * 1e3,
-                extra_gib=m["peak_mem_gib"],
-                note=f"rollout {secs['rollout']:.1f}s reward {secs['reward']:.2f}s "
-                f"ref {secs['reference']:.2f}s update {secs['update']:.2f}s",
-            )
-        )
-        rows.append(
-            Row(
-                "  rollout (lgrpo.rollout.engine)",
-                secs["rollout"] * 1e3,
-                note=f"{m['tokens_per_s/rollout']:.0f} tok/s, {new_tokens} new tokens x 16",
-            )
-        )
-        rows.append(
-            Row(
-                "  policy update (linear_grpo_loss + AdamW)",
-                secs["update"] * 1e3,
-                note=f"{m['tokens_per_s/update']:.0f} tok/s, {tflops:.0f} TFLOP/s (6ND, LM only)",
-            )
-        )
-        del trainer
+        rows.extend(step_rows)
 
     guarded("grpo_step", grpo_step)
+    if args.family != "qwen2_5_vl":  # another family: its full step, beside the Qwen2.5-VL one in the same run
+        title = f"GRPO train step, {args.family} (random weights)" + (" [smoke]" if smoke else "")
+        print_table(title, rows, env)
+        write_json(args.out, name, {"title": title, "env": env, "rows": rows, "phases": phases})
+        return 0 if all(r.ms == r.ms for r in rows) else 1
     frozen.clear()  # frees the reference for the next phases (SPEC's anchors hold the policy only)
     if cuda:
         torch.cuda.empty_cache()

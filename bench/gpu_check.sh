@@ -4,7 +4,7 @@
 #
 #   PART=1 bench/gpu_check.sh OUT_DIR     # one of three subsets, each planned to fit one 600 s device call
 #   PART=2 bench/gpu_check.sh OUT_DIR     #   (1: GPU tests but flex, linear_grpo listener train_step rollout;
-#   PART=3 bench/gpu_check.sh OUT_DIR     #    2: flex tests, shared_prefix grpo_loss sampler; 3: trl_step
+#   PART=3 bench/gpu_check.sh OUT_DIR     #    2: flex tests, shared_prefix grpo_loss sampler, the other families' step; 3: trl_step
 #                                         #    verl_step and pytest bench, no GPU tests)
 #   bench/gpu_check.sh OUT_DIR            # everything (about 15 minutes: more than one device call)
 #   ONLY="grpo_loss listener" bench/gpu_check.sh OUT_DIR   # a subset of the benchmarks
@@ -42,7 +42,7 @@ case "${PART:-}" in
   "") ;;
   1) : "${TESTS_K=not flex}" "${TESTS_TIMEOUT:=150}" "${BENCH_TIMEOUT:=180}"
      : "${ONLY:=linear_grpo listener train_step rollout}" ;;
-  2) : "${TESTS_K=flex}" "${TESTS_TIMEOUT:=200}" "${BENCH_TIMEOUT:=150}" "${ONLY:=shared_prefix grpo_loss sampler}" ;;
+  2) : "${TESTS_K=flex}" "${TESTS_TIMEOUT:=200}" "${BENCH_TIMEOUT:=150}" "${ONLY:=shared_prefix grpo_loss sampler family_step}" ;;
   3) : "${TESTS:=0}" "${BENCH_TIMEOUT:=150}" "${PYTEST_BENCH_TIMEOUT:=240}" "${ONLY:=trl_step verl_step pytest}" ;;
   *) echo "PART must be 1, 2 or 3 (or unset: everything), got '$PART'"; exit 2 ;;
 esac
@@ -117,6 +117,19 @@ for bench in bench/bench_*.py; do
   # a timed-out script keeps the JSON of the phases it finished; the rest is missing
   [ "$rc" -eq 0 ] || problem "$name exited with status $rc$([ "$rc" -eq 124 ] && echo " (timed out after $t s)")"
 done
+
+# The other model families' full GRPO step (bench_train_step.py --family: train_step_FAMILY.json), in the same
+# run as the Qwen2.5-VL one when ONLY names both.
+if [ -z "${ONLY:-}" ] || grep -qw family_step <<< "$ONLY"; then
+  for family in qwen2_vl qwen3_vl; do
+    t=$(limit "${BENCH_TIMEOUT:-300}")
+    say "bench_train_step --family $family, at most $t s"
+    if [ "$t" -eq 0 ]; then problem "train_step_$family not run: the time budget is spent"; continue; fi
+    timeout "$t" $PY bench/bench_train_step.py --family "$family" --out "$OUT" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || problem "train_step_$family exited with status $rc$([ "$rc" -eq 124 ] && echo " (timed out after $t s)")"
+  done
+fi
 
 # The same kernels as pytest-benchmark tests (bench/test_kernels_benchmark.py, ~2-3 min on an H100/H200):
 # one JSON in pytest-benchmark's format, every implementation checked against the fp64 reference before it

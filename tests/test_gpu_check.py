@@ -47,7 +47,12 @@ def _run(tmp_path, pytest_rc=0, pytest_line="7 passed in 1.0s", **env):
 
 
 def _benches_run(calls) -> set[str]:
-    ran = {Path(c.split()[1]).stem.removeprefix("bench_") for c in calls if c.split()[1].startswith("bench/bench_")}
+    def name(call):  # a script, or the train step of another model family (--family F)
+        words = call.split()
+        stem = Path(words[1]).stem.removeprefix("bench_")
+        return f"{stem}_{words[words.index('--family') + 1]}" if "--family" in words else stem
+
+    ran = {name(c) for c in calls if c.split()[1].startswith("bench/bench_")}
     return ran | ({"pytest"} if any("--benchmark-only" in c for c in calls) else set())
 
 
@@ -89,6 +94,7 @@ def test_the_parts_together_run_every_benchmark_and_every_gpu_test(tmp_path):
     """Each PART fits one device call; together they leave nothing out: every bench/bench_*.py, pytest
     bench, and the GPU tests split by one -k expression and its negation."""
     every = {p.stem.removeprefix("bench_") for p in (ROOT / "bench").glob("bench_*.py")} | {"pytest"}
+    every |= {"train_step_qwen2_vl", "train_step_qwen3_vl"}  # the other families' full step
     seen, test_selections = [], []
     for part in ("1", "2", "3"):
         proc, calls = _run(tmp_path, PART=part)

@@ -347,6 +347,15 @@ def test_throughput_benchmark_smoke_runs(run_bench):
     assert all(r["ms"] > 0 for r in result["rows"])
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_throughput_benchmark_times_the_other_families_step(run_bench, family):
+    """``--family``: the same GRPO step on another family's model (gpu_check.sh runs it at 3B/4B size)."""
+    result = run_bench("bench_train_step", f"train_step_{family}", "--family", family)
+    assert result["phases"]["grpo_step"]["completion_len"] == 8 and "update_8x1024" not in result["phases"]
+    assert [r["name"] for r in result["rows"]][0].startswith(f"GRPO step {family}")
+    assert all(r["ms"] > 0 for r in result["rows"])
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("reference_kernels")  # as `make demo` runs on CPU
 def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path):
