@@ -175,7 +175,9 @@ def test_a_training_step_on_completions_that_spell_control_tokens(tmp_path, monk
     real = listener.scorer.__class__.__call__
 
     def spy(self, part, **kwargs):
-        if self is listener.scorer:  # the policy's and reference's scorers are the same class
+        # The listener's passes: its scorer at the last position. The KL reference shares that scorer (one
+        # frozen module, lgrpo.frozen), and its completions end with the real stop token.
+        if self is listener.scorer and kwargs.get("last_logits"):
             seen.append(part)
         return real(self, part, **kwargs)
 
