@@ -15,7 +15,7 @@ from lgrpo.positions import text_positions
 from lgrpo.rollout.hf import StopOnString, clean_generation_config, generate
 from lgrpo.scoring import CompletionScorer
 from lgrpo.trainer import Models, NonFiniteError, Trainer
-from tests.toy_task import ToyTask, char_tokenizer, tiny_lm
+from tests.toy_task import TINY_FAMILIES, ToyTask, char_tokenizer, tiny_lm
 
 
 def make_trainer(tmp_path, seed=0, **overrides):
@@ -358,8 +358,10 @@ def test_throughput_benchmark_times_the_other_families_step(run_bench, family):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("reference_kernels")  # as `make demo` runs on CPU
-def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path):
-    """The default run's warm-up (preset ``tiny``) makes the tiny VLM read the prompt and both images.
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path, family):
+    """The default run's warm-up (preset ``tiny``) makes each family's tiny VLM read the prompt and both
+    images.
 
     The GRPO phase of ``make demo`` only has something to work with when the reasoning it samples says
     what the images show: with the old 120-step warm-up the model wrote one fixed text whatever the
@@ -369,7 +371,8 @@ def test_tiny_preset_warmup_teaches_the_synthetic_task(tmp_path):
     from lgrpo.synthetic import reference_reasoning
     from lgrpo.task import build
 
-    cfg = build_config("tiny", {"run": {"progress": False}, "train": {"steps": 0}})
+    cfg = build_config("tiny", {"run": {"progress": False}, "train": {"steps": 0},
+                                "model": {"policy": None if family == "tiny" else family}})
     dist = D.init("cpu")
     task, models, _ = build(cfg, dist)
     trainer = Trainer(cfg, dist, task, models, tmp_path)
