@@ -17,6 +17,7 @@ from PIL import Image
 from lgrpo import judge as J
 from lgrpo.judge import Judge, cli, kendall_tau, pairwise_accuracy, rank_with, spearman_rho, verdicts
 from lgrpo.prompts import choice_token_ids, render_listener_prompt
+from tests.toy_task import TINY_FAMILIES
 
 MAX_NEW = 4  # the untrained tiny model writes noise: a few tokens exercise generate as well as 512 would
 
@@ -141,6 +142,18 @@ def test_compare_reads_the_judges_own_choice_distribution(judge, monkeypatch):
 
 
 def test_compare_many_is_one_generate_and_equals_pairs_alone(judge, monkeypatch):
+    _many_is_one_generate_and_equals_pairs_alone(judge, monkeypatch)
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "tiny"])
+def test_the_judge_on_every_family(family, monkeypatch):
+    """The other families' tiny models (lgrpo.models) behind the same judge: both orders in one generate,
+    each pair as alone, probabilities that sum to one."""
+    judge = Judge.from_pretrained(family, device="cpu", max_new_tokens=MAX_NEW, batch_size=64)
+    _many_is_one_generate_and_equals_pairs_alone(judge, monkeypatch)
+
+
+def _many_is_one_generate_and_equals_pairs_alone(judge, monkeypatch):
     count = Counter(judge, monkeypatch)
     imgs = [gray(v) for v in (10, 110, 210)]
     pairs = [(0, 1), (2, 0)]
