@@ -128,9 +128,10 @@ class DataConfig:
     preprocessor_config.json). The value used is written to the run's config.json."""
 
     max_pixels: int | None = None
-    """Largest area (pixels) an image is resized to: the main cost knob, each 28x28 area is one visual
-    token (None: the folder's value, for Qwen2.5-VL 12845056, i.e. ~1.3k tokens for a 1024x1024 image;
-    e.g. 262144 caps an image at 334 tokens). The value used is written to the run's config.json."""
+    """Largest area (pixels) an image is resized to: the main cost knob, each 28x28 area (Qwen2/2.5-VL;
+    32x32 for Qwen3-VL) is one visual token (None: the folder's value, for Qwen2.5-VL 12845056, i.e. ~1.3k
+    tokens for a 1024x1024 image; e.g. 262144 caps a Qwen2.5-VL image at 334 tokens). The value used is
+    written to the run's config.json."""
 
     on_bad_row: str = "skip"
     """A manifest row that cannot be used (unreadable or truncated image, an image too large or too
