@@ -58,6 +58,7 @@ def test_which_runs_share(over, mode):
 def test_a_lora_base_serves_every_role_with_its_weights(over, base, loaded):
     """The same rule decides what a LoRA policy's adapters-off base stands for: only a role given other
     weights (here the folder's start beside a warmed-up base) loads a module."""
+    pytest.importorskip("peft", reason="LoRA options need the lora extra (peft)")
     cfg = build_config("tiny", {**over, "model": {**over.get("model", {}), "lora_rank": 4}})
     layout = frozen_layout(cfg)
     assert (layout.base_roles, layout.roles) == (base, loaded)
